@@ -1,0 +1,590 @@
+//! Job files: `.json` (one import_group_msg body or an array of them) and `.ndjson`/`.jsonl`
+//! (one message per line, streamed so memory does not grow with the file).
+//!
+//! A file is parsed and validated on a blocking thread while its messages are written to the
+//! queue on the async side, all inside one `BEGIN IMMEDIATE` transaction: the first problem stops
+//! the writing, the rest of the file is still validated so the report lists every problem, and the
+//! transaction is rolled back. A crash (SIGKILL) at any instant leaves the file either queued once
+//! (committed; a later run recognises its content hash) or not at all (uncommitted; the file is
+//! still in the spool and is taken again). Cancellation rolls back the same way.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::validate::{self, Fields, Inherited, RawMessage};
+use crate::store::{JobOutcome, NewMessage, Store, StoreError, unix_now};
+
+/// At most this many problems are written to a report; the count covers all of them.
+pub const MAX_REPORTED_PROBLEMS: usize = 10_000;
+const BATCH: usize = 1024;
+
+/// One problem in a job file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// 1-based line in the file (0 when the problem concerns the whole file).
+    pub line: u64,
+    /// 0-based index of the message in the file (counting every MsgList entry / NDJSON line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_index: Option<u64>,
+    /// For `.json` files: 0-based index of the request body in the top-level array.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_index: Option<u64>,
+    pub problem: String,
+}
+
+/// What became of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum FileOutcome {
+    Accepted {
+        job_id: i64,
+        messages: i64,
+        groups: i64,
+    },
+    /// The same bytes were queued before as `job_id`.
+    Duplicate { job_id: i64 },
+    /// Valid, not queued (`--dry-run`).
+    Valid { messages: i64, groups: i64 },
+    Rejected {
+        problem_count: u64,
+        problems: Vec<Problem>,
+    },
+}
+
+/// An ingest that could not run to a verdict (the file stays where it is).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("ingest of {0} was cancelled; nothing of it was queued")]
+    Cancelled(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The kinds of job file, by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Ndjson,
+}
+
+impl Format {
+    /// `.json`, `.ndjson` or `.jsonl`; anything else is not a job file.
+    pub fn of(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "json" => Some(Format::Json),
+            "ndjson" | "jsonl" => Some(Format::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+enum Event {
+    Batch(Vec<NewMessage>),
+    Done {
+        hash: String,
+        problems: Vec<Problem>,
+        problem_count: u64,
+        messages: i64,
+        groups: i64,
+    },
+}
+
+/// Validates `path` and, with a store, queues it. `follow_symlinks` is false for the spool, where
+/// a symlink must be rejected rather than followed.
+pub async fn ingest_file(
+    store: Option<&Store>,
+    path: &Path,
+    follow_symlinks: bool,
+    cancel: &CancellationToken,
+) -> Result<FileOutcome, IngestError> {
+    let Some(format) = Format::of(path) else {
+        return Ok(rejected_whole(format!(
+            "unsupported file name {:?}: job files end in .json, .ndjson or .jsonl",
+            path.file_name().unwrap_or_default()
+        )));
+    };
+    let file = match open_regular(path, follow_symlinks) {
+        Ok(f) => f,
+        Err(OpenError::NotRegular(what)) => {
+            return Ok(rejected_whole(format!(
+                "not a regular file ({what}); not followed"
+            )));
+        }
+        Err(OpenError::Io(source)) => {
+            return Err(IngestError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Event>(8);
+    let now = unix_now();
+    let parser = tokio::task::spawn_blocking(move || match format {
+        Format::Ndjson => parse_ndjson(file, now, &tx),
+        Format::Json => parse_json(file, now, &tx),
+    });
+
+    let mut writer = None;
+    let mut clean = true;
+    let mut verdict = None;
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            _ = cancel.cancelled() => {
+                drop(rx);
+                if let Some(w) = writer {
+                    let w: crate::store::JobWriter = w;
+                    w.rollback().await?;
+                }
+                let _ = parser.await;
+                return Err(IngestError::Cancelled(path.to_path_buf()));
+            }
+        };
+        match event {
+            Some(Event::Batch(batch)) => {
+                if !clean {
+                    continue;
+                }
+                let Some(store) = store else { continue };
+                if writer.is_none() {
+                    writer = Some(store.job_writer("file", &display_name(path)).await?);
+                }
+                if let Some(w) = writer.as_mut() {
+                    for m in batch {
+                        w.push(m).await?;
+                    }
+                }
+            }
+            Some(Event::Done {
+                hash,
+                problems,
+                problem_count,
+                messages,
+                groups,
+            }) => {
+                verdict = Some((hash, problems, problem_count, messages, groups));
+            }
+            None => break,
+        }
+        if let Some((_, _, count, _, _)) = &verdict {
+            if *count > 0 {
+                clean = false;
+            }
+        }
+    }
+    let parse_result = parser.await.map_err(|e| IngestError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    if let Err(source) = parse_result {
+        if let Some(w) = writer {
+            w.rollback().await?;
+        }
+        return Err(IngestError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    let Some((hash, problems, problem_count, messages, groups)) = verdict else {
+        return Err(IngestError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("parser ended without a verdict"),
+        });
+    };
+    if problem_count > 0 {
+        if let Some(w) = writer {
+            w.rollback().await?;
+        }
+        return Ok(FileOutcome::Rejected {
+            problem_count,
+            problems,
+        });
+    }
+    if messages == 0 {
+        if let Some(w) = writer {
+            w.rollback().await?;
+        }
+        return Ok(rejected_whole("the file holds no message".into()));
+    }
+    match (store, writer) {
+        (None, _) => Ok(FileOutcome::Valid { messages, groups }),
+        (Some(_), Some(w)) => Ok(match w.commit(Some(&hash)).await? {
+            JobOutcome::Accepted {
+                job_id,
+                messages,
+                groups,
+            } => FileOutcome::Accepted {
+                job_id,
+                messages,
+                groups,
+            },
+            JobOutcome::Duplicate { job_id } => FileOutcome::Duplicate { job_id },
+        }),
+        (Some(_), None) => Err(IngestError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("messages counted but none written"),
+        }),
+    }
+}
+
+fn display_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn rejected_whole(problem: String) -> FileOutcome {
+    FileOutcome::Rejected {
+        problem_count: 1,
+        problems: vec![Problem {
+            line: 0,
+            message_index: None,
+            body_index: None,
+            problem,
+        }],
+    }
+}
+
+enum OpenError {
+    NotRegular(&'static str),
+    Io(std::io::Error),
+}
+
+/// Opens a regular file; with `follow_symlinks` false, a symlink is refused (O_NOFOLLOW) rather
+/// than followed, and so is a FIFO, socket, device or directory (checked on the open handle).
+fn open_regular(path: &Path, follow_symlinks: bool) -> Result<File, OpenError> {
+    if !follow_symlinks {
+        let meta = std::fs::symlink_metadata(path).map_err(OpenError::Io)?;
+        if meta.file_type().is_symlink() {
+            return Err(OpenError::NotRegular("a symbolic link"));
+        }
+    }
+    let mut opts = OpenOptions::new();
+    opts.read(true);
+    let mut flags = libc::O_NONBLOCK; // never hang on a FIFO
+    if !follow_symlinks {
+        flags |= libc::O_NOFOLLOW;
+    }
+    opts.custom_flags(flags);
+    let file = match opts.open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(OpenError::NotRegular("a symbolic link"));
+        }
+        Err(e) => return Err(OpenError::Io(e)),
+    };
+    let meta = file.metadata().map_err(OpenError::Io)?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Ok(file)
+    } else if ft.is_dir() {
+        Err(OpenError::NotRegular("a directory"))
+    } else {
+        Err(OpenError::NotRegular("a FIFO, socket or device"))
+    }
+}
+
+struct Collector<'a> {
+    tx: &'a mpsc::Sender<Event>,
+    batch: Vec<NewMessage>,
+    problems: Vec<Problem>,
+    problem_count: u64,
+    messages: i64,
+    groups: HashSet<String>,
+    next_index: u64,
+    /// False once the receiver is gone (cancelled): stop parsing.
+    open: bool,
+}
+
+impl<'a> Collector<'a> {
+    fn new(tx: &'a mpsc::Sender<Event>) -> Self {
+        Collector {
+            tx,
+            batch: Vec::with_capacity(BATCH),
+            problems: Vec::new(),
+            problem_count: 0,
+            messages: 0,
+            groups: HashSet::new(),
+            next_index: 0,
+            open: true,
+        }
+    }
+
+    fn problem(&mut self, line: u64, index: Option<u64>, body: Option<u64>, problem: String) {
+        self.problem_count += 1;
+        if self.problems.len() < MAX_REPORTED_PROBLEMS {
+            self.problems.push(Problem {
+                line,
+                message_index: index,
+                body_index: body,
+                problem,
+            });
+        }
+    }
+
+    fn message(&mut self, m: NewMessage) {
+        self.messages += 1;
+        if !self.groups.contains(&m.group_id) {
+            self.groups.insert(m.group_id.clone());
+        }
+        if self.problem_count == 0 {
+            self.batch.push(m);
+            if self.batch.len() >= BATCH {
+                self.flush();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() || !self.open {
+            self.batch.clear();
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        if self.tx.blocking_send(Event::Batch(batch)).is_err() {
+            self.open = false;
+        }
+    }
+
+    fn finish(mut self, hash: String) {
+        self.flush();
+        let groups = i64::try_from(self.groups.len()).unwrap_or(i64::MAX);
+        let _ = self.tx.blocking_send(Event::Done {
+            hash,
+            problems: self.problems,
+            problem_count: self.problem_count,
+            messages: self.messages,
+            groups,
+        });
+    }
+
+    fn validate(
+        &mut self,
+        raw: Result<RawMessage<'_>, String>,
+        inherited: Option<&Inherited>,
+        now: i64,
+        line: u64,
+        body_index: Option<u64>,
+        list_index: i64,
+    ) {
+        let index = self.next_index;
+        self.next_index += 1;
+        let line_i = i64::try_from(line).unwrap_or(i64::MAX);
+        let result = raw
+            .map_err(|e| vec![e])
+            .and_then(|raw| Fields::from_raw(&raw))
+            .and_then(|f| validate::message(&f, inherited, now, line_i, list_index));
+        match result {
+            Ok(m) => self.message(m),
+            Err(problems) => {
+                for p in problems {
+                    self.problem(line, Some(index), body_index, p);
+                }
+            }
+        }
+    }
+}
+
+fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut c = Collector::new(tx);
+    let mut buf = Vec::with_capacity(4096);
+    let mut line_no = 0u64;
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        hasher.update(&buf);
+        if !c.open {
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            c.problem(line_no, None, None, "the line is not valid UTF-8".into());
+            continue;
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let raw = serde_json::from_str::<RawMessage<'_>>(text)
+            .map_err(|e| format!("not a valid message object: {e}"));
+        c.validate(raw, None, now, line_no, None, 0);
+    }
+    c.finish(hex::encode(hasher.finalize()));
+    Ok(())
+}
+
+/// A request body in a .json job file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBody<'a> {
+    #[serde(rename = "GroupId", borrow, default)]
+    group_id: Option<&'a RawValue>,
+    #[serde(rename = "TopicId", borrow, default)]
+    topic_id: Option<&'a RawValue>,
+    #[serde(rename = "RecentContactFlag", borrow, default)]
+    recent_contact_flag: Option<&'a RawValue>,
+    #[serde(rename = "MsgList", borrow, default)]
+    msg_list: Option<Vec<&'a RawValue>>,
+}
+
+fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let hash = hex::encode(Sha256::digest(&bytes));
+    let mut c = Collector::new(tx);
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        c.problem(0, None, None, "the file is not valid UTF-8".into());
+        c.finish(hash);
+        return Ok(());
+    };
+    let lines = LineIndex::new(text);
+    let top: &RawValue = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            c.problem(
+                u64::try_from(e.line()).unwrap_or(0),
+                None,
+                None,
+                format!("not valid JSON: {e}"),
+            );
+            c.finish(hash);
+            return Ok(());
+        }
+    };
+    let bodies: Vec<(&RawValue, Option<u64>)> = if top.get().trim_start().starts_with('[') {
+        match serde_json::from_str::<Vec<&RawValue>>(top.get()) {
+            Ok(v) => v
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| (b, Some(i as u64)))
+                .collect(),
+            Err(e) => {
+                c.problem(0, None, None, format!("not a JSON array of bodies: {e}"));
+                c.finish(hash);
+                return Ok(());
+            }
+        }
+    } else {
+        vec![(top, None)]
+    };
+    for (raw_body, body_index) in bodies {
+        let body_line = lines.line_of(text, raw_body.get());
+        let body: RawBody<'_> = match serde_json::from_str(raw_body.get()) {
+            Ok(b) => b,
+            Err(e) => {
+                c.problem(body_line, None, body_index, format!("invalid request body: {e}"));
+                continue;
+            }
+        };
+        let mut inherited = Inherited::default();
+        let mut body_ok = true;
+        let mut fields = Fields::default();
+        for (name, raw, slot) in [
+            ("GroupId", body.group_id, &mut fields.group_id),
+            ("TopicId", body.topic_id, &mut fields.topic_id),
+            (
+                "RecentContactFlag",
+                body.recent_contact_flag,
+                &mut fields.recent_contact_flag,
+            ),
+        ] {
+            if let Some(r) = raw {
+                match serde_json::from_str::<serde_json::Value>(r.get()) {
+                    Ok(serde_json::Value::Null) => {}
+                    Ok(v) => *slot = Some(v),
+                    Err(e) => {
+                        c.problem(body_line, None, body_index, format!("{name}: {e}"));
+                        body_ok = false;
+                    }
+                }
+            }
+        }
+        match validate::non_empty_string("GroupId", fields.group_id.as_ref()) {
+            Ok(g) => inherited.group_id = Some(g),
+            Err(e) => {
+                c.problem(body_line, None, body_index, e);
+                body_ok = false;
+            }
+        }
+        match validate::optional_string("TopicId", fields.topic_id.as_ref()) {
+            Ok(t) => inherited.topic_id = t,
+            Err(e) => {
+                c.problem(body_line, None, body_index, e);
+                body_ok = false;
+            }
+        }
+        match validate::recent_contact(fields.recent_contact_flag.as_ref()) {
+            Ok(r) => inherited.recent_contact = r,
+            Err(e) => {
+                c.problem(body_line, None, body_index, e);
+                body_ok = false;
+            }
+        }
+        let Some(list) = body.msg_list else {
+            c.problem(body_line, None, body_index, "MsgList is missing".into());
+            continue;
+        };
+        for (i, raw_msg) in list.into_iter().enumerate() {
+            let line = lines.line_of(text, raw_msg.get());
+            let raw = serde_json::from_str::<RawMessage<'_>>(raw_msg.get())
+                .map_err(|e| format!("MsgList[{i}]: not a valid message object: {e}"));
+            if body_ok {
+                c.validate(
+                    raw,
+                    Some(&inherited),
+                    now,
+                    line,
+                    body_index,
+                    i64::try_from(i).unwrap_or(i64::MAX),
+                );
+            } else {
+                c.next_index += 1;
+            }
+        }
+    }
+    c.finish(hash);
+    Ok(())
+}
+
+/// Byte offsets of line starts, to turn a borrowed slice of the file into its line number.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    /// The 1-based line where `slice` (a sub-slice of `text`) starts.
+    fn line_of(&self, text: &str, slice: &str) -> u64 {
+        let offset = (slice.as_ptr() as usize).saturating_sub(text.as_ptr() as usize);
+        let line = match self.starts.binary_search(&offset) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        };
+        line as u64
+    }
+}

@@ -1,0 +1,483 @@
+//! The validation rules of PRODUCT.md "Input", shared by job files and the intake table.
+//!
+//! Each field is taken raw and parsed on its own, so that every problem names its field. Pure
+//! functions, no I/O: nothing to stop or recover.
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::store::NewMessage;
+
+/// Largest MsgBody, as compact JSON in UTF-8 bytes (Tencent: 12K bytes, result 80002).
+pub const MAX_BODY_BYTES: usize = 12_000;
+
+/// The element types import_group_msg accepts.
+pub const ELEMENT_TYPES: [&str; 4] = [
+    "TIMTextElem",
+    "TIMFaceElem",
+    "TIMLocationElem",
+    "TIMCustomElem",
+];
+
+/// The raw fields of one message (an NDJSON line, or a MsgList entry of a .json body).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMessage<'a> {
+    #[serde(rename = "GroupId", borrow, default)]
+    pub group_id: Option<&'a RawValue>,
+    #[serde(rename = "TopicId", borrow, default)]
+    pub topic_id: Option<&'a RawValue>,
+    #[serde(rename = "RecentContactFlag", borrow, default)]
+    pub recent_contact_flag: Option<&'a RawValue>,
+    #[serde(rename = "From_Account", borrow, default)]
+    pub from_account: Option<&'a RawValue>,
+    #[serde(rename = "SendTime", borrow, default)]
+    pub send_time: Option<&'a RawValue>,
+    #[serde(rename = "Random", borrow, default)]
+    pub random: Option<&'a RawValue>,
+    #[serde(rename = "MsgBody", borrow, default)]
+    pub msg_body: Option<&'a RawValue>,
+}
+
+/// Group-level fields inherited from a .json body.
+#[derive(Debug, Default, Clone)]
+pub struct Inherited {
+    pub group_id: Option<String>,
+    pub topic_id: Option<String>,
+    pub recent_contact: bool,
+}
+
+/// Parses a raw JSON fragment into a value; `None` for JSON null.
+fn value(raw: Option<&RawValue>) -> Result<Option<Value>, String> {
+    match raw {
+        None => Ok(None),
+        Some(r) => match serde_json::from_str::<Value>(r.get()) {
+            Ok(Value::Null) => Ok(None),
+            Ok(v) => Ok(Some(v)),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
+/// A required non-empty string.
+pub fn non_empty_string(name: &str, v: Option<&Value>) -> Result<String, String> {
+    match v {
+        None => Err(format!("{name} is missing")),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(format!("{name} is empty")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("{name} must be a string, got {}", type_name(other))),
+    }
+}
+
+/// An optional non-empty string.
+pub fn optional_string(name: &str, v: Option<&Value>) -> Result<Option<String>, String> {
+    match v {
+        None => Ok(None),
+        some => non_empty_string(name, some).map(Some),
+    }
+}
+
+/// RecentContactFlag: 0 or 1.
+pub fn recent_contact(v: Option<&Value>) -> Result<bool, String> {
+    match v {
+        None => Ok(false),
+        Some(Value::Number(n)) if n.as_i64() == Some(0) => Ok(false),
+        Some(Value::Number(n)) if n.as_i64() == Some(1) => Ok(true),
+        Some(other) => Err(format!("RecentContactFlag must be 0 or 1, got {other}")),
+    }
+}
+
+/// SendTime: an integer number of Unix seconds, above 0 and before `now`.
+pub fn send_time(v: Option<&Value>, now: i64) -> Result<i64, String> {
+    match v {
+        None => Err("SendTime is missing".into()),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(t) if t <= 0 => Err(format!("SendTime {t} must be above 0")),
+            Some(t) if t >= now => Err(format!(
+                "SendTime {t} is not in the past (now is {now}); Tencent refuses future messages"
+            )),
+            Some(t) => Ok(t),
+            None => Err(format!("SendTime must be an integer (Unix seconds), got {n}")),
+        },
+        Some(other) => Err(format!(
+            "SendTime must be an integer (Unix seconds), got {}",
+            type_name(other)
+        )),
+    }
+}
+
+/// Random: optional, an integer within u32.
+pub fn random(v: Option<&Value>) -> Result<Option<u32>, String> {
+    match v {
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64().and_then(|r| u32::try_from(r).ok()) {
+            Some(r) => Ok(Some(r)),
+            None => Err(format!("Random {n} is outside 0..=4294967295 (a u32)")),
+        },
+        Some(other) => Err(format!(
+            "Random must be an integer within 0..=4294967295, got {}",
+            type_name(other)
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// MsgBody: a non-empty array of the four element types with their documented fields, at most
+/// one TIMCustomElem, at most [`MAX_BODY_BYTES`] as compact JSON. Returns the compact JSON.
+pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
+    let Some(v) = v else {
+        return Err(vec!["MsgBody is missing".into()]);
+    };
+    let Value::Array(elems) = v else {
+        return Err(vec![format!("MsgBody must be an array, got {}", type_name(v))]);
+    };
+    if elems.is_empty() {
+        return Err(vec!["MsgBody is empty".into()]);
+    }
+    let mut problems = Vec::new();
+    let mut customs = 0;
+    for (i, e) in elems.iter().enumerate() {
+        let Value::Object(obj) = e else {
+            problems.push(format!("MsgBody[{i}] must be an object"));
+            continue;
+        };
+        let kind = match obj.get("MsgType") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => {
+                problems.push(format!("MsgBody[{i}].MsgType must be a string"));
+                continue;
+            }
+            None => {
+                problems.push(format!("MsgBody[{i}].MsgType is missing"));
+                continue;
+            }
+        };
+        if let Some(extra) = obj.keys().find(|k| *k != "MsgType" && *k != "MsgContent") {
+            problems.push(format!("MsgBody[{i}] has an unknown field {extra:?}"));
+        }
+        let content = match obj.get("MsgContent") {
+            Some(Value::Object(c)) => c,
+            Some(_) => {
+                problems.push(format!("MsgBody[{i}].MsgContent must be an object"));
+                continue;
+            }
+            None => {
+                problems.push(format!("MsgBody[{i}].MsgContent is missing"));
+                continue;
+            }
+        };
+        let mut need = |field: &str, want: fn(&Value) -> bool, what: &str, required: bool| {
+            match content.get(field) {
+                None if required => problems.push(format!(
+                    "MsgBody[{i}] ({kind}).MsgContent.{field} is missing"
+                )),
+                Some(v) if !want(v) => problems.push(format!(
+                    "MsgBody[{i}] ({kind}).MsgContent.{field} must be {what}"
+                )),
+                _ => {}
+            }
+        };
+        match kind {
+            "TIMTextElem" => need("Text", Value::is_string, "a string", true),
+            "TIMFaceElem" => {
+                need("Index", is_integer, "an integer", true);
+                need("Data", Value::is_string, "a string", false);
+            }
+            "TIMLocationElem" => {
+                need("Desc", Value::is_string, "a string", true);
+                need("Latitude", Value::is_number, "a number", true);
+                need("Longitude", Value::is_number, "a number", true);
+            }
+            "TIMCustomElem" => {
+                customs += 1;
+                need("Data", Value::is_string, "a string", true);
+                need("Desc", Value::is_string, "a string", false);
+                need("Ext", Value::is_string, "a string", false);
+                need("Sound", Value::is_string, "a string", false);
+            }
+            other => problems.push(format!(
+                "MsgBody[{i}].MsgType {other:?} is not importable into a group; one of {}",
+                ELEMENT_TYPES.join(", ")
+            )),
+        }
+    }
+    if customs > 1 {
+        problems.push(format!(
+            "MsgBody has {customs} TIMCustomElem elements; a message may hold at most one"
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let compact = v.to_string();
+    if compact.len() > MAX_BODY_BYTES {
+        return Err(vec![format!(
+            "MsgBody is {} bytes as JSON; Tencent takes at most {MAX_BODY_BYTES}",
+            compact.len()
+        )]);
+    }
+    Ok(compact)
+}
+
+fn is_integer(v: &Value) -> bool {
+    v.as_i64().is_some() || v.as_u64().is_some()
+}
+
+/// The values of one message before validation, whatever their source.
+#[derive(Debug, Default)]
+pub struct Fields {
+    pub group_id: Option<Value>,
+    pub topic_id: Option<Value>,
+    pub recent_contact_flag: Option<Value>,
+    pub from_account: Option<Value>,
+    pub send_time: Option<Value>,
+    pub random: Option<Value>,
+    pub msg_body: Option<Value>,
+}
+
+impl Fields {
+    /// Parses the raw fragments of a job-file message; a fragment that is not JSON is reported.
+    pub fn from_raw(raw: &RawMessage<'_>) -> Result<Fields, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut take = |name: &str, r: Option<&RawValue>| match value(r) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                None
+            }
+        };
+        let f = Fields {
+            group_id: take("GroupId", raw.group_id),
+            topic_id: take("TopicId", raw.topic_id),
+            recent_contact_flag: take("RecentContactFlag", raw.recent_contact_flag),
+            from_account: take("From_Account", raw.from_account),
+            send_time: take("SendTime", raw.send_time),
+            random: take("Random", raw.random),
+            msg_body: take("MsgBody", raw.msg_body),
+        };
+        if problems.is_empty() {
+            Ok(f)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Validates one message. `inherited` supplies GroupId/TopicId/RecentContactFlag from a .json
+/// body (a message must not repeat them there). Returns every problem found.
+pub fn message(
+    f: &Fields,
+    inherited: Option<&Inherited>,
+    now: i64,
+    source_line: i64,
+    source_index: i64,
+) -> Result<NewMessage, Vec<String>> {
+    let mut problems = Vec::new();
+    let (group_id, topic_id, recent) = match inherited {
+        Some(inh) => {
+            for (name, v) in [
+                ("GroupId", &f.group_id),
+                ("TopicId", &f.topic_id),
+                ("RecentContactFlag", &f.recent_contact_flag),
+            ] {
+                if v.is_some() {
+                    problems.push(format!(
+                        "{name} belongs to the request body, not to a MsgList entry"
+                    ));
+                }
+            }
+            (
+                inh.group_id.clone(),
+                inh.topic_id.clone(),
+                inh.recent_contact,
+            )
+        }
+        None => {
+            let g = non_empty_string("GroupId", f.group_id.as_ref())
+                .map_err(|e| problems.push(e))
+                .ok();
+            let t = optional_string("TopicId", f.topic_id.as_ref())
+                .map_err(|e| problems.push(e))
+                .ok()
+                .flatten();
+            let r = recent_contact(f.recent_contact_flag.as_ref())
+                .map_err(|e| problems.push(e))
+                .unwrap_or(false);
+            (g, t, r)
+        }
+    };
+    let from = non_empty_string("From_Account", f.from_account.as_ref())
+        .map_err(|e| problems.push(e))
+        .ok();
+    let time = send_time(f.send_time.as_ref(), now)
+        .map_err(|e| problems.push(e))
+        .ok();
+    let rnd = random(f.random.as_ref()).map_err(|e| problems.push(e)).ok();
+    let body = msg_body(f.msg_body.as_ref())
+        .map_err(|e| problems.extend(e))
+        .ok();
+    match (group_id, from, time, rnd, body) {
+        (Some(group_id), Some(from_account), Some(send_time), Some(random), Some(body))
+            if problems.is_empty() =>
+        {
+            Ok(NewMessage {
+                group_id,
+                topic_id: topic_id.unwrap_or_default(),
+                from_account,
+                send_time,
+                random,
+                recent_contact: recent,
+                body,
+                source_line,
+                source_index,
+            })
+        }
+        _ => {
+            if problems.is_empty() {
+                problems.push("GroupId is missing".into());
+            }
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn fields(v: Value) -> Fields {
+        let text = v.to_string();
+        let raw: RawMessage<'_> = serde_json::from_str(&text).unwrap();
+        Fields::from_raw(&raw).unwrap()
+    }
+
+    fn good() -> Value {
+        json!({"GroupId": "g1", "From_Account": "alice", "SendTime": 1_700_000_000,
+               "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": "hi"}}]})
+    }
+
+    #[test]
+    fn a_good_message_is_accepted_and_compacted() {
+        let m = message(&fields(good()), None, NOW, 3, 0).unwrap();
+        assert_eq!(m.group_id, "g1");
+        assert_eq!(m.topic_id, "");
+        assert_eq!(m.random, None);
+        assert_eq!(m.source_line, 3);
+        assert_eq!(
+            m.body,
+            r#"[{"MsgContent":{"Text":"hi"},"MsgType":"TIMTextElem"}]"#
+        );
+    }
+
+    fn problems_of(mut v: Value, key: &str, val: Value) -> Vec<String> {
+        v[key] = val;
+        message(&fields(v), None, NOW, 1, 0).unwrap_err()
+    }
+
+    #[test]
+    fn every_rule_names_its_field() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("GroupId", json!(""), "GroupId is empty"),
+            ("GroupId", json!(5), "GroupId must be a string"),
+            ("TopicId", json!(""), "TopicId is empty"),
+            ("From_Account", json!(""), "From_Account is empty"),
+            ("SendTime", json!(0), "above 0"),
+            ("SendTime", json!(NOW + 10), "not in the past"),
+            ("SendTime", json!(1.5), "must be an integer"),
+            ("SendTime", json!("1700000000"), "must be an integer"),
+            ("Random", json!(4_294_967_296_u64), "outside 0..=4294967295"),
+            ("Random", json!(-1), "outside"),
+            ("MsgBody", json!([]), "MsgBody is empty"),
+            ("MsgBody", json!("hi"), "must be an array"),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMImageElem", "MsgContent": {}}]),
+                "not importable",
+            ),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMTextElem", "MsgContent": {}}]),
+                "Text is missing",
+            ),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMFaceElem", "MsgContent": {"Index": "x"}}]),
+                "Index must be an integer",
+            ),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMLocationElem", "MsgContent": {"Desc": "d", "Latitude": 1}}]),
+                "Longitude is missing",
+            ),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMCustomElem", "MsgContent": {"Data": "a"}},
+                       {"MsgType": "TIMCustomElem", "MsgContent": {"Data": "b"}}]),
+                "at most one",
+            ),
+            (
+                "MsgBody",
+                json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "x".repeat(12_001)}}]),
+                "at most 12000",
+            ),
+        ];
+        for (key, val, want) in cases {
+            let p = problems_of(good(), key, val.clone());
+            assert!(
+                p.iter().any(|s| s.contains(want)),
+                "{key}={val}: wanted {want:?} in {p:?}"
+            );
+        }
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("From_Account");
+        let p = message(&fields(v), None, NOW, 1, 0).unwrap_err();
+        assert!(p.iter().any(|s| s == "From_Account is missing"), "{p:?}");
+    }
+
+    #[test]
+    fn all_problems_of_a_message_are_reported() {
+        let v = json!({"GroupId": "", "From_Account": 3, "SendTime": -1, "MsgBody": []});
+        let p = message(&fields(v), None, NOW, 1, 0).unwrap_err();
+        assert_eq!(p.len(), 4, "{p:?}");
+    }
+
+    #[test]
+    fn random_bounds_and_body_limit_edges() {
+        let mut v = good();
+        v["Random"] = json!(4_294_967_295_u64);
+        assert_eq!(
+            message(&fields(v), None, NOW, 1, 0).unwrap().random,
+            Some(u32::MAX)
+        );
+        // Exactly 12,000 bytes is allowed.
+        let overhead = json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": ""}}])
+            .to_string()
+            .len();
+        let mut v = good();
+        v["MsgBody"] =
+            json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "x".repeat(MAX_BODY_BYTES - overhead)}}]);
+        let m = message(&fields(v), None, NOW, 1, 0).unwrap();
+        assert_eq!(m.body.len(), MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<RawMessage<'_>>(r#"{"GroupId":"g","CloudCustomData":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CloudCustomData"), "{e}");
+    }
+}

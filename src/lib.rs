@@ -1,0 +1,24 @@
+//! timport: durable, exactly-once, ordered import of chat history into Tencent Cloud Chat.
+//!
+//! # Layout
+//! - [`settings`]: layered configuration (defaults, file, environment) and its validation.
+//! - [`telemetry`]: tracing subscriber (JSON or text) and the filter from the configuration.
+//! - [`store`]: every SQL statement: the SQLite queue, lanes, jobs, the intake table.
+//! - [`intake`]: job files in the spool folder and rows of the intake table, validated and queued.
+//! - [`tencent`]: the REST client for Tencent Cloud Chat, UserSig, outcome classification.
+//! - [`pacing`]: the app-wide request pacer (governor) with adaptive slow-down on rate limits.
+//! - [`engine`]: ordered lanes, checkpoints, reconciliation, exactly-once resume.
+//! - [`simulator`]: a local stand-in for Tencent's endpoints with fault injection.
+//! - [`ops`]: health, readiness and metrics over HTTP, systemd notify and watchdog.
+//! - [`cli`]: the commands of the `timport` binary.
+
+pub mod cli;
+pub mod engine;
+pub mod intake;
+pub mod ops;
+pub mod pacing;
+pub mod settings;
+pub mod simulator;
+pub mod store;
+pub mod telemetry;
+pub mod tencent;

@@ -1,0 +1,498 @@
+//! Configuration: `config/default.toml` (embedded in the binary), then the file given (`--config`,
+//! `$TIMPORT_CONFIG`, or `config/timport.toml` when present), then `TIMPORT__SECTION__KEY`
+//! environment variables, which win.
+//!
+//! Loading is a pure function of its inputs (file path and an environment map), so tests can check
+//! the layering without touching the process environment. Every failure is a [`SettingsError`]
+//! naming the key; the binary exits with code 2 on it. The secret key is held in a
+//! [`SecretString`] and never printed: `Debug` of [`Settings`] shows it as redacted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The built-in defaults, the same text as `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Where the configuration file is looked for when neither `--config` nor `$TIMPORT_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "config/timport.toml";
+
+/// A configuration problem. The message always names the key (or the file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid configuration: {key}: {message}")]
+    Key { key: &'static str, message: String },
+}
+
+impl SettingsError {
+    fn key(key: &'static str, message: impl Into<String>) -> Self {
+        SettingsError::Key {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub tencent: TencentSettings,
+    pub queue: QueueSettings,
+    pub import: ImportSettings,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub simulator: SimulatorSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TencentSettings {
+    pub sdkappid: u64,
+    pub identifier: String,
+    #[serde(default)]
+    pub secret_key: Option<SecretString>,
+    #[serde(default)]
+    pub secret_key_file: String,
+    pub region: String,
+    pub base_url: String,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub usersig_validity: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub database: PathBuf,
+    pub spool_dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub intake_poll_interval: Duration,
+    pub synchronous: Synchronous,
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Normal,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TiePolicy {
+    Fail,
+    Nudge,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    pub requests_per_second: u32,
+    pub batch_size: usize,
+    pub max_lanes: usize,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    pub tie_policy: TiePolicy,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorSettings {
+    pub enabled: bool,
+    pub listen: String,
+    pub groups: Vec<String>,
+    pub auto_create_groups: bool,
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+}
+
+/// Which file to layer over the defaults: the `--config` flag, else `$TIMPORT_CONFIG`, else
+/// `config/timport.toml` if it exists. An explicitly named file must exist.
+pub fn config_path(flag: Option<&Path>, env: &HashMap<String, String>) -> Option<(PathBuf, bool)> {
+    if let Some(p) = flag {
+        return Some((p.to_path_buf(), true));
+    }
+    if let Some(p) = env.get("TIMPORT_CONFIG").filter(|p| !p.is_empty()) {
+        return Some((PathBuf::from(p), true));
+    }
+    let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+    default.exists().then_some((default, false))
+}
+
+impl Settings {
+    /// Loads the settings for this process: flag, then the real environment.
+    pub fn load(flag: Option<&Path>) -> Result<Settings, SettingsError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Settings::load_from(flag, &env)
+    }
+
+    /// Loads the settings from the defaults, the file chosen by [`config_path`] and `env`.
+    pub fn load_from(
+        flag: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, SettingsError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some((path, required)) = config_path(flag, env) {
+            if required && !path.is_file() {
+                return Err(SettingsError::File {
+                    path,
+                    message: "not found (given by --config or $TIMPORT_CONFIG)".into(),
+                });
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| SettingsError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            // Parse separately first so a syntax error names the file rather than "config".
+            Config::builder()
+                .add_source(File::from_str(&text, FileFormat::Toml))
+                .build()
+                .map_err(|e| SettingsError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        let timport_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("TIMPORT__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("TIMPORT")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("simulator.groups")
+                .source(Some(timport_env)),
+        );
+        let cfg = builder
+            .build()
+            .map_err(|e| SettingsError::Invalid(redact_config_error(e.to_string())))?;
+        let settings: Settings = cfg
+            .try_deserialize()
+            .map_err(|e| SettingsError::Invalid(redact_config_error(e.to_string())))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks ranges and combinations that types alone do not express.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let i = &self.import;
+        if !(1..=7).contains(&i.batch_size) {
+            return Err(SettingsError::key(
+                "import.batch_size",
+                format!("{} is outside 1..=7 (Tencent takes at most 7 messages per request)", i.batch_size),
+            ));
+        }
+        if i.requests_per_second == 0 {
+            return Err(SettingsError::key("import.requests_per_second", "must be at least 1"));
+        }
+        if i.max_lanes == 0 {
+            return Err(SettingsError::key("import.max_lanes", "must be at least 1"));
+        }
+        if i.max_attempts == 0 {
+            return Err(SettingsError::key("import.max_attempts", "must be at least 1"));
+        }
+        if i.backoff_base.is_zero() || i.backoff_max < i.backoff_base {
+            return Err(SettingsError::key(
+                "import.backoff_max",
+                "backoff_base must be above 0 and backoff_max at least backoff_base",
+            ));
+        }
+        let t = &self.tencent;
+        if t.request_timeout <= Duration::from_secs(3) {
+            return Err(SettingsError::key(
+                "tencent.request_timeout",
+                "must be longer than the server's own 3s timeout",
+            ));
+        }
+        if t.usersig_validity < Duration::from_secs(3600) {
+            return Err(SettingsError::key("tencent.usersig_validity", "must be at least 1h"));
+        }
+        if !t.base_url.is_empty() && !(t.base_url.starts_with("https://") || t.base_url.starts_with("http://")) {
+            return Err(SettingsError::key(
+                "tencent.base_url",
+                "must start with https:// (or http:// for a simulator or local proxy)",
+            ));
+        }
+        const REGIONS: [&str; 8] = [
+            "china",
+            "singapore",
+            "seoul",
+            "tokyo",
+            "frankfurt",
+            "mumbai",
+            "silicon-valley",
+            "jakarta",
+        ];
+        if !REGIONS.contains(&t.region.as_str()) {
+            return Err(SettingsError::key(
+                "tencent.region",
+                format!("unknown region {:?}; one of {}", t.region, REGIONS.join(", ")),
+            ));
+        }
+        if t.identifier.trim().is_empty() {
+            return Err(SettingsError::key("tencent.identifier", "must not be empty"));
+        }
+        if self.has_inline_key() && !t.secret_key_file.is_empty() {
+            return Err(SettingsError::key(
+                "tencent.secret_key",
+                "set either tencent.secret_key or tencent.secret_key_file, not both",
+            ));
+        }
+        if self.queue.database.as_os_str().is_empty() {
+            return Err(SettingsError::key("queue.database", "must not be empty"));
+        }
+        if self.queue.spool_dir.as_os_str().is_empty() {
+            return Err(SettingsError::key("queue.spool_dir", "must not be empty"));
+        }
+        if self.queue.intake_poll_interval.is_zero() || self.queue.rescan_interval.is_zero() {
+            return Err(SettingsError::key(
+                "queue.intake_poll_interval",
+                "poll and rescan intervals must be above 0",
+            ));
+        }
+        self.http_listen()?;
+        if self.simulator.enabled {
+            self.simulator
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| SettingsError::key("simulator.listen", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn has_inline_key(&self) -> bool {
+        self.tencent
+            .secret_key
+            .as_ref()
+            .is_some_and(|k| !k.expose_secret().is_empty())
+    }
+
+    /// The app's secret key, from `tencent.secret_key` or the file named by
+    /// `tencent.secret_key_file` (trailing newline trimmed). Needed only by commands that talk to
+    /// Tencent, so it is resolved on demand.
+    pub fn secret_key(&self) -> Result<SecretString, SettingsError> {
+        if self.has_inline_key() {
+            if let Some(k) = &self.tencent.secret_key {
+                return Ok(k.clone());
+            }
+        }
+        if !self.tencent.secret_key_file.is_empty() {
+            let path = &self.tencent.secret_key_file;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                SettingsError::key("tencent.secret_key_file", format!("cannot read {path}: {e}"))
+            })?;
+            let key = text.trim_end_matches(['\n', '\r']).to_string();
+            if key.is_empty() {
+                return Err(SettingsError::key(
+                    "tencent.secret_key_file",
+                    format!("{path} is empty"),
+                ));
+            }
+            return Ok(SecretString::from(key));
+        }
+        Err(SettingsError::key(
+            "tencent.secret_key",
+            "no secret key: set tencent.secret_key, tencent.secret_key_file or TIMPORT__TENCENT__SECRET_KEY",
+        ))
+    }
+
+    /// The health/metrics listen address, or `None` when the listener is turned off.
+    pub fn http_listen(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        let l = self.http.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse::<SocketAddr>()
+            .map(Some)
+            .map_err(|e| SettingsError::key("http.listen", format!("{l:?}: {e}")))
+    }
+}
+
+/// The `config` crate quotes offending values in some messages; a secret key with a bad type must
+/// not reach the terminal that way.
+fn redact_config_error(message: String) -> String {
+    if message.contains("secret_key") {
+        // Keep the part naming the key, drop any quoted value.
+        let mut out = String::with_capacity(message.len());
+        let mut in_quote = false;
+        for c in message.chars() {
+            match c {
+                '"' => {
+                    in_quote = !in_quote;
+                    if in_quote {
+                        out.push_str("<redacted>");
+                    }
+                }
+                _ if in_quote => {}
+                _ => out.push(c),
+            }
+        }
+        out
+    } else {
+        message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::load_from(None, &env(&[])).expect("defaults");
+        assert_eq!(s.import.requests_per_second, 200);
+        assert_eq!(s.import.batch_size, 7);
+        assert_eq!(s.tencent.request_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn environment_wins_over_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "[import]\nrequests_per_second = 50\nbatch_size = 5\n").unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            &env(&[("TIMPORT__IMPORT__REQUESTS_PER_SECOND", "120")]),
+        )
+        .unwrap();
+        assert_eq!(s.import.requests_per_second, 120, "env beats file");
+        assert_eq!(s.import.batch_size, 5, "file beats defaults");
+        assert_eq!(s.import.max_lanes, 64, "defaults fill the rest");
+    }
+
+    #[test]
+    fn timport_config_env_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "[log]\nformat = \"json\"\n").unwrap();
+        let s = Settings::load_from(None, &env(&[("TIMPORT_CONFIG", file.to_str().unwrap())]))
+            .unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = Settings::load_from(None, &env(&[("TIMPORT__IMPORT__BATCH_SIZE", "9")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("import.batch_size"), "{e}");
+        let e = Settings::load_from(
+            None,
+            &env(&[("TIMPORT__IMPORT__REQUESTS_PER_SECOND", "fast")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("requests_per_second"), "{e}");
+        let e = Settings::load_from(None, &env(&[("TIMPORT__TENCENT__REGION", "mars")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tencent.region"), "{e}");
+        let e = Settings::load_from(Some(Path::new("/nonexistent/t.toml")), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/t.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "[import]\nrequests_per_secnd = 50\n").unwrap();
+        let e = Settings::load_from(Some(&file), &env(&[])).unwrap_err().to_string();
+        assert!(e.contains("requests_per_secnd"), "{e}");
+    }
+
+    #[test]
+    fn secret_key_sources_and_redaction() {
+        let secret = "s3cr3t-key-value-0123456789";
+        let s = Settings::load_from(None, &env(&[("TIMPORT__TENCENT__SECRET_KEY", secret)]))
+            .unwrap();
+        assert_eq!(s.secret_key().unwrap().expose_secret(), secret);
+        assert!(!format!("{s:?}").contains(secret), "Debug must not show the key");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, format!("{secret}\n")).unwrap();
+        let s = Settings::load_from(
+            None,
+            &env(&[("TIMPORT__TENCENT__SECRET_KEY_FILE", key_file.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(s.secret_key().unwrap().expose_secret(), secret);
+
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        let e = s.secret_key().unwrap_err().to_string();
+        assert!(e.contains("tencent.secret_key"), "{e}");
+
+        let e = Settings::load_from(
+            None,
+            &env(&[
+                ("TIMPORT__TENCENT__SECRET_KEY", secret),
+                ("TIMPORT__TENCENT__SECRET_KEY_FILE", "/x"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains(secret), "{e}");
+    }
+
+    #[test]
+    fn redaction_drops_quoted_values() {
+        let m = redact_config_error("invalid type: \"abc\" for key `tencent.secret_key`".into());
+        assert!(!m.contains("abc"));
+        assert!(m.contains("tencent.secret_key"));
+    }
+}
