@@ -1,0 +1,370 @@
+//! HTTP side of the simulator: axum routes, query/UserSig checks, quota, fault injection, and a
+//! listener whose connections a handler can abort.
+//!
+//! Closing a connection without an answer: axum's `serve` runs on [`KillableListener`], whose
+//! streams carry a kill flag that the handler reaches through `ConnectInfo<ConnKill>`. A handler
+//! that wants "no answer" sets the flag (and `SO_LINGER` 0) and returns; hyper's attempt to write
+//! the response then fails, the connection is dropped, and the client sees the connection reset
+//! or closed before any response byte, exactly like a network failure.
+//!
+//! Stopping: the server runs under `with_graceful_shutdown` on a cancellation token (idle
+//! keep-alive connections are closed at once); `SimHandle::shutdown` waits a bounded time.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::{IncomingStream, Listener};
+use rand::RngExt;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Faults;
+use super::state::{Answer, RequestRecord, World};
+use crate::tencent::usersig::verify_usersig;
+
+/// Shared by all handlers.
+pub(crate) struct Shared {
+    pub sdkappid: u64,
+    pub identifier: String,
+    pub secret_key: SecretString,
+    pub world: Mutex<World>,
+    pub faults: Mutex<Faults>,
+}
+
+impl Shared {
+    pub(crate) fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_faults(&self, f: Faults) {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = f;
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+// ---- killable connections ----
+
+/// A TCP stream that fails every read and write once its kill flag is set.
+pub(crate) struct KillableStream {
+    inner: TcpStream,
+    kill: Arc<AtomicBool>,
+}
+
+impl KillableStream {
+    fn killed(&self) -> Option<io::Error> {
+        if self.kill.load(Ordering::SeqCst) {
+            // RST instead of FIN when the socket is dropped.
+            let _ = self.inner.set_zero_linger();
+            Some(io::Error::from(io::ErrorKind::ConnectionReset))
+        } else {
+            None
+        }
+    }
+}
+
+impl AsyncRead for KillableStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(e) = this.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A TCP listener producing [`KillableStream`]s.
+pub(crate) struct KillableListener(pub TcpListener);
+
+impl Listener for KillableListener {
+    type Io = KillableStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, addr)) => {
+                    let _ = inner.set_nodelay(true);
+                    return (
+                        KillableStream {
+                            inner,
+                            kill: Arc::new(AtomicBool::new(false)),
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "simulator accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// The kill switch of the connection a request arrived on.
+#[derive(Clone)]
+pub(crate) struct ConnKill(Arc<AtomicBool>);
+
+impl Connected<IncomingStream<'_, KillableListener>> for ConnKill {
+    fn connect_info(stream: IncomingStream<'_, KillableListener>) -> Self {
+        ConnKill(stream.io().kill.clone())
+    }
+}
+
+/// Answer nothing: abort the connection.
+fn abort_connection(conn: &ConnKill) -> Response {
+    conn.0.store(true, Ordering::SeqCst);
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+}
+
+// ---- routes ----
+
+pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .route("/v4/{service}/{command}", post(v4))
+        .route("/admin/groups", post(admin_add_group))
+        .route("/admin/state", get(admin_state))
+        .route("/admin/faults", post(admin_faults).get(admin_get_faults))
+        .with_state(shared)
+}
+
+fn roll(p: f64) -> bool {
+    p > 0.0 && rand::rng().random::<f64>() < p
+}
+
+/// Check the query string and the UserSig; `Err` is the Tencent answer.
+fn check_query(shared: &Shared, q: &HashMap<String, String>, now: i64) -> Result<(), Answer> {
+    let sig = q.get("usersig").map(String::as_str).unwrap_or_default();
+    if sig.is_empty() {
+        return Err(Answer::fail(70002, "UserSig is empty"));
+    }
+    let app = q
+        .get("sdkappid")
+        .ok_or_else(|| Answer::fail(60012, "sdkappid is required"))?;
+    if app.parse::<u64>().ok() != Some(shared.sdkappid) {
+        return Err(Answer::fail(70014, "sdkappid does not match"));
+    }
+    let identifier = q
+        .get("identifier")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Answer::fail(60004, "identifier is required"))?;
+    if q.get("random").and_then(|r| r.parse::<u32>().ok()).is_none() {
+        return Err(Answer::fail(60002, "random must be a u32"));
+    }
+    if q.get("contenttype").map(String::as_str) != Some("json") {
+        return Err(Answer::fail(60002, "contenttype must be json"));
+    }
+    let now = u64::try_from(now).unwrap_or(0);
+    verify_usersig(
+        sig,
+        shared.secret_key.expose_secret(),
+        shared.sdkappid,
+        identifier,
+        now,
+    )
+    .map_err(|e| Answer::fail(e.tencent_code(), e.to_string()))?;
+    if *identifier != shared.identifier {
+        // The simulator knows one account, the App admin.
+        return Err(Answer::fail(
+            70013,
+            "identifier is not the App admin of this SDKAppID",
+        ));
+    }
+    Ok(())
+}
+
+async fn v4(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<ConnKill>,
+    Path((service, command)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let faults = shared.faults();
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let mut rec = RequestRecord {
+        seq: 0,
+        endpoint: command.clone(),
+        query_random: query.get("random").and_then(|r| r.parse().ok()),
+        http_status: Some(200),
+        error_code: None,
+        results: Vec::new(),
+        fault: None,
+        applied: false,
+    };
+    let mono = Instant::now();
+    let now = unix_now();
+
+    if roll(faults.p_http_502) {
+        rec.fault = Some("http_502".into());
+        rec.http_status = Some(502);
+        shared.world().record(rec);
+        return (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+    }
+    if roll(faults.p_reset_before) {
+        rec.fault = Some("reset_before".into());
+        rec.http_status = None;
+        shared.world().record(rec);
+        return abort_connection(&conn);
+    }
+    let injected = if roll(faults.p_error_10002) {
+        Some(("error_10002", Answer::fail(10002, "internal error, please retry")))
+    } else if roll(faults.p_rate_limit) {
+        Some(("rate_limit", Answer::fail(60007, "REST API call rate exceeded")))
+    } else {
+        None
+    };
+
+    let answer = {
+        let mut world = shared.world();
+        let answer = if let Some((name, answer)) = injected {
+            rec.fault = Some(name.into());
+            answer
+        } else if !world.take_quota(mono) {
+            Answer::fail(60011, "SDKAppID request rate exceeded")
+        } else if let Err(a) = check_query(&shared, &query, now) {
+            a
+        } else if service != super::GROUP_SERVICE {
+            Answer::fail(60009, format!("unknown service {service}"))
+        } else {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(v) if v.is_object() => world.handle(&command, &v, now, mono),
+                _ => Answer::fail(60003, "request body is not a JSON object"),
+            }
+        };
+        rec.error_code = Some(answer.error_code);
+        rec.results = answer.results.clone();
+        rec.applied = answer.applied;
+        if roll(faults.p_drop_response_after_apply) {
+            rec.fault = Some("drop_response_after_apply".into());
+            rec.http_status = None;
+            world.record(rec);
+            drop(world);
+            return abort_connection(&conn);
+        }
+        world.record(rec);
+        answer
+    };
+    tracing::debug!(
+        endpoint = %command,
+        code = answer.error_code,
+        applied = answer.applied,
+        "simulator answered"
+    );
+    Json(answer.body).into_response()
+}
+
+#[derive(Deserialize)]
+struct AddGroup {
+    #[serde(rename = "GroupId")]
+    group_id: String,
+    #[serde(rename = "CreateTime", default)]
+    create_time: Option<i64>,
+    #[serde(rename = "Type", default)]
+    group_type: Option<String>,
+}
+
+async fn admin_add_group(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<AddGroup>,
+) -> Response {
+    if req.group_id.is_empty() {
+        return (StatusCode::BAD_REQUEST, "GroupId is empty").into_response();
+    }
+    let created = shared.world().add_group(
+        &req.group_id,
+        req.create_time.unwrap_or(0),
+        req.group_type.as_deref().unwrap_or("Public"),
+    );
+    if created {
+        (StatusCode::CREATED, Json(serde_json::json!({"created": true}))).into_response()
+    } else {
+        (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"created": false})),
+        )
+            .into_response()
+    }
+}
+
+async fn admin_state(State(shared): State<Arc<Shared>>) -> Response {
+    let snapshot = shared.world().snapshot();
+    Json(snapshot).into_response()
+}
+
+async fn admin_faults(State(shared): State<Arc<Shared>>, Json(f): Json<Faults>) -> Response {
+    match f.validate() {
+        Ok(()) => {
+            shared.set_faults(f.clone());
+            Json(f).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e).into_response(),
+    }
+}
+
+async fn admin_get_faults(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.faults()).into_response()
+}
