@@ -161,8 +161,8 @@ impl Pacer {
             return st.rate;
         }
         st.last_step += Duration::from_secs(steps);
-        let rate = (st.rate + steps as f64 * RECOVERY_SHARE_PER_SEC * self.max_rate)
-            .min(self.max_rate);
+        let rate =
+            (st.rate + steps as f64 * RECOVERY_SHARE_PER_SEC * self.max_rate).min(self.max_rate);
         self.set_rate(&mut st, rate);
         rate
     }

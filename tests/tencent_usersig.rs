@@ -97,7 +97,13 @@ fn official_usersigs_verify_and_report_each_failure() {
             Err(UserSigError::BadSignature)
         );
         assert!(matches!(
-            verify_usersig(&c.usersig, &c.secret_key, c.sdkappid + 1, &c.identifier, now),
+            verify_usersig(
+                &c.usersig,
+                &c.secret_key,
+                c.sdkappid + 1,
+                &c.identifier,
+                now
+            ),
             Err(UserSigError::WrongSdkAppId { .. })
         ));
         assert!(matches!(

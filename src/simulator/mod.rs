@@ -87,7 +87,10 @@ impl Faults {
         for (name, p) in [
             ("p_http_502", self.p_http_502),
             ("p_reset_before", self.p_reset_before),
-            ("p_drop_response_after_apply", self.p_drop_response_after_apply),
+            (
+                "p_drop_response_after_apply",
+                self.p_drop_response_after_apply,
+            ),
             ("p_error_10002", self.p_error_10002),
             ("p_rate_limit", self.p_rate_limit),
         ] {
@@ -419,8 +422,6 @@ mod tests {
         assert_eq!(cfg.faults.latency, Duration::from_millis(40));
         assert_eq!(cfg.dedup_window, Duration::from_secs(2));
         assert_eq!(cfg.listen.port(), 8080);
-        assert!(
-            Cli::try_parse_from(["x", "--secret-key", "k", "--p-reset", "1.5"]).is_err()
-        );
+        assert!(Cli::try_parse_from(["x", "--secret-key", "k", "--p-reset", "1.5"]).is_err());
     }
 }

@@ -52,7 +52,10 @@ impl Shared {
     }
 
     pub(crate) fn faults(&self) -> Faults {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_faults(&self, f: Faults) {
@@ -208,7 +211,10 @@ fn check_query(shared: &Shared, q: &HashMap<String, String>, now: i64) -> Result
         .get("identifier")
         .filter(|s| !s.is_empty())
         .ok_or_else(|| Answer::fail(60004, "identifier is required"))?;
-    if q.get("random").and_then(|r| r.parse::<u32>().ok()).is_none() {
+    if q.get("random")
+        .and_then(|r| r.parse::<u32>().ok())
+        .is_none()
+    {
         return Err(Answer::fail(60002, "random must be a u32"));
     }
     if q.get("contenttype").map(String::as_str) != Some("json") {
@@ -271,9 +277,15 @@ async fn v4(
         return abort_connection(&conn);
     }
     let injected = if roll(faults.p_error_10002) {
-        Some(("error_10002", Answer::fail(10002, "internal error, please retry")))
+        Some((
+            "error_10002",
+            Answer::fail(10002, "internal error, please retry"),
+        ))
     } else if roll(faults.p_rate_limit) {
-        Some(("rate_limit", Answer::fail(60007, "REST API call rate exceeded")))
+        Some((
+            "rate_limit",
+            Answer::fail(60007, "REST API call rate exceeded"),
+        ))
     } else {
         None
     };
@@ -327,10 +339,7 @@ struct AddGroup {
     group_type: Option<String>,
 }
 
-async fn admin_add_group(
-    State(shared): State<Arc<Shared>>,
-    Json(req): Json<AddGroup>,
-) -> Response {
+async fn admin_add_group(State(shared): State<Arc<Shared>>, Json(req): Json<AddGroup>) -> Response {
     if req.group_id.is_empty() {
         return (StatusCode::BAD_REQUEST, "GroupId is empty").into_response();
     }
@@ -340,7 +349,11 @@ async fn admin_add_group(
         req.group_type.as_deref().unwrap_or("Public"),
     );
     if created {
-        (StatusCode::CREATED, Json(serde_json::json!({"created": true}))).into_response()
+        (
+            StatusCode::CREATED,
+            Json(serde_json::json!({"created": true})),
+        )
+            .into_response()
     } else {
         (
             StatusCode::CONFLICT,

@@ -248,10 +248,7 @@ fn check_message(m: &ImportMsg) -> Result<(), String> {
     if m.from_account.is_empty() {
         return Err("From_Account is empty".into());
     }
-    let elems = m
-        .msg_body
-        .as_array()
-        .ok_or("MsgBody is not an array")?;
+    let elems = m.msg_body.as_array().ok_or("MsgBody is not an array")?;
     if elems.is_empty() {
         return Err("MsgBody is empty".into());
     }
@@ -302,7 +299,9 @@ impl World {
     /// Count one request against the per-app quota; false when over it.
     pub fn take_quota(&mut self, now: Instant) -> bool {
         let (start, count) = match self.quota_window {
-            Some((start, count)) if now.saturating_duration_since(start) < Duration::from_secs(1) => {
+            Some((start, count))
+                if now.saturating_duration_since(start) < Duration::from_secs(1) =>
+            {
                 (start, count + 1)
             }
             _ => (now, 1),
@@ -359,7 +358,12 @@ impl World {
         result.unwrap_or_else(|a| a)
     }
 
-    fn import_group_msg(&mut self, body: &Value, now: i64, mono: Instant) -> Result<Answer, Answer> {
+    fn import_group_msg(
+        &mut self,
+        body: &Value,
+        now: i64,
+        mono: Instant,
+    ) -> Result<Answer, Answer> {
         let req: ImportGroupMsgRequest = parse(body)?;
         if !self.groups.contains_key(&req.group_id) {
             if self.rules.auto_create_groups && !req.group_id.is_empty() {
@@ -569,12 +573,15 @@ impl World {
         let mut out = Vec::with_capacity(req.member_list.len());
         let mut applied = false;
         for m in req.member_list {
-            let result = if group.members.iter().any(|x| x.member_account == m.member_account) {
+            let result = if group
+                .members
+                .iter()
+                .any(|x| x.member_account == m.member_account)
+            {
                 2
             } else if m.member_account.is_empty()
                 || m.role.as_deref().is_some_and(|r| r != "Admin")
-                || m
-                    .join_time
+                || m.join_time
                     .is_some_and(|t| t <= group.create_time || t >= now)
             {
                 0

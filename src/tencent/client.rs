@@ -185,8 +185,7 @@ impl TencentClient {
         &self,
         req: &ImportGroupMemberRequest,
     ) -> Result<ImportGroupMemberResponse, ApiError> {
-        self.call("import_group_member", Envelope::Plain, req)
-            .await
+        self.call("import_group_member", Envelope::Plain, req).await
     }
 
     /// Set one member's unread count (capped by the server at the group's message count).
@@ -293,11 +292,8 @@ impl TencentClient {
     }
 
     fn url(&self, command: &str, sig: &SecretString) -> Result<Url, ApiErrorKind> {
-        let mut url = Url::parse(&format!(
-            "{}/v4/{GROUP_SERVICE}/{command}",
-            self.inner.base
-        ))
-        .map_err(|e| ApiErrorKind::Encode(format!("URL: {e}")))?;
+        let mut url = Url::parse(&format!("{}/v4/{GROUP_SERVICE}/{command}", self.inner.base))
+            .map_err(|e| ApiErrorKind::Encode(format!("URL: {e}")))?;
         let random: u32 = rand::rng().random();
         url.query_pairs_mut()
             .append_pair("sdkappid", &self.inner.sdkappid.to_string())
@@ -436,8 +432,7 @@ fn read_envelope(
     envelope: Envelope,
 ) -> Result<Value, (ApiErrorKind, Option<Vec<ImportMsgResult>>)> {
     let bad = |m: String| (ApiErrorKind::BadResponse(m), None);
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
     let obj = value
         .as_object()
         .ok_or_else(|| bad("not a JSON object".into()))?;

@@ -194,7 +194,10 @@ mod tests {
             assert_eq!(r.name().parse::<Region>(), Ok(r));
             assert!(r.base_url().starts_with("https://"));
         }
-        assert_eq!("Silicon-Valley".parse::<Region>(), Ok(Region::SiliconValley));
+        assert_eq!(
+            "Silicon-Valley".parse::<Region>(),
+            Ok(Region::SiliconValley)
+        );
         assert!("mars".parse::<Region>().is_err());
     }
 }

@@ -100,9 +100,17 @@ pub struct RspMsg {
     /// 1 = hole (expired, failed or deleted; empty body), 2 = recalled.
     #[serde(rename = "IsPlaceMsg", default)]
     pub is_place_msg: i64,
-    #[serde(rename = "IsSystemMsg", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "IsSystemMsg",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub is_system_msg: Option<i64>,
-    #[serde(rename = "MsgPriority", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "MsgPriority",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub msg_priority: Option<i64>,
     /// Signed on purpose: see [`RspMsg::random_u32`].
     #[serde(rename = "MsgRandom", default)]
@@ -158,21 +166,45 @@ pub struct GroupInfo {
     pub group_type: Option<String>,
     #[serde(rename = "Name", default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(rename = "Owner_Account", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Owner_Account",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub owner_account: Option<String>,
-    #[serde(rename = "CreateTime", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "CreateTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub create_time: Option<i64>,
-    #[serde(rename = "LastInfoTime", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "LastInfoTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub last_info_time: Option<i64>,
     /// Time of the newest message: the floor for the next SendTime.
-    #[serde(rename = "LastMsgTime", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "LastMsgTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub last_msg_time: Option<i64>,
     /// Seq the next message will get; `NextMsgSeq - 1` is the newest.
-    #[serde(rename = "NextMsgSeq", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "NextMsgSeq",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_msg_seq: Option<u64>,
     #[serde(rename = "MemberNum", default, skip_serializing_if = "Option::is_none")]
     pub member_num: Option<u64>,
-    #[serde(rename = "MaxMemberNum", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "MaxMemberNum",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_member_num: Option<u64>,
 }
 
@@ -188,7 +220,11 @@ pub struct AppDefinedData {
 /// `import_group` request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImportGroupRequest {
-    #[serde(rename = "Owner_Account", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Owner_Account",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub owner_account: Option<String>,
     /// Private (Work), Public, ChatRoom (Meeting) or Community.
     #[serde(rename = "Type")]
@@ -197,9 +233,17 @@ pub struct ImportGroupRequest {
     pub group_id: Option<String>,
     #[serde(rename = "Name")]
     pub name: String,
-    #[serde(rename = "Introduction", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Introduction",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub introduction: Option<String>,
-    #[serde(rename = "Notification", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Notification",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub notification: Option<String>,
     #[serde(rename = "FaceUrl", default, skip_serializing_if = "Option::is_none")]
     pub face_url: Option<String>,
@@ -222,10 +266,18 @@ pub struct ImportGroupRequest {
     )]
     pub app_defined_data: Option<Vec<AppDefinedData>>,
     /// Unix seconds; defaults to the request time on the server.
-    #[serde(rename = "CreateTime", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "CreateTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub create_time: Option<i64>,
     /// Community only: 1 = topics enabled.
-    #[serde(rename = "SupportTopic", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "SupportTopic",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub support_topic: Option<u8>,
 }
 
@@ -256,7 +308,11 @@ pub struct ImportMember {
     /// Must be after the group's CreateTime and before now.
     #[serde(rename = "JoinTime", default, skip_serializing_if = "Option::is_none")]
     pub join_time: Option<i64>,
-    #[serde(rename = "UnreadMsgNum", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "UnreadMsgNum",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub unread_msg_num: Option<u64>,
 }
 

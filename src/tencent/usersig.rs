@@ -192,8 +192,8 @@ pub fn decode_usersig(usersig: &str) -> Result<Decoded, UserSigError> {
     if json.len() as u64 > MAX_DECODED_LEN {
         return Err(UserSigError::Malformed("document too large".into()));
     }
-    let doc: Decoded = serde_json::from_slice(&json)
-        .map_err(|e| UserSigError::Malformed(format!("json: {e}")))?;
+    let doc: Decoded =
+        serde_json::from_slice(&json).map_err(|e| UserSigError::Malformed(format!("json: {e}")))?;
     if doc.ver != USERSIG_VERSION {
         return Err(UserSigError::Malformed(format!(
             "TLS.ver {:?} is not {USERSIG_VERSION:?}",
