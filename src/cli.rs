@@ -1,1 +1,490 @@
-//! cli (in progress)
+//! The commands of the `timport` binary: `run`, `ingest`, `status`, `retry`, `simulate`.
+//!
+//! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
+//! the key), installs telemetry, opens the store, and wires intake, engine, simulator and the ops
+//! listener together under one shutdown token fired by SIGTERM or SIGINT. Errors here carry
+//! anyhow context; the modules below return typed errors.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{self, EngineConfig, EngineError, EngineExit};
+use crate::intake::files::{FileOutcome, ingest_file};
+use crate::intake::{self, IntakeConfig, spool, table};
+use crate::ops::{self, Readiness, status, systemd};
+use crate::pacing::Pacer;
+use crate::settings::{Settings, SettingsError};
+use crate::simulator::{self, SimConfig, SimulateArgs};
+use crate::store::{RetryScope, Store, StoreOptions};
+use crate::tencent::{ClientConfig, Region, TencentClient};
+
+/// Exit code for bad usage or invalid configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "timport", version, about = "Import chat history into Tencent Cloud Chat, exactly once, in order")]
+pub struct Cli {
+    /// Configuration file (default: $TIMPORT_CONFIG, then config/timport.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: watch the spool folder and the intake table, import, serve health and metrics.
+    Run {
+        /// Exit once nothing is pending or in flight: 0 when all imported, 1 when anything failed
+        /// or is blocked.
+        #[arg(long)]
+        until_idle: bool,
+        /// Queue these job files (or every job file in these folders) before starting, as
+        /// `timport ingest` would.
+        #[arg(long, value_name = "PATH")]
+        ingest: Vec<PathBuf>,
+    },
+    /// Validate and queue job files now. Exit 0 when all were accepted, 1 when any was rejected.
+    Ingest {
+        /// Validate only; queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Progress: totals, rate and ETA, blocked lanes, failure reasons, groups and jobs.
+    Status {
+        /// One JSON object for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Put failed messages and blocked lanes back to pending.
+    Retry {
+        #[arg(long, conflicts_with_all = ["job", "all"])]
+        group: Option<String>,
+        #[arg(long, conflicts_with_all = ["group", "all"])]
+        job: Option<i64>,
+        #[arg(long, conflicts_with_all = ["group", "job"])]
+        all: bool,
+    },
+    /// A local stand-in for Tencent's REST endpoints, with fault injection.
+    Simulate(SimulateArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("timport: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    if let Command::Simulate(args) = cli.command {
+        return simulate(args).await;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return config_error(&e),
+    };
+    if let Err(e) = crate::telemetry::init(&settings.log) {
+        return config_error(&e);
+    }
+    let result = match cli.command {
+        Command::Run { until_idle, ingest } => run(settings, until_idle, ingest).await,
+        Command::Ingest { dry_run, files } => ingest(&settings, dry_run, &files).await,
+        Command::Status { json, group } => show_status(&settings, json, group.as_deref()).await,
+        Command::Retry { group, job, all } => retry(&settings, group, job, all).await,
+        Command::Simulate(_) => Ok(ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(se) = e.downcast_ref::<SettingsError>() {
+                return config_error(se);
+            }
+            eprintln!("timport: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_error(e: &SettingsError) -> ExitCode {
+    eprintln!("timport: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let opts = StoreOptions {
+        synchronous: settings.queue.synchronous,
+        busy_timeout: settings.queue.busy_timeout,
+        readers: 2,
+    };
+    Ok(Store::open(&settings.queue.database, &opts).await?)
+}
+
+async fn ingest(settings: &Settings, dry_run: bool, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let store = if dry_run {
+        None
+    } else {
+        Some(open_store(settings).await?)
+    };
+    let cancel = CancellationToken::new();
+    let mut any_rejected = false;
+    for f in files {
+        let outcome = ingest_file(store.as_ref(), f, true, &cancel)
+            .await
+            .with_context(|| format!("ingesting {}", f.display()))?;
+        any_rejected |= matches!(outcome, FileOutcome::Rejected { .. });
+        print!("{}", describe(f, &outcome));
+    }
+    if let Some(s) = store {
+        s.close().await;
+    }
+    Ok(if any_rejected {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One file's outcome as `timport ingest` prints it.
+pub fn describe(f: &Path, outcome: &FileOutcome) -> String {
+    let name = f.display();
+    match outcome {
+        FileOutcome::Accepted {
+            job_id,
+            messages,
+            groups,
+        } => format!("accepted  {name}: job {job_id}, {messages} messages in {groups} groups\n"),
+        FileOutcome::Duplicate { job_id } => {
+            format!("duplicate {name}: same content as job {job_id}; not queued again\n")
+        }
+        FileOutcome::Valid { messages, groups } => {
+            format!("valid     {name}: {messages} messages in {groups} groups (dry run, nothing queued)\n")
+        }
+        FileOutcome::Rejected {
+            problem_count,
+            problems,
+        } => {
+            let mut s = format!("rejected  {name}: {problem_count} problem(s), nothing queued\n");
+            for p in problems.iter().take(20) {
+                let at = match (p.line, p.message_index) {
+                    (0, _) => String::new(),
+                    (l, Some(i)) => format!("line {l} (message {i}): "),
+                    (l, None) => format!("line {l}: "),
+                };
+                s.push_str(&format!("  {at}{}\n", p.problem));
+            }
+            if *problem_count > 20 {
+                s.push_str(&format!("  … and {} more\n", problem_count - 20));
+            }
+            s
+        }
+    }
+}
+
+async fn show_status(settings: &Settings, json: bool, group: Option<&str>) -> anyhow::Result<ExitCode> {
+    let store = open_store(settings).await?;
+    let r = status::report(&store, group).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", status::render(&r));
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(
+    settings: &Settings,
+    group: Option<String>,
+    job: Option<i64>,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    let scope = match (&group, job, all) {
+        (Some(g), None, false) => RetryScope::Group(g),
+        (None, Some(j), false) => RetryScope::Job(j),
+        (None, None, true) => RetryScope::All,
+        _ => {
+            eprintln!("timport retry: give exactly one of --group G, --job J, --all");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let store = open_store(settings).await?;
+    let (messages, lanes) = store.retry(scope).await?;
+    tracing::info!(messages, lanes, ?scope, "retry requested");
+    println!("{messages} failed message(s) back to pending, {lanes} blocked lane(s) unblocked");
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn simulate(args: SimulateArgs) -> ExitCode {
+    let _ = crate::telemetry::init(&crate::settings::LogSettings {
+        format: crate::settings::LogFormat::Text,
+        level: "info".into(),
+    });
+    let cfg: SimConfig = args.into();
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        s.cancel();
+    });
+    match simulator::run_until_stopped(cfg, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("timport simulate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The key used by the built-in simulator when none is configured (it never leaves the process).
+const LOCAL_SIMULATOR_KEY: &str = "timport-local-simulator-key";
+
+async fn run(settings: Settings, until_idle: bool, pre_ingest: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let store = open_store(&settings).await?;
+    let _lock = lock_daemon(&settings.queue.database)?;
+    let shutdown = CancellationToken::new();
+
+    // Where requests go: the built-in simulator, an explicit base_url, or the region.
+    let mut sim = None;
+    let secret_key = if settings.simulator.enabled {
+        settings
+            .secret_key()
+            .unwrap_or_else(|_| SecretString::from(LOCAL_SIMULATOR_KEY.to_string()))
+    } else {
+        settings.secret_key()?
+    };
+    let base_url = if settings.simulator.enabled {
+        let mut cfg = SimConfig::new(
+            settings.tencent.sdkappid,
+            settings.tencent.identifier.clone(),
+            secret_key.clone(),
+        );
+        cfg.listen = settings
+            .simulator
+            .listen
+            .parse()
+            .map_err(|e| SettingsError::Key {
+                key: "simulator.listen",
+                message: format!("{e}"),
+            })?;
+        cfg.auto_create_groups = settings.simulator.auto_create_groups;
+        cfg.requests_per_second = settings.import.requests_per_second.max(200);
+        cfg.faults.latency = settings.simulator.latency;
+        for g in &settings.simulator.groups {
+            let spec: simulator::GroupSpec = g.parse().map_err(|e: String| SettingsError::Key {
+                key: "simulator.groups",
+                message: e,
+            })?;
+            cfg.groups.push((spec.id, spec.create_time));
+        }
+        let handle = simulator::start(cfg).await.context("starting the built-in simulator")?;
+        let url = handle.base_url();
+        tracing::warn!(url = %url, "built-in simulator enabled: nothing is sent to Tencent");
+        sim = Some(handle);
+        Some(url)
+    } else if settings.tencent.base_url.is_empty() {
+        None
+    } else {
+        Some(settings.tencent.base_url.clone())
+    };
+    let region: Region = settings.tencent.region.parse().map_err(|_| SettingsError::Key {
+        key: "tencent.region",
+        message: format!("unknown region {:?}", settings.tencent.region),
+    })?;
+    let client_cfg = ClientConfig {
+        sdkappid: settings.tencent.sdkappid,
+        identifier: settings.tencent.identifier.clone(),
+        secret_key,
+        base_url,
+        region,
+        request_timeout: settings.tencent.request_timeout,
+        usersig_validity: settings.tencent.usersig_validity,
+    };
+    let pacer = Arc::new(Pacer::new(settings.import.requests_per_second));
+    let client = TencentClient::new(client_cfg, Some(pacer)).map_err(|e| SettingsError::Key {
+        key: "tencent.base_url",
+        message: e.to_string(),
+    })?;
+
+    // Health and metrics.
+    ops::metrics_handle();
+    let readiness = Arc::new(Readiness::default());
+    let mut http_task = None;
+    if let Some(addr) = settings.http_listen()? {
+        let (listener, bound) = ops::bind(addr)
+            .await
+            .with_context(|| format!("binding http.listen {addr}"))?;
+        tracing::info!(address = %bound, "health and metrics listening");
+        http_task = Some(tokio::spawn(ops::serve(
+            listener,
+            store.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+        )));
+    }
+
+    // Job files named on the command line, then one pass over the spool and the intake table,
+    // so `--until-idle` sees everything that is waiting now.
+    for path in &pre_ingest {
+        for f in job_files(path)? {
+            let outcome = ingest_file(Some(&store), &f, true, &shutdown).await?;
+            print!("{}", describe(&f, &outcome));
+        }
+    }
+    spool::scan_once(&store, &settings.queue.spool_dir, &shutdown)
+        .await
+        .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
+    table::poll_once(&store).await?;
+
+    systemd::ready();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping (requests in flight get the grace period)");
+        systemd::stopping();
+        signal_token.cancel();
+    });
+    let intake_task = tokio::spawn(intake::run(
+        store.clone(),
+        IntakeConfig {
+            spool_dir: settings.queue.spool_dir.clone(),
+            rescan_interval: settings.queue.rescan_interval,
+            poll_interval: settings.queue.intake_poll_interval,
+        },
+        shutdown.clone(),
+    ));
+
+    let engine_cfg = EngineConfig::from_settings(&settings.import, until_idle);
+    let result = engine::run(
+        store.clone(),
+        client,
+        engine_cfg,
+        shutdown.clone(),
+        systemd::watchdog_tick,
+    )
+    .await;
+    let code = match result {
+        Ok(EngineExit::Stopped) => ExitCode::SUCCESS,
+        Ok(EngineExit::Idle(t)) => {
+            let report = status::report(&store, None).await?;
+            print!("\n{}", status::render(&report));
+            println!(
+                "\nimport finished: {} imported, {} failed, {} blocked",
+                t.imported, t.failed, t.blocked
+            );
+            if t.failed > 0 || t.blocked > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e @ EngineError::Auth { .. }) => {
+            *readiness.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            systemd::status(&format!("stopped: {e}"));
+            eprintln!("timport: {e}");
+            if until_idle {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                // Stay up (intake, status, /readyz reporting the stop) until told to stop.
+                shutdown.cancelled().await;
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
+        Err(e) => {
+            eprintln!("timport: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    shutdown.cancel();
+    let _ = intake_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    if let Some(s) = sim {
+        s.shutdown().await;
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(code)
+}
+
+/// The job files at `path`: the file itself, or the job files directly inside a folder (sorted).
+fn job_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && crate::intake::files::Format::of(p).is_some()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| spool::ignored(&n.to_string_lossy()))
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    } else {
+        Ok(vec![path.to_path_buf()])
+    }
+}
+
+/// One daemon per database: an exclusive lock on `DATABASE.lock`, held for the process's life.
+fn lock_daemon(db: &Path) -> anyhow::Result<std::fs::File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `timport run` is using {} (lock {} is held)",
+            db.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}

@@ -670,3 +670,568 @@ impl Store {
             .collect())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Status: read-only queries over the counters (no scan of messages).
+
+/// Message counts. `blocked` counts the pending and in-flight messages of blocked lanes, which
+/// are not in `pending`/`in_flight`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub pending: i64,
+    pub in_flight: i64,
+    pub imported: i64,
+    pub failed: i64,
+    pub blocked: i64,
+    pub total: i64,
+    pub lanes: i64,
+    pub lanes_blocked: i64,
+}
+
+/// One lane (group, topic) as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LaneStatus {
+    pub group_id: String,
+    pub topic_id: String,
+    pub state: String,
+    pub pending: i64,
+    pub in_flight: i64,
+    pub imported: i64,
+    pub failed: i64,
+    pub blocked_code: Option<i64>,
+    pub blocked_reason: Option<String>,
+    pub last_send_time: i64,
+    pub last_msg_seq: i64,
+}
+
+/// One job as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobStatus {
+    pub id: i64,
+    pub kind: String,
+    pub source: String,
+    pub messages: i64,
+    pub groups: i64,
+    pub pending: i64,
+    pub in_flight: i64,
+    pub imported: i64,
+    pub failed: i64,
+    pub created_at: i64,
+}
+
+/// A failure reason and how many messages have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureReason {
+    pub code: Option<i64>,
+    pub reason: String,
+    pub messages: i64,
+}
+
+const LANE_COLUMNS: &str = "group_id, topic_id, state, pending, in_flight, imported, failed, \
+     blocked_code, blocked_reason, last_send_time, last_msg_seq";
+
+fn lane_status(r: &sqlx::sqlite::SqliteRow) -> LaneStatus {
+    LaneStatus {
+        group_id: r.get("group_id"),
+        topic_id: r.get("topic_id"),
+        state: r.get("state"),
+        pending: r.get("pending"),
+        in_flight: r.get("in_flight"),
+        imported: r.get("imported"),
+        failed: r.get("failed"),
+        blocked_code: r.get("blocked_code"),
+        blocked_reason: r.get("blocked_reason"),
+        last_send_time: r.get("last_send_time"),
+        last_msg_seq: r.get("last_msg_seq"),
+    }
+}
+
+impl Store {
+    /// Totals over all lanes, or over the lanes of one group.
+    pub async fn totals(&self, group: Option<&str>) -> Result<Totals, StoreError> {
+        let r = sqlx::query(
+            "SELECT
+                COALESCE(SUM(CASE WHEN state = 'active' THEN pending ELSE 0 END), 0) AS pending,
+                COALESCE(SUM(CASE WHEN state = 'active' THEN in_flight ELSE 0 END), 0) AS in_flight,
+                COALESCE(SUM(imported), 0) AS imported,
+                COALESCE(SUM(failed), 0) AS failed,
+                COALESCE(SUM(CASE WHEN state = 'blocked' THEN pending + in_flight ELSE 0 END), 0) AS blocked,
+                COUNT(*) AS lanes,
+                COALESCE(SUM(state = 'blocked'), 0) AS lanes_blocked
+             FROM lanes WHERE (?1 IS NULL OR group_id = ?1)",
+        )
+        .bind(group)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        let mut t = Totals {
+            pending: r.get("pending"),
+            in_flight: r.get("in_flight"),
+            imported: r.get("imported"),
+            failed: r.get("failed"),
+            blocked: r.get("blocked"),
+            total: 0,
+            lanes: r.get("lanes"),
+            lanes_blocked: r.get("lanes_blocked"),
+        };
+        t.total = t.pending + t.in_flight + t.imported + t.failed + t.blocked;
+        Ok(t)
+    }
+
+    /// Lanes, the most remaining work first; `group` narrows to one group.
+    pub async fn lanes(
+        &self,
+        group: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<LaneStatus>, StoreError> {
+        let sql = format!(
+            "SELECT {LANE_COLUMNS} FROM lanes WHERE (?1 IS NULL OR group_id = ?1)
+             ORDER BY (pending + in_flight) DESC, group_id, topic_id LIMIT ?2"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(lane_status).collect())
+    }
+
+    /// Blocked lanes with their reasons.
+    pub async fn blocked_lanes(&self, limit: i64) -> Result<Vec<LaneStatus>, StoreError> {
+        let sql = format!(
+            "SELECT {LANE_COLUMNS} FROM lanes WHERE state = 'blocked' ORDER BY group_id, topic_id LIMIT ?"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(lane_status).collect())
+    }
+
+    /// Jobs, newest first.
+    pub async fn jobs(&self, limit: i64) -> Result<Vec<JobStatus>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, source, message_count, group_count, pending, in_flight, imported,
+                    failed, created_at
+             FROM jobs WHERE content_hash IS NOT NULL OR kind = 'intake'
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| JobStatus {
+                id: r.get("id"),
+                kind: r.get("kind"),
+                source: r.get("source"),
+                messages: r.get("message_count"),
+                groups: r.get("group_count"),
+                pending: r.get("pending"),
+                in_flight: r.get("in_flight"),
+                imported: r.get("imported"),
+                failed: r.get("failed"),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    /// The most common failure reasons (optionally of one group).
+    pub async fn failure_reasons(
+        &self,
+        group: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<FailureReason>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.result_code AS code, COALESCE(m.result_text, '') AS reason,
+                    COUNT(*) AS messages
+             FROM messages m
+             WHERE m.state = 'failed'
+               AND (?1 IS NULL OR m.lane_id IN (SELECT id FROM lanes WHERE group_id = ?1))
+             GROUP BY m.result_code, m.result_text ORDER BY messages DESC LIMIT ?2",
+        )
+        .bind(group)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| FailureReason {
+                code: r.get("code"),
+                reason: r.get("reason"),
+                messages: r.get("messages"),
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The import engine's reads and checkpoints.
+
+/// A lane as the engine works it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    pub id: i64,
+    pub group_id: String,
+    pub topic_id: String,
+    pub last_send_time: i64,
+    pub last_msg_seq: i64,
+    pub tie_nudge: bool,
+}
+
+/// A queued message as the engine sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    pub id: i64,
+    pub from_account: String,
+    pub send_time: i64,
+    pub sent_time: Option<i64>,
+    pub random: u32,
+    pub recent_contact: bool,
+    pub body: String,
+    pub attempts: i64,
+}
+
+impl QueuedMessage {
+    /// The SendTime that goes (went) to the server.
+    pub fn effective_time(&self) -> i64 {
+        self.sent_time.unwrap_or(self.send_time)
+    }
+}
+
+/// What to record for one message after an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageUpdate {
+    Imported {
+        id: i64,
+        msg_seq: i64,
+        msg_time: i64,
+        note: Option<String>,
+    },
+    Failed {
+        id: i64,
+        code: Option<i64>,
+        reason: String,
+    },
+    /// Back to pending. `refund` gives the attempt back (rate limits, auth stops, blocked lanes).
+    Pending { id: i64, refund: bool },
+    /// Stays in flight, outcome unknown; `note` says why (the engine reconciles before resending).
+    Unknown { id: i64, note: String },
+}
+
+/// Lane fields to change with the message updates, in the same transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneUpdate {
+    /// Raise the checkpoint to at least this SendTime / MsgSeq.
+    pub seen_send_time: Option<i64>,
+    pub seen_msg_seq: Option<i64>,
+    /// Unix ms before which the lane is left alone.
+    pub retry_at: Option<i64>,
+    pub block: Option<(Option<i64>, String)>,
+    pub tie_nudge: bool,
+    pub last_error: Option<String>,
+}
+
+const MESSAGE_COLUMNS: &str =
+    "id, from_account, send_time, sent_time, random, recent_contact, body, attempts";
+
+fn queued_message(r: &sqlx::sqlite::SqliteRow) -> QueuedMessage {
+    let random: i64 = r.get("random");
+    QueuedMessage {
+        id: r.get("id"),
+        from_account: r.get("from_account"),
+        send_time: r.get("send_time"),
+        sent_time: r.get("sent_time"),
+        random: u32::try_from(random).unwrap_or_default(),
+        recent_contact: r.get::<i64, _>("recent_contact") != 0,
+        body: r.get("body"),
+        attempts: r.get("attempts"),
+    }
+}
+
+fn lane_row(r: &sqlx::sqlite::SqliteRow) -> Lane {
+    Lane {
+        id: r.get("id"),
+        group_id: r.get("group_id"),
+        topic_id: r.get("topic_id"),
+        last_send_time: r.get("last_send_time"),
+        last_msg_seq: r.get("last_msg_seq"),
+        tie_nudge: r.get::<i64, _>("tie_nudge") != 0,
+    }
+}
+
+impl Store {
+    /// Active lanes with work whose backoff has passed, oldest wait first.
+    pub async fn runnable_lanes(&self, now_ms: i64, limit: i64) -> Result<Vec<Lane>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes
+             WHERE state = 'active' AND (pending > 0 OR in_flight > 0) AND retry_at <= ?
+             ORDER BY retry_at, id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(lane_row).collect())
+    }
+
+    /// The earliest retry_at of an active lane with work still waiting for its backoff.
+    pub async fn next_retry_at(&self) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT MIN(retry_at) FROM lanes WHERE state = 'active' AND (pending > 0 OR in_flight > 0)",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))
+    }
+
+    /// One lane by id.
+    pub async fn lane(&self, id: i64) -> Result<Lane, StoreError> {
+        let r = sqlx::query(
+            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(lane_row(&r))
+    }
+
+    /// Messages of the lane left in flight (an unknown outcome, or a stop mid-request).
+    pub async fn in_flight(&self, lane_id: i64) -> Result<Vec<QueuedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'in_flight'
+             ORDER BY send_time, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(lane_id)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(queued_message).collect())
+    }
+
+    /// Takes the head of the lane: up to `max` pending messages in (SendTime, queue order) that
+    /// share the first one's RecentContactFlag, marks them in flight with their attempt counted,
+    /// and (for a nudging lane) fixes the SendTime to send. One short transaction.
+    pub async fn claim_batch(
+        &self,
+        lane: &Lane,
+        max: usize,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        let mut tx = self.begin().await?;
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'pending'
+             ORDER BY send_time, id LIMIT ?"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(lane.id)
+            .bind(i64::try_from(max).unwrap_or(7))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut batch: Vec<QueuedMessage> = rows.iter().map(queued_message).collect();
+        if let Some(first) = batch.first() {
+            let flag = first.recent_contact;
+            if let Some(cut) = batch.iter().position(|m| m.recent_contact != flag) {
+                batch.truncate(cut);
+            }
+        }
+        let now = unix_now();
+        let mut prev = lane.last_send_time;
+        for m in batch.iter_mut() {
+            let sent = if lane.tie_nudge {
+                let t = m.send_time.max(prev + 1);
+                (t != m.send_time).then_some(t)
+            } else {
+                None
+            };
+            m.sent_time = sent;
+            m.attempts += 1;
+            prev = m.effective_time();
+            sqlx::query(
+                "UPDATE messages SET state = 'in_flight', attempts = attempts + 1, sent_time = ?,
+                 updated_at = ? WHERE id = ? AND state = 'pending'",
+            )
+            .bind(m.sent_time)
+            .bind(now)
+            .bind(m.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(batch)
+    }
+
+    /// Records the answer for a lane's messages and moves its checkpoint, in one transaction.
+    /// Only messages still in flight are changed, so a late or repeated record is harmless.
+    pub async fn record(
+        &self,
+        lane_id: i64,
+        updates: &[MessageUpdate],
+        lane: &LaneUpdate,
+    ) -> Result<(), StoreError> {
+        let now = unix_now();
+        let mut tx = self.begin().await?;
+        for u in updates {
+            let q = match u {
+                MessageUpdate::Imported {
+                    id,
+                    msg_seq,
+                    msg_time,
+                    note,
+                } => sqlx::query(
+                    "UPDATE messages SET state = 'imported', msg_seq = ?, msg_time = ?,
+                     result_code = 0, result_text = ?, updated_at = ?
+                     WHERE id = ? AND state = 'in_flight'",
+                )
+                .bind(*msg_seq)
+                .bind(*msg_time)
+                .bind(note.as_deref())
+                .bind(now)
+                .bind(*id),
+                MessageUpdate::Failed { id, code, reason } => sqlx::query(
+                    "UPDATE messages SET state = 'failed', result_code = ?, result_text = ?,
+                     updated_at = ? WHERE id = ? AND state = 'in_flight'",
+                )
+                .bind(*code)
+                .bind(reason.as_str())
+                .bind(now)
+                .bind(*id),
+                MessageUpdate::Pending { id, refund } => sqlx::query(
+                    "UPDATE messages SET state = 'pending', attempts = MAX(attempts - ?, 0),
+                     updated_at = ? WHERE id = ? AND state = 'in_flight'",
+                )
+                .bind(i64::from(*refund))
+                .bind(now)
+                .bind(*id),
+                MessageUpdate::Unknown { id, note } => sqlx::query(
+                    "UPDATE messages SET result_code = NULL, result_text = ?, updated_at = ?
+                     WHERE id = ? AND state = 'in_flight'",
+                )
+                .bind(note.as_str())
+                .bind(now)
+                .bind(*id),
+            };
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+        }
+        let (block_code, block_reason) = match &lane.block {
+            Some((c, r)) => (*c, Some(r.as_str())),
+            None => (None, None),
+        };
+        sqlx::query(
+            "UPDATE lanes SET
+                last_send_time = MAX(last_send_time, COALESCE(?1, 0)),
+                last_msg_seq = MAX(last_msg_seq, COALESCE(?2, 0)),
+                retry_at = COALESCE(?3, retry_at),
+                state = CASE WHEN ?5 IS NOT NULL THEN 'blocked' ELSE state END,
+                blocked_code = CASE WHEN ?5 IS NOT NULL THEN ?4 ELSE blocked_code END,
+                blocked_reason = COALESCE(?5, blocked_reason),
+                tie_nudge = MAX(tie_nudge, ?6),
+                last_error = CASE WHEN ?7 IS NOT NULL THEN ?7 ELSE last_error END,
+                updated_at = ?8
+             WHERE id = ?9",
+        )
+        .bind(lane.seen_send_time)
+        .bind(lane.seen_msg_seq)
+        .bind(lane.retry_at)
+        .bind(block_code)
+        .bind(block_reason)
+        .bind(i64::from(lane.tie_nudge))
+        .bind(lane.last_error.as_deref())
+        .bind(now)
+        .bind(lane_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Puts failed messages back to pending (attempts reset) and unblocks lanes: for one group,
+    /// one job, or everything. Returns (messages requeued, lanes unblocked).
+    pub async fn retry(&self, scope: RetryScope<'_>) -> Result<(u64, u64), StoreError> {
+        let mut tx = self.begin().await?;
+        let now = unix_now();
+        let (msgs, lanes) = match scope {
+            RetryScope::All => {
+                let m = sqlx::query(
+                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
+                     result_text = NULL, updated_at = ? WHERE state = 'failed'",
+                )
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                let l = sqlx::query(
+                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
+                     retry_at = 0, updated_at = ? WHERE state = 'blocked'",
+                )
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                (m.rows_affected(), l.rows_affected())
+            }
+            RetryScope::Group(g) => {
+                let m = sqlx::query(
+                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
+                     result_text = NULL, updated_at = ?
+                     WHERE state = 'failed' AND lane_id IN (SELECT id FROM lanes WHERE group_id = ?)",
+                )
+                .bind(now)
+                .bind(g)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                let l = sqlx::query(
+                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
+                     retry_at = 0, updated_at = ? WHERE state = 'blocked' AND group_id = ?",
+                )
+                .bind(now)
+                .bind(g)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                (m.rows_affected(), l.rows_affected())
+            }
+            RetryScope::Job(j) => {
+                let m = sqlx::query(
+                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
+                     result_text = NULL, updated_at = ? WHERE state = 'failed' AND job_id = ?",
+                )
+                .bind(now)
+                .bind(j)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                let l = sqlx::query(
+                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
+                     retry_at = 0, updated_at = ? WHERE state = 'blocked'
+                     AND id IN (SELECT DISTINCT lane_id FROM messages WHERE job_id = ?)",
+                )
+                .bind(now)
+                .bind(j)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                (m.rows_affected(), l.rows_affected())
+            }
+        };
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok((msgs, lanes))
+    }
+}
+
+/// What `timport retry` applies to.
+#[derive(Debug, Clone, Copy)]
+pub enum RetryScope<'a> {
+    All,
+    Group(&'a str),
+    Job(i64),
+}

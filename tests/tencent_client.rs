@@ -438,3 +438,35 @@ fn pacer_decreases_once_per_burst_and_recovers() {
     assert!((p.recover_at(t0 + Duration::from_millis(3010)) - 85.0).abs() < 1e-9);
     assert!((p.recover_at(t0 + Duration::from_secs(100)) - 100.0).abs() < 1e-9);
 }
+
+#[tokio::test]
+async fn an_error_info_echoing_the_query_is_scrubbed() {
+    let app = axum::Router::new().route(
+        "/v4/{service}/{command}",
+        post(
+            |axum::extract::RawQuery(q): axum::extract::RawQuery| async move {
+                axum::Json(serde_json::json!({
+                    "ActionStatus": "FAIL", "ErrorCode": 70009,
+                    "ErrorInfo": format!("bad request {}", q.unwrap_or_default()),
+                }))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let c = scripted_client(format!("http://{addr}"));
+    let sig = gen_usersig(KEY, APP, ADMIN, now() as u64, 86_400);
+    c.override_usersig(SecretString::from(sig.clone()));
+    let e = c
+        .get_group_info(&info_req(&["g1"]))
+        .await
+        .expect_err("refused");
+    assert!(e.info().contains("sdkappid="), "{e}");
+    let text = format!("{e} | {e:?}");
+    assert!(!text.contains(&sig), "usersig leaked: {text}");
+}

@@ -323,7 +323,14 @@ impl TencentClient {
         let elapsed = started.elapsed();
         let result = result.map_err(|(kind, import_results)| ApiError {
             endpoint: command,
-            kind,
+            // A server echoing the request must not smuggle the UserSig into our errors.
+            kind: match kind {
+                ApiErrorKind::Service { code, info } => ApiErrorKind::Service {
+                    code,
+                    info: scrub(&info, sig),
+                },
+                other => other,
+            },
             import_results,
         });
         let (outcome, code) = match &result {

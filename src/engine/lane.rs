@@ -1,0 +1,417 @@
+//! One lane's work: claim the head, send it, record the answer; reconcile first whenever the lane
+//! has messages in flight. Each outcome class of the Tencent client is handled here, once.
+//!
+//! A lane task ends when its lane is empty, waits for a backoff (persisted as `retry_at`, so the
+//! scheduler and a restart honour it), is blocked, or the engine stops. Everything it decides is
+//! written before it sends again, so it can be killed at any await point.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{EngineError, Shared, reconcile};
+use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage, unix_now_ms};
+use crate::tencent::{
+    ApiError, ErrorClass, ImportGroupMsgRequest, ImportMsg, ImportMsgResult, codes,
+};
+
+/// What a step left the lane in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Sent something (or reconciled): go on.
+    Progress,
+    /// Nothing pending.
+    Idle,
+    /// Wait for `retry_at` (set in the store).
+    Backoff,
+    /// Blocked with a reason (set in the store).
+    Blocked,
+    /// The engine stops.
+    Stop,
+}
+
+/// Codes where one message in the batch may be at fault: split the batch to find it.
+fn bisectable(code: i64) -> bool {
+    matches!(
+        code,
+        10004 | 10020 | 10019 | 20003 | 70107 | 80001 | 80002 | 80004 | 93000
+    )
+}
+
+/// Codes that concern the app or its credentials, not a group: stop every lane.
+fn app_level(code: i64) -> Option<&'static str> {
+    match code {
+        70001 | 70002 | 70003 | 70005 | 20002 | 60004 | 60005 => {
+            Some("tencent.secret_key (the UserSig is refused)")
+        }
+        70009 | 70016 => Some("tencent.secret_key (it does not belong to this app)"),
+        70013 | 60010 | 70403 | 70402 => {
+            Some("tencent.identifier (it must be an App admin account)")
+        }
+        70014 | 70020 | 60006 | 60012 | 60016 | 60017 => Some("tencent.sdkappid"),
+        60020 => Some("the app's edition (it has expired)"),
+        60021 => Some("the app's allowed IP list"),
+        10026 => Some("the app's enabled commands"),
+        _ => None,
+    }
+}
+
+/// Works one lane until it is idle, waits, is blocked, or the engine stops.
+pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
+    let mut max_batch = sh.cfg.batch_size;
+    loop {
+        if sh.stop.is_cancelled() {
+            return;
+        }
+        match step(&sh, &mut lane, &mut max_batch).await {
+            Ok(Step::Progress) => continue,
+            Ok(Step::Idle | Step::Backoff | Step::Blocked | Step::Stop) => return,
+            Err(e) => {
+                tracing::warn!(group = %lane.group_id, error = %e, "lane step failed on the store; retrying later");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// One step of a lane.
+pub async fn step(
+    sh: &Shared,
+    lane: &mut Lane,
+    max_batch: &mut usize,
+) -> Result<Step, EngineError> {
+    let in_flight = sh.store.in_flight(lane.id).await?;
+    if !in_flight.is_empty() {
+        return reconcile::run(sh, lane, in_flight, &HashSet::new()).await;
+    }
+    let batch = sh.store.claim_batch(lane, *max_batch).await?;
+    if batch.is_empty() {
+        return Ok(Step::Idle);
+    }
+    let req = request(lane, &batch);
+    let started = std::time::Instant::now();
+    let answer = sh.client.import_group_msg(&req).await;
+    tracing::debug!(group = %lane.group_id, messages = batch.len(), elapsed_ms = started.elapsed().as_millis() as u64, ok = answer.is_ok(), "import_group_msg");
+    match answer {
+        Ok(resp) => {
+            let results = resp.import_msg_result.unwrap_or_default();
+            on_results(sh, lane, &batch, &results, max_batch).await
+        }
+        Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
+    }
+}
+
+fn request(lane: &Lane, batch: &[QueuedMessage]) -> ImportGroupMsgRequest {
+    ImportGroupMsgRequest {
+        group_id: lane.group_id.clone(),
+        topic_id: (!lane.topic_id.is_empty()).then(|| lane.topic_id.clone()),
+        recent_contact_flag: batch
+            .first()
+            .and_then(|m| m.recent_contact.then_some(1)),
+        msg_list: batch
+            .iter()
+            .map(|m| ImportMsg {
+                from_account: m.from_account.clone(),
+                send_time: m.effective_time(),
+                random: Some(m.random),
+                // Stored as validated compact JSON; a parse failure cannot happen for rows we
+                // wrote, and would be caught by the server as a bad body.
+                msg_body: serde_json::from_str(&m.body).unwrap_or(serde_json::Value::Null),
+            })
+            .collect(),
+    }
+}
+
+/// Pairs each message with its result: by MsgTime where that is unambiguous, else by position.
+fn match_results<'a>(
+    batch: &[QueuedMessage],
+    results: &'a [ImportMsgResult],
+) -> Vec<Option<&'a ImportMsgResult>> {
+    let aligned = results.len() == batch.len()
+        && batch
+            .iter()
+            .zip(results)
+            .all(|(m, r)| r.msg_time.is_none_or(|t| t == m.effective_time()));
+    if aligned {
+        return results.iter().map(Some).collect();
+    }
+    let mut used = vec![false; results.len()];
+    batch
+        .iter()
+        .map(|m| {
+            let i = results
+                .iter()
+                .enumerate()
+                .position(|(i, r)| !used[i] && r.msg_time == Some(m.effective_time()))?;
+            used[i] = true;
+            Some(&results[i])
+        })
+        .collect()
+}
+
+async fn on_results(
+    sh: &Shared,
+    lane: &mut Lane,
+    batch: &[QueuedMessage],
+    results: &[ImportMsgResult],
+    max_batch: &mut usize,
+) -> Result<Step, EngineError> {
+    let mut updates = Vec::with_capacity(batch.len());
+    let mut lane_up = LaneUpdate::default();
+    let mut refused = HashSet::new();
+    let mut unresolved = Vec::new();
+    let mut imported = 0u64;
+    for (m, r) in batch.iter().zip(match_results(batch, results)) {
+        match r {
+            Some(r) if r.result == 0 => {
+                let seq = r.msg_seq.and_then(|s| i64::try_from(s).ok()).unwrap_or(0);
+                let time = r.msg_time.unwrap_or(m.effective_time());
+                updates.push(MessageUpdate::Imported {
+                    id: m.id,
+                    msg_seq: seq,
+                    msg_time: time,
+                    note: None,
+                });
+                lane_up.seen_send_time = lane_up.seen_send_time.max(Some(m.effective_time()));
+                lane_up.seen_msg_seq = lane_up.seen_msg_seq.max(Some(seq));
+                imported += 1;
+            }
+            Some(r) if r.result == codes::INVALID_PARAMETER => {
+                // Refused for its SendTime: already there (an earlier attempt applied it), or
+                // really out of order. Reconciliation tells which.
+                refused.insert(m.id);
+                unresolved.push(m.clone());
+            }
+            Some(r) => {
+                let reason = match r.result {
+                    80001 => "the message contains restricted words (80001)".to_string(),
+                    80002 => "the message body is longer than Tencent's 12,000 bytes (80002)"
+                        .to_string(),
+                    c => format!("refused by Tencent with result {c}"),
+                };
+                metrics::counter!("timport_messages_failed_total", "code" => r.result.to_string())
+                    .increment(1);
+                tracing::info!(group = %lane.group_id, message = m.id, code = r.result, reason = %reason, "message failed");
+                sh.failed.fetch_add(1, Ordering::Relaxed);
+                updates.push(MessageUpdate::Failed {
+                    id: m.id,
+                    code: Some(r.result),
+                    reason,
+                });
+            }
+            None => unresolved.push(m.clone()),
+        }
+    }
+    sh.store.record(lane.id, &updates, &lane_up).await?;
+    count_imported(sh, imported);
+    apply_checkpoint(lane, &lane_up);
+    *max_batch = sh.cfg.batch_size;
+    if unresolved.is_empty() {
+        Ok(Step::Progress)
+    } else {
+        reconcile::run(sh, lane, unresolved, &refused).await
+    }
+}
+
+pub(super) fn count_imported(sh: &Shared, n: u64) {
+    if n > 0 {
+        sh.imported.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("timport_messages_imported_total").increment(n);
+    }
+}
+
+pub(super) fn apply_checkpoint(lane: &mut Lane, up: &LaneUpdate) {
+    if let Some(t) = up.seen_send_time {
+        lane.last_send_time = lane.last_send_time.max(t);
+    }
+    if let Some(s) = up.seen_msg_seq {
+        lane.last_msg_seq = lane.last_msg_seq.max(s);
+    }
+    if up.tie_nudge {
+        lane.tie_nudge = true;
+    }
+}
+
+fn back_to_pending(batch: &[QueuedMessage], refund: bool) -> Vec<MessageUpdate> {
+    batch
+        .iter()
+        .map(|m| MessageUpdate::Pending { id: m.id, refund })
+        .collect()
+}
+
+async fn on_error(
+    sh: &Shared,
+    lane: &mut Lane,
+    batch: &[QueuedMessage],
+    e: ApiError,
+    max_batch: &mut usize,
+) -> Result<Step, EngineError> {
+    let code = e.code();
+    let info = e.info();
+    match e.class() {
+        ErrorClass::RateLimited => {
+            // The client already slowed the pacer; this is not a failed attempt.
+            sh.store
+                .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                .await?;
+            Ok(Step::Progress)
+        }
+        ErrorClass::Auth => {
+            sh.store
+                .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                .await?;
+            let code = code.unwrap_or_default();
+            sh.set_fatal(EngineError::Auth {
+                code,
+                info,
+                hint: app_level(code).unwrap_or("tencent.secret_key"),
+            });
+            Ok(Step::Stop)
+        }
+        ErrorClass::Unknown => {
+            // May have been applied: keep the batch in flight; the next step reconciles.
+            let attempt = batch.iter().map(|m| m.attempts).max().unwrap_or(1);
+            let note = format!("outcome unknown: {e}");
+            tracing::info!(group = %lane.group_id, messages = batch.len(), error = %e, "request outcome unknown; the lane reconciles before sending again");
+            let updates: Vec<_> = batch
+                .iter()
+                .map(|m| MessageUpdate::Unknown {
+                    id: m.id,
+                    note: note.clone(),
+                })
+                .collect();
+            let retry_at = unix_now_ms() + ms(sh.backoff(attempt.min(3)));
+            sh.store
+                .record(
+                    lane.id,
+                    &updates,
+                    &LaneUpdate {
+                        retry_at: Some(retry_at),
+                        last_error: Some(note),
+                        ..LaneUpdate::default()
+                    },
+                )
+                .await?;
+            Ok(Step::Backoff)
+        }
+        ErrorClass::Retryable => {
+            let attempt = batch.iter().map(|m| m.attempts).max().unwrap_or(1);
+            let reason = format!("{e}");
+            let give_up = attempt >= i64::from(sh.cfg.max_attempts);
+            let updates: Vec<_> = if give_up {
+                sh.failed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                batch
+                    .iter()
+                    .map(|m| MessageUpdate::Failed {
+                        id: m.id,
+                        code,
+                        reason: format!("gave up after {attempt} attempts: {reason}"),
+                    })
+                    .collect()
+            } else {
+                back_to_pending(batch, false)
+            };
+            let retry_at = unix_now_ms() + ms(sh.backoff(attempt));
+            tracing::info!(group = %lane.group_id, attempt, code, error = %e, give_up, "retryable answer; backing off");
+            sh.store
+                .record(
+                    lane.id,
+                    &updates,
+                    &LaneUpdate {
+                        retry_at: Some(retry_at),
+                        last_error: Some(reason),
+                        ..LaneUpdate::default()
+                    },
+                )
+                .await?;
+            Ok(Step::Backoff)
+        }
+        ErrorClass::Permanent | ErrorClass::PerMessage => {
+            let c = code.unwrap_or_default();
+            if let Some(hint) = app_level(c) {
+                sh.store
+                    .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                    .await?;
+                sh.set_fatal(EngineError::Auth {
+                    code: c,
+                    info,
+                    hint,
+                });
+                return Ok(Step::Stop);
+            }
+            if code.is_some_and(bisectable) {
+                if batch.len() > 1 {
+                    // Split: send the first half alone; the head moves on as halves succeed.
+                    *max_batch = batch.len() / 2;
+                    tracing::info!(group = %lane.group_id, code = c, size = batch.len(), next = *max_batch, "whole request refused; bisecting the batch");
+                    sh.store
+                        .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                        .await?;
+                    return Ok(Step::Progress);
+                }
+                *max_batch = sh.cfg.batch_size;
+                let reason = format!("refused by Tencent ({c}: {info})");
+                tracing::info!(group = %lane.group_id, code = c, reason = %reason, "message failed");
+                metrics::counter!("timport_messages_failed_total", "code" => c.to_string())
+                    .increment(1);
+                sh.failed.fetch_add(1, Ordering::Relaxed);
+                let updates: Vec<_> = batch
+                    .iter()
+                    .map(|m| MessageUpdate::Failed {
+                        id: m.id,
+                        code,
+                        reason: reason.clone(),
+                    })
+                    .collect();
+                sh.store
+                    .record(lane.id, &updates, &LaneUpdate::default())
+                    .await?;
+                return Ok(Step::Progress);
+            }
+            block(sh, lane, batch, code, &info).await
+        }
+    }
+}
+
+/// Blocks the lane: its messages go back to pending (shown as blocked) until `timport retry`.
+pub(super) async fn block(
+    sh: &Shared,
+    lane: &Lane,
+    batch: &[QueuedMessage],
+    code: Option<i64>,
+    info: &str,
+) -> Result<Step, EngineError> {
+    let reason = match code {
+        Some(10010) | Some(10015) => format!(
+            "group {} does not exist on Tencent ({}: {info}); create it, then run `timport retry --group {}`",
+            lane.group_id,
+            code.unwrap_or_default(),
+            lane.group_id
+        ),
+        Some(10007) => format!(
+            "no permission to import into group {} (10007: {info}); AVChatRoom groups cannot be imported into",
+            lane.group_id
+        ),
+        Some(c) => format!("refused by Tencent ({c}: {info})"),
+        None => info.to_string(),
+    };
+    tracing::warn!(group = %lane.group_id, topic = %lane.topic_id, code, reason = %reason, "lane blocked");
+    sh.store
+        .record(
+            lane.id,
+            &back_to_pending(batch, true),
+            &LaneUpdate {
+                block: Some((code, reason)),
+                ..LaneUpdate::default()
+            },
+        )
+        .await?;
+    Ok(Step::Blocked)
+}
+
+pub(super) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

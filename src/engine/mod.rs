@@ -1,0 +1,346 @@
+//! The import engine: queued messages to Tencent with every guarantee of PRODUCT.md.
+//!
+//! One lane per (group, topic); many lanes at once (`import.max_lanes`), exactly one request in
+//! flight per lane, each request paced by the app-wide [`Pacer`](crate::pacing::Pacer). A lane
+//! step ([`lane`]) claims the head of the lane (marking it in flight in a short transaction),
+//! sends it, and records the answer and the new checkpoint in another; no transaction spans the
+//! HTTP call. A lane that finds messages in flight when it starts (an unknown outcome, or a crash
+//! or stop mid-request) first asks the server what it already has ([`reconcile`]); nothing is
+//! re-sent before that.
+//!
+//! Stopping: when `shutdown` fires, no lane claims another batch; requests in flight get
+//! `import.shutdown_grace` to finish and record their answer, then are abandoned: their messages
+//! stay in flight and are reconciled at the next start, so stopping at any instant (SIGKILL
+//! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
+//! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
+
+pub mod lane;
+pub mod reconcile;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::{ImportSettings, TiePolicy};
+use crate::store::{Store, StoreError, Totals, unix_now, unix_now_ms};
+use crate::tencent::TencentClient;
+
+/// Engine settings (from `[import]`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub batch_size: usize,
+    pub max_lanes: usize,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub tie_policy: TiePolicy,
+    pub shutdown_grace: Duration,
+    pub progress_interval: Duration,
+    /// Exit once nothing is pending or in flight (`timport run --until-idle`).
+    pub until_idle: bool,
+}
+
+impl EngineConfig {
+    pub fn from_settings(s: &ImportSettings, until_idle: bool) -> Self {
+        EngineConfig {
+            batch_size: s.batch_size,
+            max_lanes: s.max_lanes,
+            max_attempts: s.max_attempts,
+            backoff_base: s.backoff_base,
+            backoff_max: s.backoff_max,
+            tie_policy: s.tie_policy,
+            shutdown_grace: s.shutdown_grace,
+            progress_interval: s.progress_interval,
+            until_idle,
+        }
+    }
+}
+
+/// Why the engine stopped on its own.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// Tencent refused the app's credentials even after a fresh UserSig.
+    #[error(
+        "Tencent refused the credentials ({code}: {info}); check {hint}. All lanes are stopped; nothing was counted as a failed attempt"
+    )]
+    Auth {
+        code: i64,
+        info: String,
+        hint: &'static str,
+    },
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Store(e.to_string())
+    }
+}
+
+/// How the engine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineExit {
+    /// Shut down on request.
+    Stopped,
+    /// `--until-idle`: nothing pending or in flight any more.
+    Idle(Totals),
+}
+
+/// State shared by the scheduler and its lane tasks.
+pub struct Shared {
+    pub store: Store,
+    pub client: TencentClient,
+    pub cfg: EngineConfig,
+    /// Fires on shutdown: lanes stop claiming.
+    pub stop: CancellationToken,
+    /// The first fatal error, which stops every lane.
+    pub fatal: Mutex<Option<EngineError>>,
+    pub imported: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Shared {
+    fn set_fatal(&self, e: EngineError) {
+        let mut f = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            tracing::error!(error = %e, "import stopped");
+            *f = Some(e);
+        }
+        self.stop.cancel();
+    }
+
+    fn fatal(&self) -> Option<EngineError> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Capped exponential backoff with full jitter for the `attempt`-th try (1-based).
+    pub fn backoff(&self, attempt: i64) -> Duration {
+        let exp = u32::try_from(attempt.clamp(1, 30) - 1).unwrap_or(0);
+        let base = self.cfg.backoff_base.as_secs_f64() * 2f64.powi(i32::try_from(exp).unwrap_or(30));
+        let capped = base.min(self.cfg.backoff_max.as_secs_f64());
+        let jitter: f64 = rand::random::<f64>();
+        Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter))
+    }
+}
+
+/// A progress snapshot, written to `meta` for `timport status` and logged periodically.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub at: i64,
+    /// Messages imported per second, recent average.
+    pub rate: f64,
+    pub pacing_rate: f64,
+    pub active_lanes: usize,
+    pub stopped_reason: Option<String>,
+}
+
+pub const PROGRESS_KEY: &str = "progress";
+
+/// Runs the engine until `shutdown` fires, until idle (with `until_idle`), or until a fatal error.
+pub async fn run(
+    store: Store,
+    client: TencentClient,
+    cfg: EngineConfig,
+    shutdown: CancellationToken,
+    on_tick: impl Fn() + Send + Sync,
+) -> Result<EngineExit, EngineError> {
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        client,
+        cfg: cfg.clone(),
+        stop: shutdown.child_token(),
+        fatal: Mutex::new(None),
+        imported: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let mut tasks: JoinSet<i64> = JoinSet::new();
+    let mut running: HashSet<i64> = HashSet::new();
+    let mut rate = RateMeter::new();
+    let mut last_progress_log = Instant::now();
+    let mut last_progress_write = Instant::now() - Duration::from_secs(60);
+    tracing::info!(max_lanes = cfg.max_lanes, batch_size = cfg.batch_size, "import engine started");
+    let exit = loop {
+        on_tick();
+        if shared.stop.is_cancelled() {
+            break EngineExit::Stopped;
+        }
+        // Fill free slots with runnable lanes.
+        if running.len() < cfg.max_lanes {
+            let want = i64::try_from(cfg.max_lanes + running.len()).unwrap_or(i64::MAX);
+            match store.runnable_lanes(unix_now_ms(), want).await {
+                Ok(lanes) => {
+                    for l in lanes {
+                        if running.len() >= cfg.max_lanes {
+                            break;
+                        }
+                        if running.insert(l.id) {
+                            let sh = shared.clone();
+                            tasks.spawn(async move {
+                                let id = l.id;
+                                lane::work(sh, l).await;
+                                id
+                            });
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list lanes; retrying"),
+            }
+        }
+        // Progress.
+        let imported = shared.imported.load(Ordering::Relaxed);
+        let current = rate.sample(imported);
+        if last_progress_write.elapsed() >= Duration::from_secs(2) {
+            last_progress_write = Instant::now();
+            let p = Progress {
+                at: unix_now(),
+                rate: current,
+                pacing_rate: shared.client.pacer().map(|p| p.current_rate()).unwrap_or(0.0),
+                active_lanes: running.len(),
+                stopped_reason: None,
+            };
+            write_progress(&store, &p).await;
+            if let Ok(t) = store.totals(None).await {
+                export_gauges(&t, running.len());
+                if last_progress_log.elapsed() >= cfg.progress_interval {
+                    last_progress_log = Instant::now();
+                    log_progress(&t, current);
+                }
+            }
+        }
+        if cfg.until_idle && running.is_empty() {
+            match store.totals(None).await {
+                Ok(t) if t.pending == 0 && t.in_flight == 0 => {
+                    break EngineExit::Idle(t);
+                }
+                _ => {}
+            }
+        }
+        // Wait for a lane to finish, or a short tick to look for new work.
+        tokio::select! {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(id) = done {
+                    running.remove(&id);
+                } else {
+                    // A panicked lane task: forget all finished ids by rebuilding from scratch.
+                    running.clear();
+                    tracing::error!("a lane task panicked; its messages stay in flight and are reconciled");
+                }
+                while let Some(done) = tasks.try_join_next() {
+                    if let Ok(id) = done { running.remove(&id); }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shared.stop.cancelled() => {}
+        }
+    };
+    // Stop: lanes see `stop` and claim nothing more; give in-flight requests the grace period.
+    shared.stop.cancel();
+    let grace = tokio::time::sleep(cfg.shutdown_grace);
+    tokio::pin!(grace);
+    while !tasks.is_empty() {
+        tokio::select! {
+            _ = tasks.join_next() => {}
+            _ = &mut grace => {
+                tracing::warn!(remaining = tasks.len(), "shutdown grace over; abandoning requests in flight (they are reconciled at the next start)");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    let fatal = shared.fatal();
+    let p = Progress {
+        at: unix_now(),
+        rate: 0.0,
+        pacing_rate: 0.0,
+        active_lanes: 0,
+        stopped_reason: fatal.as_ref().map(|e| e.to_string()),
+    };
+    write_progress(&store, &p).await;
+    if let Ok(t) = store.totals(None).await {
+        export_gauges(&t, 0);
+        log_progress(&t, 0.0);
+    }
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(exit),
+    }
+}
+
+async fn write_progress(store: &Store, p: &Progress) {
+    if let Ok(text) = serde_json::to_string(p) {
+        if let Err(e) = store.set_meta(PROGRESS_KEY, &text).await {
+            tracing::debug!(error = %e, "progress not written");
+        }
+    }
+}
+
+fn export_gauges(t: &Totals, active: usize) {
+    metrics::gauge!("timport_messages", "state" => "pending").set(t.pending as f64);
+    metrics::gauge!("timport_messages", "state" => "in_flight").set(t.in_flight as f64);
+    metrics::gauge!("timport_messages", "state" => "blocked").set(t.blocked as f64);
+    metrics::gauge!("timport_lanes", "state" => "active").set(active as f64);
+    metrics::gauge!("timport_lanes", "state" => "blocked").set(t.lanes_blocked as f64);
+}
+
+/// Remaining messages over the recent rate, if there is a rate.
+pub fn eta_seconds(t: &Totals, rate: f64) -> Option<u64> {
+    let remaining = (t.pending + t.in_flight) as f64;
+    if remaining <= 0.0 {
+        return Some(0);
+    }
+    (rate > 0.01).then(|| (remaining / rate).ceil() as u64)
+}
+
+fn log_progress(t: &Totals, rate: f64) {
+    let eta = eta_seconds(t, rate)
+        .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    tracing::info!(
+        imported = t.imported,
+        pending = t.pending,
+        in_flight = t.in_flight,
+        failed = t.failed,
+        blocked = t.blocked,
+        rate = format!("{rate:.1}/s"),
+        eta = %eta,
+        "progress"
+    );
+}
+
+/// Recent import rate: an exponentially weighted average over one-second samples.
+struct RateMeter {
+    last: Instant,
+    last_count: u64,
+    rate: f64,
+}
+
+impl RateMeter {
+    fn new() -> Self {
+        RateMeter {
+            last: Instant::now(),
+            last_count: 0,
+            rate: 0.0,
+        }
+    }
+
+    fn sample(&mut self, count: u64) -> f64 {
+        let dt = self.last.elapsed().as_secs_f64();
+        if dt >= 1.0 {
+            let inst = (count.saturating_sub(self.last_count)) as f64 / dt;
+            self.rate = if self.rate == 0.0 {
+                inst
+            } else {
+                0.7 * self.rate + 0.3 * inst
+            };
+            self.last = Instant::now();
+            self.last_count = count;
+        }
+        self.rate
+    }
+}

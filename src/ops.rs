@@ -1,1 +1,0 @@
-//! ops (in progress)

@@ -1,0 +1,123 @@
+//! Operations: the HTTP listener for `/healthz`, `/readyz` and `/metrics` (Prometheus text), the
+//! metrics recorder, systemd notification ([`systemd`]) and the status report ([`status`]).
+//!
+//! The listener runs until its shutdown token fires and holds no state of its own: readiness is
+//! computed per request (a write probe of the database, and whether the engine stopped on an
+//! auth error), so it recovers as soon as the cause does.
+
+pub mod status;
+pub mod systemd;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// Installs the global Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("timport_request_duration_seconds".into()),
+                    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); metrics then go there.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!("timport_messages_imported_total", "Messages imported");
+    metrics::describe_counter!("timport_messages_failed_total", "Messages failed, by code");
+    metrics::describe_counter!("timport_requests_total", "Requests by endpoint and outcome");
+    metrics::describe_histogram!("timport_request_duration_seconds", "Request latency");
+    metrics::describe_counter!("timport_rate_limited_total", "Rate-limit answers");
+    metrics::describe_gauge!("timport_pacing_rate", "Current pacing rate, requests/s");
+    metrics::describe_gauge!("timport_messages", "Messages by state (pending, in_flight, blocked)");
+    metrics::describe_gauge!("timport_lanes", "Lanes by state (active, blocked)");
+    metrics::describe_counter!("timport_job_files_total", "Job files by outcome");
+    metrics::describe_counter!("timport_intake_rows_total", "Intake table rows by outcome");
+    metrics::describe_counter!("timport_usersig_renewals_total", "UserSig renewals");
+}
+
+/// What readiness depends on besides the database.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Set when the engine stopped on an auth error (the reason).
+    pub stopped: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    readiness: Arc<Readiness>,
+    metrics: PrometheusHandle,
+}
+
+/// Serves the listener until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Store,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState {
+        store,
+        readiness,
+        metrics: metrics_handle(),
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the listener (so a taken port fails at start) and returns it with its address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(reason) = s
+        .readiness
+        .stopped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("stopped: {reason}\n"));
+    }
+    match s.store.write_probe().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")),
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
