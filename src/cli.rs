@@ -28,7 +28,11 @@ use crate::tencent::{ClientConfig, Region, TencentClient};
 pub const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "timport", version, about = "Import chat history into Tencent Cloud Chat, exactly once, in order")]
+#[command(
+    name = "timport",
+    version,
+    about = "Import chat history into Tencent Cloud Chat, exactly once, in order"
+)]
 pub struct Cli {
     /// Configuration file (default: $TIMPORT_CONFIG, then config/timport.toml).
     #[arg(long, global = true)]
@@ -83,7 +87,10 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("timport: cannot start the runtime: {e}");
@@ -175,7 +182,9 @@ pub fn describe(f: &Path, outcome: &FileOutcome) -> String {
             format!("duplicate {name}: same content as job {job_id}; not queued again\n")
         }
         FileOutcome::Valid { messages, groups } => {
-            format!("valid     {name}: {messages} messages in {groups} groups (dry run, nothing queued)\n")
+            format!(
+                "valid     {name}: {messages} messages in {groups} groups (dry run, nothing queued)\n"
+            )
         }
         FileOutcome::Rejected {
             problem_count,
@@ -198,7 +207,11 @@ pub fn describe(f: &Path, outcome: &FileOutcome) -> String {
     }
 }
 
-async fn show_status(settings: &Settings, json: bool, group: Option<&str>) -> anyhow::Result<ExitCode> {
+async fn show_status(
+    settings: &Settings,
+    json: bool,
+    group: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let store = open_store(settings).await?;
     let r = status::report(&store, group).await?;
     if json {
@@ -275,7 +288,11 @@ pub async fn wait_for_signal() {
 /// The key used by the built-in simulator when none is configured (it never leaves the process).
 const LOCAL_SIMULATOR_KEY: &str = "timport-local-simulator-key";
 
-async fn run(settings: Settings, until_idle: bool, pre_ingest: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn run(
+    settings: Settings,
+    until_idle: bool,
+    pre_ingest: Vec<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let store = open_store(&settings).await?;
     let _lock = lock_daemon(&settings.queue.database)?;
     let shutdown = CancellationToken::new();
@@ -313,7 +330,9 @@ async fn run(settings: Settings, until_idle: bool, pre_ingest: Vec<PathBuf>) -> 
             })?;
             cfg.groups.push((spec.id, spec.create_time));
         }
-        let handle = simulator::start(cfg).await.context("starting the built-in simulator")?;
+        let handle = simulator::start(cfg)
+            .await
+            .context("starting the built-in simulator")?;
         let url = handle.base_url();
         tracing::warn!(url = %url, "built-in simulator enabled: nothing is sent to Tencent");
         sim = Some(handle);
@@ -323,10 +342,14 @@ async fn run(settings: Settings, until_idle: bool, pre_ingest: Vec<PathBuf>) -> 
     } else {
         Some(settings.tencent.base_url.clone())
     };
-    let region: Region = settings.tencent.region.parse().map_err(|_| SettingsError::Key {
-        key: "tencent.region",
-        message: format!("unknown region {:?}", settings.tencent.region),
-    })?;
+    let region: Region = settings
+        .tencent
+        .region
+        .parse()
+        .map_err(|_| SettingsError::Key {
+            key: "tencent.region",
+            message: format!("unknown region {:?}", settings.tencent.region),
+        })?;
     let client_cfg = ClientConfig {
         sdkappid: settings.tencent.sdkappid,
         identifier: settings.tencent.identifier.clone(),

@@ -225,17 +225,26 @@ impl Settings {
         if !(1..=7).contains(&i.batch_size) {
             return Err(SettingsError::key(
                 "import.batch_size",
-                format!("{} is outside 1..=7 (Tencent takes at most 7 messages per request)", i.batch_size),
+                format!(
+                    "{} is outside 1..=7 (Tencent takes at most 7 messages per request)",
+                    i.batch_size
+                ),
             ));
         }
         if i.requests_per_second == 0 {
-            return Err(SettingsError::key("import.requests_per_second", "must be at least 1"));
+            return Err(SettingsError::key(
+                "import.requests_per_second",
+                "must be at least 1",
+            ));
         }
         if i.max_lanes == 0 {
             return Err(SettingsError::key("import.max_lanes", "must be at least 1"));
         }
         if i.max_attempts == 0 {
-            return Err(SettingsError::key("import.max_attempts", "must be at least 1"));
+            return Err(SettingsError::key(
+                "import.max_attempts",
+                "must be at least 1",
+            ));
         }
         if i.backoff_base.is_zero() || i.backoff_max < i.backoff_base {
             return Err(SettingsError::key(
@@ -251,9 +260,15 @@ impl Settings {
             ));
         }
         if t.usersig_validity < Duration::from_secs(3600) {
-            return Err(SettingsError::key("tencent.usersig_validity", "must be at least 1h"));
+            return Err(SettingsError::key(
+                "tencent.usersig_validity",
+                "must be at least 1h",
+            ));
         }
-        if !t.base_url.is_empty() && !(t.base_url.starts_with("https://") || t.base_url.starts_with("http://")) {
+        if !(t.base_url.is_empty()
+            || t.base_url.starts_with("https://")
+            || t.base_url.starts_with("http://"))
+        {
             return Err(SettingsError::key(
                 "tencent.base_url",
                 "must start with https:// (or http:// for a simulator or local proxy)",
@@ -272,11 +287,18 @@ impl Settings {
         if !REGIONS.contains(&t.region.as_str()) {
             return Err(SettingsError::key(
                 "tencent.region",
-                format!("unknown region {:?}; one of {}", t.region, REGIONS.join(", ")),
+                format!(
+                    "unknown region {:?}; one of {}",
+                    t.region,
+                    REGIONS.join(", ")
+                ),
             ));
         }
         if t.identifier.trim().is_empty() {
-            return Err(SettingsError::key("tencent.identifier", "must not be empty"));
+            return Err(SettingsError::key(
+                "tencent.identifier",
+                "must not be empty",
+            ));
         }
         if self.has_inline_key() && !t.secret_key_file.is_empty() {
             return Err(SettingsError::key(
@@ -317,15 +339,18 @@ impl Settings {
     /// `tencent.secret_key_file` (trailing newline trimmed). Needed only by commands that talk to
     /// Tencent, so it is resolved on demand.
     pub fn secret_key(&self) -> Result<SecretString, SettingsError> {
-        if self.has_inline_key() {
-            if let Some(k) = &self.tencent.secret_key {
-                return Ok(k.clone());
-            }
+        if self.has_inline_key()
+            && let Some(k) = &self.tencent.secret_key
+        {
+            return Ok(k.clone());
         }
         if !self.tencent.secret_key_file.is_empty() {
             let path = &self.tencent.secret_key_file;
             let text = std::fs::read_to_string(path).map_err(|e| {
-                SettingsError::key("tencent.secret_key_file", format!("cannot read {path}: {e}"))
+                SettingsError::key(
+                    "tencent.secret_key_file",
+                    format!("cannot read {path}: {e}"),
+                )
             })?;
             let key = text.trim_end_matches(['\n', '\r']).to_string();
             if key.is_empty() {
@@ -402,7 +427,11 @@ mod tests {
     fn environment_wins_over_file_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t.toml");
-        std::fs::write(&file, "[import]\nrequests_per_second = 50\nbatch_size = 5\n").unwrap();
+        std::fs::write(
+            &file,
+            "[import]\nrequests_per_second = 50\nbatch_size = 5\n",
+        )
+        .unwrap();
         let s = Settings::load_from(
             Some(&file),
             &env(&[("TIMPORT__IMPORT__REQUESTS_PER_SECOND", "120")]),
@@ -418,8 +447,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.toml");
         std::fs::write(&file, "[log]\nformat = \"json\"\n").unwrap();
-        let s = Settings::load_from(None, &env(&[("TIMPORT_CONFIG", file.to_str().unwrap())]))
-            .unwrap();
+        let s =
+            Settings::load_from(None, &env(&[("TIMPORT_CONFIG", file.to_str().unwrap())])).unwrap();
         assert_eq!(s.log.format, LogFormat::Json);
     }
 
@@ -451,24 +480,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t.toml");
         std::fs::write(&file, "[import]\nrequests_per_secnd = 50\n").unwrap();
-        let e = Settings::load_from(Some(&file), &env(&[])).unwrap_err().to_string();
+        let e = Settings::load_from(Some(&file), &env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("requests_per_secnd"), "{e}");
     }
 
     #[test]
     fn secret_key_sources_and_redaction() {
         let secret = "s3cr3t-key-value-0123456789";
-        let s = Settings::load_from(None, &env(&[("TIMPORT__TENCENT__SECRET_KEY", secret)]))
-            .unwrap();
+        let s =
+            Settings::load_from(None, &env(&[("TIMPORT__TENCENT__SECRET_KEY", secret)])).unwrap();
         assert_eq!(s.secret_key().unwrap().expose_secret(), secret);
-        assert!(!format!("{s:?}").contains(secret), "Debug must not show the key");
+        assert!(
+            !format!("{s:?}").contains(secret),
+            "Debug must not show the key"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("key");
         std::fs::write(&key_file, format!("{secret}\n")).unwrap();
         let s = Settings::load_from(
             None,
-            &env(&[("TIMPORT__TENCENT__SECRET_KEY_FILE", key_file.to_str().unwrap())]),
+            &env(&[(
+                "TIMPORT__TENCENT__SECRET_KEY_FILE",
+                key_file.to_str().unwrap(),
+            )]),
         )
         .unwrap();
         assert_eq!(s.secret_key().unwrap().expose_secret(), secret);

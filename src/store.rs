@@ -153,16 +153,13 @@ impl Store {
             .connect_with(base.clone().pragma("cache_size", "-32768"))
             .await
             .map_err(wrap)?;
-        MIGRATOR
-            .run(&writer)
-            .await
-            .map_err(|source| match source {
-                sqlx::migrate::MigrateError::Execute(e) => classify(path, e),
-                source => StoreError::Migrate {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            })?;
+        MIGRATOR.run(&writer).await.map_err(|source| match source {
+            sqlx::migrate::MigrateError::Execute(e) => classify(path, e),
+            source => StoreError::Migrate {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
         let reader = SqlitePoolOptions::new()
             .max_connections(opts.readers.max(1))
             .connect_with(base)
@@ -412,10 +409,13 @@ impl JobWriter {
         let (random, assigned) = match msg.random {
             Some(r) => (r, false),
             None => {
-                let g = self.groups.get_mut(&msg.group_id).ok_or_else(|| StoreError::Sql {
-                    path: self.store.path.clone(),
-                    source: sqlx::Error::Protocol("group not loaded".into()),
-                })?;
+                let g = self
+                    .groups
+                    .get_mut(&msg.group_id)
+                    .ok_or_else(|| StoreError::Sql {
+                        path: self.store.path.clone(),
+                        source: sqlx::Error::Protocol("group not loaded".into()),
+                    })?;
                 let r = assigned_random(&msg.group_id, g.counter as u64);
                 g.counter += 1;
                 (r, true)
@@ -472,14 +472,17 @@ impl JobWriter {
             .execute(&mut *self.tx)
             .await
             .map_err(|e| self.store.err(e))?;
-        let id: i64 = sqlx::query_scalar("SELECT id FROM lanes WHERE group_id = ? AND topic_id = ?")
-            .bind(group)
-            .bind(topic)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(|e| self.store.err(e))?;
-        self.lanes
-            .insert((group.to_string(), topic.to_string()), LaneAcc { id, added: 1 });
+        let id: i64 =
+            sqlx::query_scalar("SELECT id FROM lanes WHERE group_id = ? AND topic_id = ?")
+                .bind(group)
+                .bind(topic)
+                .fetch_one(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?;
+        self.lanes.insert(
+            (group.to_string(), topic.to_string()),
+            LaneAcc { id, added: 1 },
+        );
         Ok(id)
     }
 
@@ -626,8 +629,12 @@ pub struct IntakeRow {
 macro_rules! quoted {
     ($col:literal) => {
         concat!(
-            "CASE typeof(", $col, ") WHEN 'blob' THEN '{\"blob\":true}' ELSE json_quote(", $col,
-            ") END AS ", $col
+            "CASE typeof(",
+            $col,
+            ") WHEN 'blob' THEN '{\"blob\":true}' ELSE json_quote(",
+            $col,
+            ") END AS ",
+            $col
         )
     };
 }
@@ -636,16 +643,23 @@ impl Store {
     /// New rows of the intake table, oldest first. Each column comes back as JSON of whatever
     /// SQLite type the producer stored, so validation can report a wrong type instead of failing.
     pub async fn new_intake_rows(&self, limit: i64) -> Result<Vec<IntakeRow>, StoreError> {
-        let rows = sqlx::query(
-            concat!(
-                "SELECT id, ",
-                quoted!("group_id"), ", ", quoted!("topic_id"), ", ",
-                quoted!("from_account"), ", ", quoted!("send_time"), ", ",
-                quoted!("random"), ", ", quoted!("msg_body"), ", ",
-                quoted!("recent_contact_flag"),
-                " FROM intake WHERE status = 'new' ORDER BY id LIMIT ?"
-            ),
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT id, ",
+            quoted!("group_id"),
+            ", ",
+            quoted!("topic_id"),
+            ", ",
+            quoted!("from_account"),
+            ", ",
+            quoted!("send_time"),
+            ", ",
+            quoted!("random"),
+            ", ",
+            quoted!("msg_body"),
+            ", ",
+            quoted!("recent_contact_flag"),
+            " FROM intake WHERE status = 'new' ORDER BY id LIMIT ?"
+        ))
         .bind(limit)
         .fetch_all(&self.reader)
         .await

@@ -107,9 +107,7 @@ fn request(lane: &Lane, batch: &[QueuedMessage]) -> ImportGroupMsgRequest {
     ImportGroupMsgRequest {
         group_id: lane.group_id.clone(),
         topic_id: (!lane.topic_id.is_empty()).then(|| lane.topic_id.clone()),
-        recent_contact_flag: batch
-            .first()
-            .and_then(|m| m.recent_contact.then_some(1)),
+        recent_contact_flag: batch.first().and_then(|m| m.recent_contact.then_some(1)),
         msg_list: batch
             .iter()
             .map(|m| ImportMsg {
@@ -187,8 +185,9 @@ async fn on_results(
             Some(r) => {
                 let reason = match r.result {
                     80001 => "the message contains restricted words (80001)".to_string(),
-                    80002 => "the message body is longer than Tencent's 12,000 bytes (80002)"
-                        .to_string(),
+                    80002 => {
+                        "the message body is longer than Tencent's 12,000 bytes (80002)".to_string()
+                    }
                     c => format!("refused by Tencent with result {c}"),
                 };
                 metrics::counter!("timport_messages_failed_total", "code" => r.result.to_string())
@@ -254,13 +253,21 @@ async fn on_error(
         ErrorClass::RateLimited => {
             // The client already slowed the pacer; this is not a failed attempt.
             sh.store
-                .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                .record(
+                    lane.id,
+                    &back_to_pending(batch, true),
+                    &LaneUpdate::default(),
+                )
                 .await?;
             Ok(Step::Progress)
         }
         ErrorClass::Auth => {
             sh.store
-                .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                .record(
+                    lane.id,
+                    &back_to_pending(batch, true),
+                    &LaneUpdate::default(),
+                )
                 .await?;
             let code = code.unwrap_or_default();
             sh.set_fatal(EngineError::Auth {
@@ -301,8 +308,7 @@ async fn on_error(
             let reason = format!("{e}");
             let give_up = attempt >= i64::from(sh.cfg.max_attempts);
             let updates: Vec<_> = if give_up {
-                sh.failed
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                sh.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 batch
                     .iter()
                     .map(|m| MessageUpdate::Failed {
@@ -333,7 +339,11 @@ async fn on_error(
             let c = code.unwrap_or_default();
             if let Some(hint) = app_level(c) {
                 sh.store
-                    .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                    .record(
+                        lane.id,
+                        &back_to_pending(batch, true),
+                        &LaneUpdate::default(),
+                    )
                     .await?;
                 sh.set_fatal(EngineError::Auth {
                     code: c,
@@ -348,7 +358,11 @@ async fn on_error(
                     *max_batch = batch.len() / 2;
                     tracing::info!(group = %lane.group_id, code = c, size = batch.len(), next = *max_batch, "whole request refused; bisecting the batch");
                     sh.store
-                        .record(lane.id, &back_to_pending(batch, true), &LaneUpdate::default())
+                        .record(
+                            lane.id,
+                            &back_to_pending(batch, true),
+                            &LaneUpdate::default(),
+                        )
                         .await?;
                     return Ok(Step::Progress);
                 }

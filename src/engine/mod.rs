@@ -121,7 +121,8 @@ impl Shared {
     /// Capped exponential backoff with full jitter for the `attempt`-th try (1-based).
     pub fn backoff(&self, attempt: i64) -> Duration {
         let exp = u32::try_from(attempt.clamp(1, 30) - 1).unwrap_or(0);
-        let base = self.cfg.backoff_base.as_secs_f64() * 2f64.powi(i32::try_from(exp).unwrap_or(30));
+        let base =
+            self.cfg.backoff_base.as_secs_f64() * 2f64.powi(i32::try_from(exp).unwrap_or(30));
         let capped = base.min(self.cfg.backoff_max.as_secs_f64());
         let jitter: f64 = rand::random::<f64>();
         Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter))
@@ -163,7 +164,11 @@ pub async fn run(
     let mut rate = RateMeter::new();
     let mut last_progress_log = Instant::now();
     let mut last_progress_write = Instant::now() - Duration::from_secs(60);
-    tracing::info!(max_lanes = cfg.max_lanes, batch_size = cfg.batch_size, "import engine started");
+    tracing::info!(
+        max_lanes = cfg.max_lanes,
+        batch_size = cfg.batch_size,
+        "import engine started"
+    );
     let exit = loop {
         on_tick();
         if shared.stop.is_cancelled() {
@@ -199,7 +204,11 @@ pub async fn run(
             let p = Progress {
                 at: unix_now(),
                 rate: current,
-                pacing_rate: shared.client.pacer().map(|p| p.current_rate()).unwrap_or(0.0),
+                pacing_rate: shared
+                    .client
+                    .pacer()
+                    .map(|p| p.current_rate())
+                    .unwrap_or(0.0),
                 active_lanes: running.len(),
                 stopped_reason: None,
             };
@@ -273,10 +282,10 @@ pub async fn run(
 }
 
 async fn write_progress(store: &Store, p: &Progress) {
-    if let Ok(text) = serde_json::to_string(p) {
-        if let Err(e) = store.set_meta(PROGRESS_KEY, &text).await {
-            tracing::debug!(error = %e, "progress not written");
-        }
+    if let Ok(text) = serde_json::to_string(p)
+        && let Err(e) = store.set_meta(PROGRESS_KEY, &text).await
+    {
+        tracing::debug!(error = %e, "progress not written");
     }
 }
 

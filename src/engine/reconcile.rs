@@ -19,7 +19,9 @@ use super::lane::{Step, apply_checkpoint, block, count_imported, ms};
 use super::{EngineError, Shared};
 use crate::settings::TiePolicy;
 use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage, unix_now_ms};
-use crate::tencent::{ApiError, ErrorClass, GetGroupInfoRequest, GroupInfo, GroupMsgGetSimpleRequest};
+use crate::tencent::{
+    ApiError, ErrorClass, GetGroupInfoRequest, GroupInfo, GroupMsgGetSimpleRequest,
+};
 
 /// Pages of 20 read back at most, before the lane is blocked as inconclusive.
 pub const MAX_PAGES: usize = 500;

@@ -181,10 +181,10 @@ pub async fn ingest_file(
             }
             None => break,
         }
-        if let Some((_, _, count, _, _)) = &verdict {
-            if *count > 0 {
-                clean = false;
-            }
+        if let Some((_, _, count, _, _)) = &verdict
+            && *count > 0
+        {
+            clean = false;
         }
     }
     let parse_result = parser.await.map_err(|e| IngestError::Io {
@@ -492,7 +492,12 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
         let body: RawBody<'_> = match serde_json::from_str(raw_body.get()) {
             Ok(b) => b,
             Err(e) => {
-                c.problem(body_line, None, body_index, format!("invalid request body: {e}"));
+                c.problem(
+                    body_line,
+                    None,
+                    body_index,
+                    format!("invalid request body: {e}"),
+                );
                 continue;
             }
         };

@@ -127,7 +127,9 @@ fn log_outcome(name: &str, outcome: &FileOutcome, moved_to: &Path) {
             problems,
         } => {
             metrics::counter!("timport_job_files_total", "outcome" => "rejected").increment(1);
-            let first = problems.first().map(|p| format!("line {}: {}", p.line, p.problem));
+            let first = problems
+                .first()
+                .map(|p| format!("line {}: {}", p.line, p.problem));
             tracing::warn!(file = %name, problems = problem_count, first = first.unwrap_or_default(), moved_to = %moved_to.display(), "job file rejected; nothing of it was queued");
         }
         FileOutcome::Valid { .. } => {}

@@ -97,7 +97,9 @@ pub fn send_time(v: Option<&Value>, now: i64) -> Result<i64, String> {
                 "SendTime {t} is not in the past (now is {now}); Tencent refuses future messages"
             )),
             Some(t) => Ok(t),
-            None => Err(format!("SendTime must be an integer (Unix seconds), got {n}")),
+            None => Err(format!(
+                "SendTime must be an integer (Unix seconds), got {n}"
+            )),
         },
         Some(other) => Err(format!(
             "SendTime must be an integer (Unix seconds), got {}",
@@ -139,7 +141,10 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
         return Err(vec!["MsgBody is missing".into()]);
     };
     let Value::Array(elems) = v else {
-        return Err(vec![format!("MsgBody must be an array, got {}", type_name(v))]);
+        return Err(vec![format!(
+            "MsgBody must be an array, got {}",
+            type_name(v)
+        )]);
     };
     if elems.is_empty() {
         return Err(vec!["MsgBody is empty".into()]);
@@ -176,8 +181,10 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
                 continue;
             }
         };
-        let mut need = |field: &str, want: fn(&Value) -> bool, what: &str, required: bool| {
-            match content.get(field) {
+        let mut need =
+            |field: &str, want: fn(&Value) -> bool, what: &str, required: bool| match content
+                .get(field)
+            {
                 None if required => problems.push(format!(
                     "MsgBody[{i}] ({kind}).MsgContent.{field} is missing"
                 )),
@@ -185,8 +192,7 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
                     "MsgBody[{i}] ({kind}).MsgContent.{field} must be {what}"
                 )),
                 _ => {}
-            }
-        };
+            };
         match kind {
             "TIMTextElem" => need("Text", Value::is_string, "a string", true),
             "TIMFaceElem" => {
@@ -467,8 +473,7 @@ mod tests {
             .to_string()
             .len();
         let mut v = good();
-        v["MsgBody"] =
-            json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "x".repeat(MAX_BODY_BYTES - overhead)}}]);
+        v["MsgBody"] = json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "x".repeat(MAX_BODY_BYTES - overhead)}}]);
         let m = message(&fields(v), None, NOW, 1, 0).unwrap();
         assert_eq!(m.body.len(), MAX_BODY_BYTES);
     }

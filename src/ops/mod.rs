@@ -49,7 +49,10 @@ fn describe() {
     metrics::describe_histogram!("timport_request_duration_seconds", "Request latency");
     metrics::describe_counter!("timport_rate_limited_total", "Rate-limit answers");
     metrics::describe_gauge!("timport_pacing_rate", "Current pacing rate, requests/s");
-    metrics::describe_gauge!("timport_messages", "Messages by state (pending, in_flight, blocked)");
+    metrics::describe_gauge!(
+        "timport_messages",
+        "Messages by state (pending, in_flight, blocked)"
+    );
     metrics::describe_gauge!("timport_lanes", "Lanes by state (active, blocked)");
     metrics::describe_counter!("timport_job_files_total", "Job files by outcome");
     metrics::describe_counter!("timport_intake_rows_total", "Intake table rows by outcome");
@@ -107,7 +110,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         .unwrap_or_else(|p| p.into_inner())
         .clone()
     {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("stopped: {reason}\n"));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stopped: {reason}\n"),
+        );
     }
     match s.store.write_probe().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),

@@ -48,12 +48,18 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         database: store.path().display().to_string(),
         totals,
         rate,
-        eta_seconds: if fresh { eta_seconds(&totals, rate) } else { None },
+        eta_seconds: if fresh {
+            eta_seconds(&totals, rate)
+        } else {
+            None
+        },
         daemon_running: fresh,
         stopped_reason: progress.and_then(|p| p.stopped_reason),
         blocked_lanes: store.blocked_lanes(50).await?,
         failure_reasons: store.failure_reasons(group, 5).await?,
-        groups: store.lanes(group, if group.is_some() { 1000 } else { 20 }).await?,
+        groups: store
+            .lanes(group, if group.is_some() { 1000 } else { 20 })
+            .await?,
         jobs: if group.is_some() {
             Vec::new()
         } else {
@@ -86,7 +92,10 @@ pub fn render(r: &StatusReport) -> String {
     }
     let _ = writeln!(s, "lanes      {} ({} blocked)", t.lanes, t.lanes_blocked);
     if !r.blocked_lanes.is_empty() {
-        let _ = writeln!(s, "\nblocked lanes (fix the cause, then `timport retry --group G`):");
+        let _ = writeln!(
+            s,
+            "\nblocked lanes (fix the cause, then `timport retry --group G`):"
+        );
         for l in &r.blocked_lanes {
             let _ = writeln!(
                 s,
@@ -106,7 +115,11 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     if !r.groups.is_empty() {
-        let _ = writeln!(s, "\n{:<32} {:>9} {:>9} {:>9} {:>7}  state", "group", "imported", "pending", "in flight", "failed");
+        let _ = writeln!(
+            s,
+            "\n{:<32} {:>9} {:>9} {:>9} {:>7}  state",
+            "group", "imported", "pending", "in flight", "failed"
+        );
         for l in &r.groups {
             let _ = writeln!(
                 s,
@@ -121,7 +134,11 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     if !r.jobs.is_empty() {
-        let _ = writeln!(s, "\n{:>5} {:<32} {:>9} {:>9} {:>9} {:>7}", "job", "source", "messages", "imported", "pending", "failed");
+        let _ = writeln!(
+            s,
+            "\n{:>5} {:<32} {:>9} {:>9} {:>9} {:>7}",
+            "job", "source", "messages", "imported", "pending", "failed"
+        );
         for j in &r.jobs {
             let _ = writeln!(
                 s,

@@ -1,0 +1,140 @@
+//! Shared test helpers: a real SQLite file in a temp folder, the simulator on a loopback port,
+//! a real client, and job files written to disk.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use timport::engine::{self, EngineConfig, EngineExit};
+use timport::pacing::Pacer;
+use timport::settings::TiePolicy;
+use timport::simulator::{self, SimConfig, SimHandle};
+use timport::store::{Store, StoreOptions};
+use timport::tencent::{ClientConfig, Region, TencentClient};
+use tokio_util::sync::CancellationToken;
+
+pub const APP: u64 = 1_400_000_000;
+pub const ADMIN: &str = "administrator";
+pub const KEY: &str = "test-secret-key-5bd2850fff3ecb11";
+/// A SendTime base comfortably in the past.
+pub const T0: i64 = 1_700_000_000;
+
+pub struct Env {
+    pub dir: TempDir,
+    pub store: Store,
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("queue.db"), &StoreOptions::default())
+            .await
+            .unwrap();
+        Env { dir, store }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("queue.db")
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// Writes a file next to the spool (not in it).
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Drops a file into the spool the way producers should: write elsewhere, rename in.
+    pub fn drop_in_spool(&self, name: &str, text: &str) -> PathBuf {
+        std::fs::create_dir_all(self.spool()).unwrap();
+        let tmp = self.dir.path().join(format!(".{name}.writing"));
+        std::fs::write(&tmp, text).unwrap();
+        let to = self.spool().join(name);
+        std::fs::rename(&tmp, &to).unwrap();
+        to
+    }
+}
+
+/// One NDJSON line.
+pub fn line(group: &str, from: &str, t: i64, text: &str) -> String {
+    json!({"GroupId": group, "From_Account": from, "SendTime": t,
+           "MsgBody": [{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}]})
+    .to_string()
+}
+
+pub fn text_body(text: &str) -> Value {
+    json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": text}}])
+}
+
+pub fn sim_config() -> SimConfig {
+    SimConfig::new(APP, ADMIN, SecretString::from(KEY.to_string()))
+}
+
+pub async fn start_sim(cfg: SimConfig) -> SimHandle {
+    simulator::start(cfg).await.unwrap()
+}
+
+pub fn client_for(sim: &SimHandle, rps: u32) -> TencentClient {
+    let cfg = ClientConfig {
+        sdkappid: APP,
+        identifier: ADMIN.into(),
+        secret_key: SecretString::from(KEY.to_string()),
+        base_url: Some(sim.base_url()),
+        region: Region::Singapore,
+        request_timeout: Duration::from_secs(5),
+        usersig_validity: Duration::from_secs(86_400),
+    };
+    TencentClient::new(cfg, Some(Arc::new(Pacer::new(rps)))).unwrap()
+}
+
+pub fn engine_config() -> EngineConfig {
+    EngineConfig {
+        batch_size: 7,
+        max_lanes: 16,
+        max_attempts: 5,
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        tie_policy: TiePolicy::Fail,
+        shutdown_grace: Duration::from_secs(5),
+        progress_interval: Duration::from_secs(60),
+        until_idle: true,
+    }
+}
+
+/// Runs the engine with `--until-idle` semantics and returns how it ended.
+pub async fn run_until_idle(
+    store: &Store,
+    client: TencentClient,
+    cfg: EngineConfig,
+) -> Result<EngineExit, engine::EngineError> {
+    let cfg = EngineConfig {
+        until_idle: true,
+        ..cfg
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        engine::run(store.clone(), client, cfg, CancellationToken::new(), || {}),
+    )
+    .await
+    .expect("engine did not become idle within the bound")
+}
+
+/// Queues NDJSON text as a job file through the real intake.
+pub async fn queue(env: &Env, name: &str, text: &str) -> timport::intake::files::FileOutcome {
+    let p = env.write(name, text);
+    timport::intake::files::ingest_file(Some(&env.store), &p, true, &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

@@ -1,0 +1,622 @@
+//! Intake against a real SQLite file: job files, the spool folder, the intake table, Random
+//! assignment, and the `ingest` command's exit codes.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use timport::intake::files::{FileOutcome, ingest_file};
+use timport::intake::{spool, table};
+use timport::store::assigned_random;
+use tokio_util::sync::CancellationToken;
+
+async fn count(env: &Env, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(env.store.reader())
+        .await
+        .unwrap()
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn ndjson_is_queued_with_randoms_fixed_once() {
+    let env = Env::new().await;
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&line(
+            if i % 2 == 0 { "g1" } else { "g2" },
+            "alice",
+            T0 + i,
+            "x",
+        ));
+        text.push('\n');
+    }
+    // One caller-given Random, which must be kept.
+    text.push_str(
+        &json!({"GroupId": "g1", "TopicId": "t", "From_Account": "bob", "SendTime": T0, "Random": 42,
+                "MsgBody": text_body("hi")})
+        .to_string(),
+    );
+    text.push('\n');
+    let out = queue(&env, "a.ndjson", &text).await;
+    assert!(
+        matches!(
+            out,
+            FileOutcome::Accepted {
+                messages: 21,
+                groups: 2,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 21);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM lanes").await,
+        3,
+        "g1, g1/t, g2"
+    );
+    assert_eq!(
+        count(
+            &env,
+            "SELECT random FROM messages WHERE from_account = 'bob'"
+        )
+        .await,
+        42
+    );
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM messages WHERE random_assigned = 1"
+        )
+        .await,
+        20
+    );
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!((t.pending, t.total), (21, 21));
+    // Assigned values are the group's counter sequence, in queue order.
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT m.random, l.group_id FROM messages m JOIN lanes l ON l.id = m.lane_id
+         WHERE random_assigned = 1 ORDER BY m.id",
+    )
+    .fetch_all(env.store.reader())
+    .await
+    .unwrap();
+    let mut counters: HashMap<String, u64> = HashMap::new();
+    for (r, g) in rows {
+        let c = counters.entry(g.clone()).or_default();
+        assert_eq!(r, i64::from(assigned_random(&g, *c)));
+        *c += 1;
+    }
+}
+
+#[tokio::test]
+async fn assigned_randoms_never_repeat_in_a_busy_group_across_files() {
+    let env = Env::new().await;
+    // 30,000 messages of one group inside three minutes of SendTime, in three files, plus
+    // another group interleaved.
+    let mut seen_values = Vec::new();
+    for f in 0..3 {
+        let mut text = String::new();
+        for i in 0..10_000 {
+            let t = T0 + (i % 180);
+            text.push_str(&line("busy", "alice", t, &format!("{f}-{i}")));
+            text.push('\n');
+            if i % 10 == 0 {
+                text.push_str(&line("other", "bob", t, "o"));
+                text.push('\n');
+            }
+        }
+        let out = queue(&env, &format!("f{f}.ndjson"), &text).await;
+        assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+        let values: Vec<i64> = sqlx::query_scalar(
+            "SELECT random FROM messages WHERE lane_id = (SELECT id FROM lanes WHERE group_id = 'busy')
+             ORDER BY id",
+        )
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+        // Values assigned earlier never change when more arrive.
+        assert_eq!(&values[..seen_values.len()], &seen_values[..]);
+        seen_values = values;
+    }
+    assert_eq!(seen_values.len(), 30_000);
+    let distinct: HashSet<i64> = seen_values.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        30_000,
+        "an assigned Random repeated within the group"
+    );
+}
+
+#[test]
+fn assigned_random_is_a_bijection_of_the_counter() {
+    let mut seen = HashSet::new();
+    for c in 0..200_000u64 {
+        assert!(seen.insert(assigned_random("g", c)), "repeat at {c}");
+    }
+}
+
+#[tokio::test]
+async fn json_bodies_single_and_array_are_accepted() {
+    let env = Env::new().await;
+    let single = json!({"GroupId": "g1", "RecentContactFlag": 1, "MsgList": [
+        {"From_Account": "a", "SendTime": T0, "MsgBody": text_body("1")},
+        {"From_Account": "a", "SendTime": T0 + 1, "Random": 7, "MsgBody": text_body("2")}]});
+    let out = queue(
+        &env,
+        "one.json",
+        &serde_json::to_string_pretty(&single).unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(
+            out,
+            FileOutcome::Accepted {
+                messages: 2,
+                groups: 1,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM messages WHERE recent_contact = 1"
+        )
+        .await,
+        2
+    );
+    let many: Vec<_> = (0..3)
+        .map(|g| {
+            json!({"GroupId": format!("g{g}"), "TopicId": "topic", "MsgList": (0..10).map(|i| json!(
+                {"From_Account": "a", "SendTime": T0 + i, "MsgBody": text_body("m")})).collect::<Vec<_>>()})
+        })
+        .collect();
+    let out = queue(&env, "many.json", &serde_json::to_string(&many).unwrap()).await;
+    assert!(
+        matches!(
+            out,
+            FileOutcome::Accepted {
+                messages: 30,
+                groups: 3,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM lanes WHERE topic_id = 'topic'").await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_file_with_bad_messages_is_rejected_whole_with_every_problem_and_its_line() {
+    let env = Env::new().await;
+    let good = line("g1", "alice", T0, "ok");
+    let text = [
+        good.clone(),
+        json!({"GroupId": "g1", "From_Account": "", "SendTime": T0, "MsgBody": text_body("x")})
+            .to_string(),
+        good.clone(),
+        "{not json".to_string(),
+        String::new(),
+        json!({"GroupId": "g1", "From_Account": "a", "SendTime": 4_102_444_800_i64, "Random": -5,
+               "MsgBody": [{"MsgType": "TIMImageElem", "MsgContent": {}}]})
+        .to_string(),
+        good,
+    ]
+    .join("\n");
+    let out = queue(&env, "bad.ndjson", &text).await;
+    let FileOutcome::Rejected {
+        problem_count,
+        problems,
+    } = out
+    else {
+        panic!("expected rejection, got {out:?}");
+    };
+    let at: Vec<(u64, Option<u64>)> = problems.iter().map(|p| (p.line, p.message_index)).collect();
+    assert_eq!(problem_count, 5, "{problems:#?}");
+    assert_eq!(at[0], (2, Some(1)));
+    assert!(problems[0].problem.contains("From_Account is empty"));
+    assert_eq!(at[1].0, 4, "unparseable line");
+    assert!(problems[2..].iter().all(|p| p.line == 6));
+    let texts: Vec<&str> = problems.iter().map(|p| p.problem.as_str()).collect();
+    assert!(
+        texts.iter().any(|t| t.contains("not in the past")),
+        "{texts:?}"
+    );
+    assert!(texts.iter().any(|t| t.contains("Random")), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.contains("TIMImageElem")),
+        "{texts:?}"
+    );
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM messages").await,
+        0,
+        "nothing queued"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM lanes").await, 0);
+
+    // In a pretty-printed .json file the line is the message's own line.
+    let body = json!({"GroupId": "g1", "MsgList": [
+        {"From_Account": "a", "SendTime": T0, "MsgBody": text_body("1")},
+        {"From_Account": "a", "SendTime": "soon", "MsgBody": text_body("2")}]});
+    let text = serde_json::to_string_pretty(&body).unwrap();
+    // The message object starts on the line before its From_Account (keys come sorted).
+    let lines: Vec<&str> = text.lines().collect();
+    let soon = lines.iter().position(|l| l.contains("\"soon\"")).unwrap();
+    let from = (0..soon)
+        .rev()
+        .find(|&i| lines[i].contains("From_Account"))
+        .unwrap();
+    let want_line = from as u64; // 1-based line of the "{" just above
+    let out = queue(&env, "bad.json", &text).await;
+    let FileOutcome::Rejected { problems, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].message_index, Some(1));
+    assert_eq!(problems[0].line, want_line, "{text}");
+    assert!(problems[0].problem.contains("SendTime must be an integer"));
+}
+
+#[tokio::test]
+async fn empty_and_duplicate_files() {
+    let env = Env::new().await;
+    let out = queue(&env, "empty.ndjson", "\n\n").await;
+    assert!(
+        matches!(&out, FileOutcome::Rejected { problems, .. } if problems[0].problem.contains("no message")),
+        "{out:?}"
+    );
+    let out = queue(&env, "empty.json", "[]").await;
+    assert!(matches!(out, FileOutcome::Rejected { .. }), "{out:?}");
+
+    let text = format!(
+        "{}\n{}\n",
+        line("g", "a", T0, "1"),
+        line("g", "a", T0 + 1, "2")
+    );
+    let first = queue(&env, "a.ndjson", &text).await;
+    let FileOutcome::Accepted { job_id, .. } = first else {
+        panic!("{first:?}")
+    };
+    let again = queue(&env, "renamed.ndjson", &text).await;
+    assert_eq!(again, FileOutcome::Duplicate { job_id });
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 2);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM jobs").await,
+        1,
+        "the duplicate left no job"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_validates_without_a_store() {
+    let env = Env::new().await;
+    let p = env.write("a.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
+    let out = ingest_file(None, &p, true, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        FileOutcome::Valid {
+            messages: 1,
+            groups: 1
+        }
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 0);
+}
+
+#[tokio::test]
+async fn spool_moves_files_and_rejects_what_it_must_not_follow() {
+    let env = Env::new().await;
+    let spool = env.spool();
+    env.drop_in_spool("good.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
+    env.drop_in_spool("bad.ndjson", "{\"GroupId\": 1}\n");
+    env.drop_in_spool(".hidden.ndjson", "x");
+    env.drop_in_spool("partial.ndjson.part", "x");
+    env.drop_in_spool("writing.json.tmp", "x");
+    // A symlink to a good file elsewhere: rejected, not followed.
+    let target = env.write("target.ndjson", &format!("{}\n", line("s", "a", T0, "1")));
+    std::os::unix::fs::symlink(&target, spool.join("link.ndjson")).unwrap();
+    // A FIFO.
+    let fifo = spool.join("pipe.ndjson");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A directory.
+    std::fs::create_dir(spool.join("dir.json")).unwrap();
+
+    let handled = spool::scan_once(&env.store, &spool, &CancellationToken::new())
+        .await
+        .unwrap();
+    let names: HashSet<&str> = handled.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "good.ndjson",
+            "bad.ndjson",
+            "link.ndjson",
+            "pipe.ndjson",
+            "dir.json"
+        ]
+        .into_iter()
+        .collect()
+    );
+    assert!(spool.join("done/good.ndjson").is_file());
+    assert_eq!(mode(&spool.join("done/good.ndjson")), 0o600);
+    assert_eq!(mode(&spool.join("done")), 0o700);
+    assert!(spool.join("rejected/bad.ndjson").is_file());
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(spool.join("rejected/bad.ndjson.error.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["problems"][0]["line"], 1);
+    assert_eq!(mode(&spool.join("rejected/bad.ndjson.error.json")), 0o600);
+    let link_report =
+        std::fs::read_to_string(spool.join("rejected/link.ndjson.error.json")).unwrap();
+    assert!(link_report.contains("symbolic link"), "{link_report}");
+    assert!(
+        std::fs::symlink_metadata(spool.join("rejected/link.ndjson"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(mode(&target), 0o644, "the link's target is untouched");
+    assert!(spool.join("rejected/pipe.ndjson.error.json").is_file());
+    assert!(spool.join("rejected/dir.json.error.json").is_file());
+    for ignored in [".hidden.ndjson", "partial.ndjson.part", "writing.json.tmp"] {
+        assert!(spool.join(ignored).exists(), "{ignored} must be left alone");
+    }
+    // Only the good file's message is queued; the symlinked one is not.
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1);
+    assert_eq!(mode(&env.db_path()), 0o600);
+
+    // The same content again, under another name: recognised, moved to done/, not queued.
+    env.drop_in_spool("again.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
+    let handled = spool::scan_once(&env.store, &spool, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(matches!(handled[0].outcome, FileOutcome::Duplicate { .. }));
+    assert!(spool.join("done/again.ndjson").is_file());
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1);
+}
+
+fn sqlite3(db: &std::path::Path, sql: &str) {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 shell is needed for this test (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_reason() {
+    let env = Env::new().await;
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(timport::intake::run(
+        env.store.clone(),
+        timport::intake::IntakeConfig {
+            spool_dir: env.spool(),
+            rescan_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(100),
+        },
+        cancel.clone(),
+    ));
+    let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"from sql"}}]"#;
+    sqlite3(
+        &env.db_path(),
+        &format!(
+            "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '{body}');
+             INSERT INTO intake(group_id, topic_id, from_account, send_time, random, msg_body) VALUES ('g', 't', 'a', {}, 99, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', 'yesterday', '{body}');
+             INSERT INTO intake(group_id, send_time, msg_body) VALUES ('g', {T0}, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '[{{oops');",
+            T0 + 1
+        ),
+    );
+    // Bounded wait for the daemon's poll to take them (default poll is 250 ms).
+    let mut pending = i64::MAX;
+    for _ in 0..100 {
+        pending = count(&env, "SELECT count(*) FROM intake WHERE status = 'new'").await;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending, 0);
+    cancel.cancel();
+    task.await.unwrap();
+    let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
+        sqlx::query_as("SELECT id, status, error, message_id FROM intake ORDER BY id")
+            .fetch_all(env.store.reader())
+            .await
+            .unwrap();
+    assert_eq!(rows[0].1, "queued");
+    assert!(rows[0].3.is_some());
+    assert_eq!(rows[1].1, "queued");
+    assert_eq!(rows[2].1, "rejected");
+    assert!(
+        rows[2].2.as_deref().unwrap().contains("SendTime"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[3]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("From_Account is missing")
+    );
+    assert!(
+        rows[4]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("msg_body is not valid JSON")
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 2);
+    assert_eq!(
+        count(&env, "SELECT random FROM messages WHERE lane_id = (SELECT id FROM lanes WHERE topic_id = 't')").await,
+        99
+    );
+    // Taking them again finds nothing new.
+    assert_eq!(
+        table::poll_once(&env.store).await.unwrap(),
+        Default::default()
+    );
+}
+
+fn timport(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_timport"));
+    cmd.args(args).env_remove("TIMPORT_CONFIG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[tokio::test]
+async fn ingest_command_exit_codes_and_summary() {
+    let env = Env::new().await;
+    let db = path_str(&env.db_path());
+    let good = env.write("good.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
+    let bad = env.write("bad.ndjson", "{}\n");
+    let db_env = [("TIMPORT__QUEUE__DATABASE", db.as_str())];
+
+    let out = timport(&["ingest", "--dry-run", &path_str(&good)], &db_env);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 0);
+
+    let out = timport(&["ingest", &path_str(&good), &path_str(&bad)], &db_env);
+    assert_eq!(out.status.code(), Some(1), "any rejected file gives 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("accepted") && stdout.contains("rejected"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("GroupId is missing"), "{stdout}");
+
+    let out = timport(&["ingest", &path_str(&good)], &db_env);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("duplicate"));
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1);
+
+    let out = timport(&["status", "--json"], &db_env);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["pending", "in_flight", "imported", "failed", "blocked"] {
+        assert!(
+            v["totals"][k].is_i64(),
+            "totals.{k} must be an integer: {v}"
+        );
+    }
+    assert_eq!(v["totals"]["pending"], 1);
+}
+
+#[test]
+fn configuration_errors_exit_2_naming_the_key_and_never_print_the_secret() {
+    let secret = "Sup3r-secret-key-do-not-print-7f3a";
+    let out = timport(
+        &["status"],
+        &[
+            ("TIMPORT__IMPORT__BATCH_SIZE", "8"),
+            ("TIMPORT__TENCENT__SECRET_KEY", secret),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("import.batch_size"), "{err}");
+    assert!(!err.contains(secret));
+
+    let out = timport(
+        &["status"],
+        &[
+            ("TIMPORT__LOG__LEVEL", "info,[[["),
+            ("TIMPORT__TENCENT__SECRET_KEY", secret),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("log.level"));
+
+    let out = timport(&["--config", "/nonexistent/timport.toml", "status"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/timport.toml"));
+
+    // A key of the wrong type for a secret: the error names the key, never the value.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.toml");
+    std::fs::write(&f, format!("[tencent]\nsecret_key = [\"{secret}\"]\n")).unwrap();
+    let out = timport(&["--config", &path_str(&f), "status"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains(secret), "{all}");
+}
+
+#[tokio::test]
+async fn a_read_only_database_fails_at_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ro.db");
+    {
+        let s = timport::store::Store::open(&db, &Default::default())
+            .await
+            .unwrap();
+        s.close().await;
+    }
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o400)).unwrap();
+    // Root ignores file modes; make the read-only condition real with SQLite's own flag instead.
+    let uri_db = format!("file:{}?mode=ro", db.display());
+    let _ = uri_db;
+    if nix_is_root() {
+        // Under root, a 0400 file is still writable; use a read-only bind of /proc instead: a
+        // path inside a read-only file system.
+        let e = timport::store::Store::open(
+            std::path::Path::new("/proc/timport-test.db"),
+            &Default::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/proc/timport-test.db"), "{e}");
+    } else {
+        let e = timport::store::Store::open(&db, &Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ro.db"), "{e}");
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
