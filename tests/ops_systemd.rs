@@ -1,0 +1,356 @@
+//! The daemon as systemd and a monitoring system see it: the real binary (`timport run`) against
+//! the built-in simulator, with
+//! - a real `NOTIFY_SOCKET` (a Unix datagram socket in a temp folder): `READY=1`, then
+//!   `WATCHDOG=1` pings from the engine loop, then `STOPPING=1` on SIGTERM and exit 0;
+//! - the HTTP listener: `/healthz`, `/readyz` and `/metrics` after a job file was imported.
+//!
+//! Timeouts here only bound a hung test; they assert nothing about speed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Generous bound for anything that should happen "soon" (debug build, loaded CI machine).
+const BOUND: Duration = Duration::from_secs(60);
+
+/// A temp folder with a config for `timport run` against the built-in simulator.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn config(dir: &Path, http_listen: &str) -> PathBuf {
+        let cfg = format!(
+            r#"
+[tencent]
+sdkappid = 1400000000
+identifier = "administrator"
+
+[queue]
+database = "{db}"
+spool_dir = "{spool}"
+rescan_interval = "1s"
+
+[import]
+progress_interval = "1s"
+shutdown_grace = "5s"
+
+[log]
+format = "text"
+level = "info"
+
+[http]
+listen = "{http_listen}"
+
+[simulator]
+enabled = true
+listen = "127.0.0.1:0"
+auto_create_groups = true
+"#,
+            db = dir.join("timport.db").display(),
+            spool = dir.join("spool").display(),
+        );
+        let path = dir.join("timport.toml");
+        std::fs::write(&path, cfg).unwrap();
+        path
+    }
+
+    /// Starts `timport run --config ...` with `extra_env`; stderr goes to `stderr.log`.
+    fn start(http_listen: &str, extra_env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Self::config(dir.path(), http_listen);
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_timport"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .env("NO_COLOR", "1");
+        // Nothing from the caller's environment may change the settings or talk to systemd.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("TIMPORT") || k == "NOTIFY_SOCKET" || k.starts_with("WATCHDOG_") {
+                cmd.env_remove(&*k);
+            }
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn timport");
+        Daemon {
+            dir,
+            child: Some(child),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
+    }
+
+    fn sigterm(&self) {
+        send_sigterm(self.pid());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    fn wait(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("timport did not exit; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The address from the `health and metrics listening address=...` log line.
+    fn http_address(&self) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let log = strip_ansi(&self.stderr());
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("health and metrics listening"))
+            {
+                let at = line.find("address=").expect("address field") + "address=".len();
+                return line[at..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("no listening line; stderr:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_sigterm(pid: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is our own
+    // child, not yet reaped (we hold its `Child`), so the id cannot have been reused.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Receives datagrams until one holds `wanted` as a line, or the bound passes.
+fn expect_notify(sock: &UnixDatagram, wanted: &str, seen: &mut Vec<String>, d: &Daemon) {
+    let deadline = Instant::now() + BOUND;
+    let mut buf = [0u8; 4096];
+    loop {
+        if Instant::now() > deadline {
+            panic!(
+                "no {wanted} from timport; got {seen:?}; stderr:\n{}",
+                d.stderr()
+            );
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = msg.lines().any(|l| l == wanted);
+                seen.push(msg);
+                if hit {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("recv on NOTIFY_SOCKET: {e}"),
+        }
+    }
+}
+
+#[test]
+fn notify_socket_gets_ready_watchdog_and_stopping() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+
+    let mut d = Daemon::start(
+        "",
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    expect_notify(&sock, "READY=1", &mut seen, &d);
+    assert!(
+        !seen.iter().any(|m| m.lines().any(|l| l == "WATCHDOG=1")),
+        "WATCHDOG=1 before READY=1: {seen:?}"
+    );
+    // Pings come from the engine loop, at most every half period (1 s here): wait for two.
+    expect_notify(&sock, "WATCHDOG=1", &mut seen, &d);
+    expect_notify(&sock, "WATCHDOG=1", &mut seen, &d);
+
+    d.sigterm();
+    expect_notify(&sock, "STOPPING=1", &mut seen, &d);
+    let status = d.wait();
+    assert!(
+        status.success(),
+        "exit {status:?} after SIGTERM; stderr:\n{}",
+        d.stderr()
+    );
+}
+
+/// A hand-written HTTP/1.1 GET: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response to {path}: {resp:?}"));
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an unlabelled sample, e.g. `timport_messages_imported_total 3`.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok())?
+        })
+}
+
+#[test]
+fn health_ready_and_metrics_after_an_import() {
+    let mut d = Daemon::start("127.0.0.1:0", &[]);
+    let addr = d.http_address();
+
+    let (code, body) = get(&addr, "/healthz");
+    assert_eq!(code, 200, "/healthz: {body}");
+    // Ready once the store is open and writable; the listener may start a moment before.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let (code, body) = get(&addr, "/readyz");
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz stays {code}: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A small ndjson job, dropped into the spool by rename as the contract asks.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut job = String::new();
+    for i in 0..3u64 {
+        job.push_str(&format!(
+            r#"{{"GroupId":"ops-test","From_Account":"alice","SendTime":{},"MsgBody":[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"hello {i}"}}}}]}}"#,
+            now - 3600 + i
+        ));
+        job.push('\n');
+    }
+    let spool = d.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let tmp = spool.join("ops-job.ndjson.tmp");
+    std::fs::write(&tmp, job).unwrap();
+    std::fs::rename(&tmp, spool.join("ops-job.ndjson")).unwrap();
+
+    let deadline = Instant::now() + BOUND;
+    let metrics = loop {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "/metrics: {body}");
+        if sample(&body, "timport_messages_imported_total").is_some_and(|v| v >= 3.0) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "messages not imported; /metrics:\n{body}\nstderr:\n{}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for name in [
+        "timport_requests_total",
+        "timport_pacing_rate",
+        "timport_job_files_total",
+        "timport_request_duration_seconds_bucket",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("# TYPE timport_messages_imported_total counter"),
+        "{metrics}"
+    );
+
+    d.sigterm();
+    let status = d.wait();
+    assert!(status.success(), "exit {status:?}; stderr:\n{}", d.stderr());
+}
