@@ -1033,10 +1033,15 @@ impl Store {
     /// Takes the head of the lane: up to `max` pending messages in (SendTime, queue order) that
     /// share the first one's RecentContactFlag, marks them in flight with their attempt counted,
     /// and (for a nudging lane) fixes the SendTime to send. One short transaction.
+    ///
+    /// With `cut_at_tie`, the batch ends with the first message that shares the second of the one
+    /// before it (or of the lane's checkpoint): until the server is known to take equal SendTimes,
+    /// a refused tie must be the last of its request, so nothing after it lands first.
     pub async fn claim_batch(
         &self,
         lane: &Lane,
         max: usize,
+        cut_at_tie: bool,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
         let mut tx = self.begin().await?;
         let sql = format!(
@@ -1058,7 +1063,8 @@ impl Store {
         }
         let now = unix_now();
         let mut prev = lane.last_send_time;
-        for m in batch.iter_mut() {
+        let mut cut = None;
+        for (i, m) in batch.iter_mut().enumerate() {
             let sent = if lane.tie_nudge {
                 let t = m.send_time.max(prev + 1);
                 (t != m.send_time).then_some(t)
@@ -1066,8 +1072,16 @@ impl Store {
                 None
             };
             m.sent_time = sent;
-            m.attempts += 1;
+            if cut_at_tie && cut.is_none() && m.effective_time() == prev {
+                cut = Some(i + 1);
+            }
             prev = m.effective_time();
+        }
+        if let Some(c) = cut {
+            batch.truncate(c);
+        }
+        for m in batch.iter_mut() {
+            m.attempts += 1;
             sqlx::query(
                 "UPDATE messages SET state = 'in_flight', attempts = attempts + 1, sent_time = ?,
                  updated_at = ? WHERE id = ? AND state = 'pending'",

@@ -86,7 +86,8 @@ pub async fn step(
     if !in_flight.is_empty() {
         return reconcile::run(sh, lane, in_flight, &HashSet::new()).await;
     }
-    let batch = sh.store.claim_batch(lane, *max_batch).await?;
+    let cut_at_tie = !sh.ties_ok.load(Ordering::Relaxed);
+    let batch = sh.store.claim_batch(lane, *max_batch, cut_at_tie).await?;
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
@@ -161,9 +162,14 @@ async fn on_results(
     let mut refused = HashSet::new();
     let mut unresolved = Vec::new();
     let mut imported = 0u64;
+    let mut prev = lane.last_send_time;
+    let mut tie_taken = false;
     for (m, r) in batch.iter().zip(match_results(batch, results)) {
+        let is_tie = m.effective_time() == prev;
+        prev = m.effective_time();
         match r {
             Some(r) if r.result == 0 => {
+                tie_taken |= is_tie;
                 let seq = r.msg_seq.and_then(|s| i64::try_from(s).ok()).unwrap_or(0);
                 let time = r.msg_time.unwrap_or(m.effective_time());
                 updates.push(MessageUpdate::Imported {
@@ -207,6 +213,10 @@ async fn on_results(
     count_imported(sh, imported);
     apply_checkpoint(lane, &lane_up);
     *max_batch = sh.cfg.batch_size;
+    if tie_taken && !sh.ties_ok.swap(true, Ordering::Relaxed) {
+        tracing::info!(group = %lane.group_id, "the server takes messages sharing a second; batches no longer end at ties");
+        sh.store.set_meta(super::TIES_ACCEPTED_KEY, "1").await?;
+    }
     if unresolved.is_empty() {
         Ok(Step::Progress)
     } else {

@@ -18,7 +18,7 @@ pub mod lane;
 pub mod reconcile;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,9 @@ pub struct Shared {
     pub fatal: Mutex<Option<EngineError>>,
     pub imported: AtomicU64,
     pub failed: AtomicU64,
+    /// The server has taken a message sharing the second of the one before it. Until then a tie
+    /// ends its batch (see [`Store::claim_batch`]).
+    pub ties_ok: AtomicBool,
 }
 
 impl Shared {
@@ -141,6 +144,8 @@ pub struct Progress {
 }
 
 pub const PROGRESS_KEY: &str = "progress";
+/// `meta` key set to "1" once the server took a message sharing its predecessor's second.
+pub const TIES_ACCEPTED_KEY: &str = "ties_accepted";
 
 /// Runs the engine until `shutdown` fires, until idle (with `until_idle`), or until a fatal error.
 pub async fn run(
@@ -158,6 +163,15 @@ pub async fn run(
         fatal: Mutex::new(None),
         imported: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        ties_ok: AtomicBool::new(matches!(
+            store
+                .meta(TIES_ACCEPTED_KEY)
+                .await
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("1")
+        )),
     });
     let mut tasks: JoinSet<i64> = JoinSet::new();
     let mut running: HashSet<i64> = HashSet::new();

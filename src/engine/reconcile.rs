@@ -105,19 +105,19 @@ pub async fn run(
                     ),
                     false,
                 )
+            } else if t == lane.last_send_time || t == last_msg_time {
+                (
+                    format!(
+                        "SendTime {t} equals the group's latest message time and the server refuses equal times (10004); import.tie_policy = \"nudge\" would move it forward"
+                    ),
+                    sh.cfg.tie_policy == TiePolicy::Nudge,
+                )
             } else if t < last_msg_time {
                 (
                     format!(
                         "SendTime {t} is older than the group's latest message ({last_msg_time}); Tencent imports only in ascending time (10004)"
                     ),
                     false,
-                )
-            } else if t == last_msg_time {
-                (
-                    format!(
-                        "SendTime {t} equals the group's latest message time and the server refuses equal times (10004); import.tie_policy = \"nudge\" would move it forward"
-                    ),
-                    sh.cfg.tie_policy == TiePolicy::Nudge,
                 )
             } else {
                 (format!("SendTime {t} refused by Tencent (10004)"), false)

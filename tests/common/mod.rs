@@ -138,3 +138,11 @@ pub async fn queue(env: &Env, name: &str, text: &str) -> timport::intake::files:
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+/// Engine settings for a daemon that runs until stopped.
+pub fn engine_config_daemon() -> EngineConfig {
+    EngineConfig {
+        until_idle: false,
+        ..engine_config()
+    }
+}

@@ -1,0 +1,576 @@
+//! The import engine against the simulator on a loopback port and a real SQLite file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use timport::engine::{self, EngineError, EngineExit};
+use timport::settings::TiePolicy;
+use timport::simulator::{Faults, SimHandle, StoredMessage};
+use timport::store::{NewMessage, RetryScope, Store};
+use tokio_util::sync::CancellationToken;
+
+/// What the queue holds for one group, in the order it must arrive: (From_Account, SendTime,
+/// Random, body text).
+async fn expected(store: &Store, group: &str) -> Vec<(String, i64, u32, String)> {
+    let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+        "SELECT m.from_account, m.send_time, m.random, m.body FROM messages m
+         JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? AND l.topic_id = ''
+         ORDER BY m.send_time, m.id",
+    )
+    .bind(group)
+    .fetch_all(store.reader())
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(f, t, r, b)| {
+            (
+                f,
+                t,
+                u32::try_from(r).unwrap(),
+                body_text(&serde_json::from_str(&b).unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn body_text(v: &Value) -> String {
+    v[0]["MsgContent"]["Text"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn history(sim: &SimHandle, group: &str) -> Vec<StoredMessage> {
+    sim.state()
+        .group(group)
+        .map(|g| g.messages.clone())
+        .unwrap_or_default()
+}
+
+fn as_tuples(h: &[StoredMessage]) -> Vec<(String, i64, u32, String)> {
+    h.iter()
+        .map(|m| {
+            (
+                m.from_account.clone(),
+                m.send_time,
+                m.random,
+                body_text(&m.msg_body),
+            )
+        })
+        .collect()
+}
+
+async fn scalar(store: &Store, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(store.reader())
+        .await
+        .unwrap()
+}
+
+fn ndjson(groups: &[&str], per_group: i64, same_second_every: i64) -> String {
+    let mut s = String::new();
+    for i in 0..per_group {
+        for g in groups {
+            // Every `same_second_every`-th message shares the previous one's second.
+            let t = if same_second_every == 0 {
+                T0 + i
+            } else {
+                T0 + i - (i / same_second_every)
+            };
+            s.push_str(&line(
+                g,
+                if i % 3 == 0 { "alice" } else { "bob" },
+                t,
+                &format!("{g}-{i}"),
+            ));
+            s.push('\n');
+        }
+    }
+    s
+}
+
+#[tokio::test]
+async fn imports_in_order_in_batches_of_at_most_seven() {
+    let env = Env::new().await;
+    let groups = ["g1", "g2", "g3"];
+    queue(&env, "a.ndjson", &ndjson(&groups, 50, 3)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!(
+        (t.imported, t.failed, t.pending, t.in_flight),
+        (150, 0, 0, 0)
+    );
+    for g in groups {
+        let want = expected(&env.store, g).await;
+        assert_eq!(
+            as_tuples(&history(&sim, g)),
+            want,
+            "group {g}: order and content"
+        );
+    }
+    let state = sim.state();
+    let imports: Vec<_> = state.requests_to("import_group_msg").collect();
+    assert!(imports.iter().all(|r| r.results.len() <= 7));
+    // The first tie of the run ends its batch (the server's stance on ties is unknown until
+    // then); after it was taken, batches are full again.
+    assert!(imports.iter().filter(|r| r.results.len() == 7).count() >= 3 * 6);
+    assert!(
+        sim.state().requests.len() <= 3 * 9,
+        "no more requests than needed"
+    );
+    // MsgSeq recorded for every message matches the server's.
+    let seqs: Vec<(i64,)> = sqlx::query_as(
+        "SELECT m.msg_seq FROM messages m JOIN lanes l ON l.id = m.lane_id
+         WHERE l.group_id = 'g1' ORDER BY m.send_time, m.id",
+    )
+    .fetch_all(env.store.reader())
+    .await
+    .unwrap();
+    let server: Vec<(i64,)> = history(&sim, "g1")
+        .iter()
+        .map(|m| (m.msg_seq as i64,))
+        .collect();
+    assert_eq!(seqs, server);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_group_is_blocked_while_others_finish_and_retry_resumes_it() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["here", "missing"], 20, 0)).await;
+    let mut cfg = sim_config();
+    cfg.groups = vec![("here".into(), None)];
+    let sim = start_sim(cfg).await;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!((t.imported, t.blocked, t.failed), (20, 20, 0));
+    let blocked = env.store.blocked_lanes(10).await.unwrap();
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(blocked[0].group_id, "missing");
+    assert_eq!(blocked[0].blocked_code, Some(10010));
+    assert!(
+        blocked[0]
+            .blocked_reason
+            .as_deref()
+            .unwrap()
+            .contains("retry --group missing")
+    );
+    assert_eq!(
+        scalar(
+            &env.store,
+            "SELECT MAX(attempts) FROM messages WHERE state = 'pending'"
+        )
+        .await,
+        0,
+        "blocking burns no attempt"
+    );
+
+    sim.add_group("missing", 0);
+    let (msgs, lanes) = env.store.retry(RetryScope::Group("missing")).await.unwrap();
+    assert_eq!((msgs, lanes), (0, 1));
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    assert!(matches!(exit, EngineExit::Idle(t) if t.imported == 40 && t.blocked == 0));
+    assert_eq!(
+        as_tuples(&history(&sim, "missing")),
+        expected(&env.store, "missing").await
+    );
+    sim.shutdown().await;
+}
+
+/// Queues messages straight into the store, bypassing validation, to reach server-side refusals.
+async fn queue_raw(store: &Store, group: &str, bodies: &[Value]) {
+    let mut w = store.job_writer("file", "raw").await.unwrap();
+    for (i, b) in bodies.iter().enumerate() {
+        w.push(NewMessage {
+            group_id: group.into(),
+            topic_id: String::new(),
+            from_account: "alice".into(),
+            send_time: T0 + i as i64,
+            random: None,
+            recent_contact: false,
+            body: b.to_string(),
+            source_line: i as i64 + 1,
+            source_index: 0,
+        })
+        .await
+        .unwrap();
+    }
+    w.commit(Some(&format!("raw-{group}"))).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_too_long_message_fails_alone_and_the_lane_goes_on() {
+    let env = Env::new().await;
+    let mut bodies: Vec<Value> = (0..10).map(|i| text_body(&format!("m{i}"))).collect();
+    bodies[3] = text_body(&"x".repeat(12_500));
+    queue_raw(&env.store, "g", &bodies).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!((t.imported, t.failed), (9, 1));
+    let (code, text): (i64, String) =
+        sqlx::query_as("SELECT result_code, result_text FROM messages WHERE state = 'failed'")
+            .fetch_one(env.store.reader())
+            .await
+            .unwrap();
+    assert_eq!(code, 80002);
+    assert!(text.contains("12,000"), "{text}");
+    assert_eq!(history(&sim, "g").len(), 9);
+    let reasons = env.store.failure_reasons(None, 5).await.unwrap();
+    assert_eq!(reasons[0].code, Some(80002));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_whole_request_10004_is_bisected_down_to_the_bad_message() {
+    let env = Env::new().await;
+    let mut bodies: Vec<Value> = (0..14).map(|i| text_body(&format!("m{i}"))).collect();
+    // An element type the server refuses for the whole request.
+    bodies[5] = serde_json::json!([{"MsgType": "TIMImageElem", "MsgContent": {"UUID": "x"}}]);
+    queue_raw(&env.store, "g", &bodies).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!((t.imported, t.failed), (13, 1));
+    let failed_line: i64 = scalar(
+        &env.store,
+        "SELECT source_line FROM messages WHERE state = 'failed'",
+    )
+    .await;
+    assert_eq!(failed_line, 6);
+    let texts: Vec<String> = history(&sim, "g")
+        .iter()
+        .map(|m| body_text(&m.msg_body))
+        .collect();
+    let want: Vec<String> = (0..14)
+        .filter(|i| *i != 5)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(texts, want, "order kept around the bad message");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_answers_slow_the_daemon_without_failed_attempts() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["a", "b", "c", "d"], 40, 0)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.requests_per_second = 10;
+    let sim = start_sim(cfg).await;
+    let client = client_for(&sim, 200);
+    let exit = run_until_idle(&env.store, client.clone(), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!((t.imported, t.failed), (160, 0));
+    let limited = sim
+        .state()
+        .requests
+        .iter()
+        .filter(|r| r.error_code == Some(60011))
+        .count();
+    assert!(limited > 0, "the quota was exceeded at first");
+    assert!(
+        client.pacer().unwrap().current_rate() < 200.0,
+        "the pacer slowed down"
+    );
+    assert_eq!(
+        scalar(&env.store, "SELECT MAX(attempts) FROM messages").await,
+        1,
+        "rate-limit answers are not failed attempts"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_auth_failure_stops_every_lane_with_one_clear_error() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["a", "b"], 10, 0)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let wrong_key = "this-is-the-wrong-key-0000";
+    let client = timport::tencent::TencentClient::new(
+        timport::tencent::ClientConfig {
+            sdkappid: APP,
+            identifier: ADMIN.into(),
+            secret_key: secrecy::SecretString::from(wrong_key.to_string()),
+            base_url: Some(sim.base_url()),
+            region: timport::tencent::Region::Singapore,
+            request_timeout: Duration::from_secs(5),
+            usersig_validity: Duration::from_secs(86_400),
+        },
+        None,
+    )
+    .unwrap();
+    let err = run_until_idle(&env.store, client, engine_config())
+        .await
+        .unwrap_err();
+    let EngineError::Auth { code, hint, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*code, 70009);
+    assert!(hint.contains("tencent.secret_key"));
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains(wrong_key));
+    assert_eq!(
+        scalar(
+            &env.store,
+            "SELECT COUNT(*) FROM messages WHERE state <> 'pending'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&env.store, "SELECT MAX(attempts) FROM messages").await,
+        0
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedup_window() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["a", "b"], 30, 4)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    // Dedup cannot save us: the window is practically closed.
+    cfg.dedup_window = Duration::from_millis(1);
+    cfg.faults.p_drop_response_after_apply = 1.0;
+    let sim = start_sim(cfg).await;
+    // Phase 1: every answer is lost after the server applied the request; stop the daemon
+    // once some imports have landed.
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(engine::run(
+        env.store.clone(),
+        client_for(&sim, 200),
+        common::engine_config_daemon(),
+        stop.clone(),
+        || {},
+    ));
+    for _ in 0..200 {
+        if sim
+            .state()
+            .requests_to("import_group_msg")
+            .filter(|r| r.applied)
+            .count()
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let in_flight = scalar(
+        &env.store,
+        "SELECT COUNT(*) FROM messages WHERE state = 'in_flight'",
+    )
+    .await;
+    assert!(in_flight > 0, "lost answers leave messages in flight");
+    let applied_before: usize = ["a", "b"].iter().map(|g| history(&sim, g).len()).sum();
+    assert!(applied_before > 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Phase 2: a restart with the faults gone.
+    sim.set_faults(Faults::default()).unwrap();
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    assert!(
+        matches!(exit, EngineExit::Idle(t) if t.imported == 60 && t.failed == 0),
+        "{exit:?}"
+    );
+    for g in ["a", "b"] {
+        assert_eq!(
+            as_tuples(&history(&sim, g)),
+            expected(&env.store, g).await,
+            "group {g}: each once, in order"
+        );
+    }
+    let reconciled = scalar(
+        &env.store,
+        "SELECT COUNT(*) FROM messages WHERE result_text LIKE 'found on the server%'",
+    )
+    .await;
+    assert_eq!(
+        reconciled as usize, applied_before,
+        "every applied message was found, not re-sent"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn retryable_answers_back_off_then_fail_after_max_attempts() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["a"], 3, 0)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.faults.p_error_10002 = 1.0;
+    let sim = start_sim(cfg).await;
+    let mut ecfg = engine_config();
+    ecfg.max_attempts = 3;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), ecfg)
+        .await
+        .unwrap();
+    assert!(
+        matches!(exit, EngineExit::Idle(t) if t.failed == 3 && t.blocked == 0),
+        "{exit:?}"
+    );
+    let text: String = sqlx::query_scalar("SELECT result_text FROM messages LIMIT 1")
+        .fetch_one(env.store.reader())
+        .await
+        .unwrap();
+    assert!(text.contains("gave up after 3 attempts"), "{text}");
+    assert_eq!(sim.state().requests_to("import_group_msg").count(), 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
+    for policy in [TiePolicy::Fail, TiePolicy::Nudge] {
+        let env = Env::new().await;
+        let mut s = String::new();
+        for (i, t) in [0, 1, 1, 1, 2, 5].iter().enumerate() {
+            s.push_str(&line("g", "alice", T0 + t, &format!("m{i}")));
+            s.push('\n');
+        }
+        queue(&env, "a.ndjson", &s).await;
+        let mut cfg = sim_config();
+        cfg.auto_create_groups = true;
+        cfg.strict_equal_time = true;
+        let sim = start_sim(cfg).await;
+        let mut ecfg = engine_config();
+        ecfg.tie_policy = policy;
+        let exit = run_until_idle(&env.store, client_for(&sim, 200), ecfg)
+            .await
+            .unwrap();
+        let EngineExit::Idle(t) = exit else {
+            panic!("{exit:?}")
+        };
+        let h = history(&sim, "g");
+        let texts: Vec<String> = h.iter().map(|m| body_text(&m.msg_body)).collect();
+        match policy {
+            TiePolicy::Fail => {
+                assert_eq!((t.imported, t.failed), (4, 2));
+                assert_eq!(texts, ["m0", "m1", "m4", "m5"]);
+                let reasons: Vec<String> =
+                    sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
+                        .fetch_all(env.store.reader())
+                        .await
+                        .unwrap();
+                assert!(
+                    reasons
+                        .iter()
+                        .all(|r| r.contains("equals the group's latest message time")),
+                    "{reasons:?}"
+                );
+            }
+            TiePolicy::Nudge => {
+                assert_eq!((t.imported, t.failed), (6, 0));
+                assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4", "m5"], "order kept");
+                let times: Vec<i64> = h.iter().map(|m| m.send_time - T0).collect();
+                assert_eq!(
+                    times,
+                    [0, 1, 2, 3, 4, 5],
+                    "moved by the fewest whole seconds"
+                );
+                let recorded: Vec<(i64, Option<i64>)> =
+                    sqlx::query_as("SELECT send_time - ?, sent_time - ? FROM messages ORDER BY id")
+                        .bind(T0)
+                        .bind(T0)
+                        .fetch_all(env.store.reader())
+                        .await
+                        .unwrap();
+                assert_eq!(
+                    recorded,
+                    [
+                        (0, None),
+                        (1, None),
+                        (1, Some(2)),
+                        (1, Some(3)),
+                        (2, Some(4)),
+                        (5, None)
+                    ],
+                    "original and sent SendTime both recorded"
+                );
+            }
+        }
+        sim.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["a", "b", "c"], 200, 0)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.faults.latency = Duration::from_millis(30);
+    let sim = start_sim(cfg).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(engine::run(
+        env.store.clone(),
+        client_for(&sim, 200),
+        common::engine_config_daemon(),
+        stop.clone(),
+        || {},
+    ));
+    for _ in 0..500 {
+        if env.store.totals(None).await.unwrap().imported >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let exit = run.await.unwrap().unwrap();
+    assert_eq!(exit, EngineExit::Stopped);
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!(
+        t.in_flight, 0,
+        "in-flight requests finished within the grace period and were recorded"
+    );
+    assert!(t.pending > 0, "it stopped claiming");
+    let on_server: usize = ["a", "b", "c"].iter().map(|g| history(&sim, g).len()).sum();
+    assert_eq!(
+        on_server as i64, t.imported,
+        "the store knows exactly what the server has"
+    );
+    let per_group: HashMap<&str, usize> = ["a", "b", "c"]
+        .iter()
+        .map(|g| (*g, history(&sim, g).len()))
+        .collect();
+    assert!(per_group.values().all(|n| *n > 0));
+    sim.shutdown().await;
+}
