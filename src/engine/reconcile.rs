@@ -41,7 +41,10 @@ pub async fn run(
         Ok(None) => unreachable_group(),
         Err(e) => return read_failed(sh, lane, &doubt, e).await,
     };
-    if info.error_code != 0 {
+    // A group that does not exist holds nothing of ours: the messages go back to pending and the
+    // next import answers for the group (10010 blocks the lane there, with the import's reason).
+    let missing = matches!(info.error_code, 10010 | 10015);
+    if info.error_code != 0 && !missing {
         return block(sh, lane, &doubt, Some(info.error_code), &info.error_info).await;
     }
     let newest_seq = info
@@ -51,7 +54,7 @@ pub async fn run(
     // Shortcut: a lane without topic whose checkpoint is the group's newest message has nothing
     // of ours beyond it.
     let nothing_new = lane.topic_id.is_empty() && newest_seq == Some(lane.last_msg_seq);
-    if !nothing_new {
+    if !nothing_new && !missing {
         let oldest = doubt
             .iter()
             .map(QueuedMessage::effective_time)

@@ -1,0 +1,227 @@
+//! Chaos: a real `timport run` child process killed with SIGKILL at random moments while the
+//! simulator loses answers after applying them, answers 502, resets connections and answers 10002,
+//! with a Random dedup window of only 2 s. Afterwards `--until-idle` must leave the simulator's
+//! history equal to the queued messages exactly: none missing, none twice, order kept, and each
+//! message with the one Random it was given when queued.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::RngExt;
+use timport::simulator::Faults;
+
+const GROUPS: usize = 16;
+const PER_GROUP: i64 = 300;
+
+fn job() -> String {
+    let mut s = String::new();
+    for i in 0..PER_GROUP {
+        for g in 0..GROUPS {
+            // Some seconds are shared; every 25th message brings its own Random.
+            let t = T0 + i - i / 4;
+            let mut v: serde_json::Value = serde_json::from_str(&line(
+                &format!("chaos-{g:02}"),
+                if i % 2 == 0 { "alice" } else { "bob" },
+                t,
+                &format!("{g}-{i}"),
+            ))
+            .unwrap();
+            if i % 25 == 0 {
+                v["Random"] = serde_json::json!(1_000_000 + i * 100 + g as i64);
+            }
+            s.push_str(&v.to_string());
+            s.push('\n');
+        }
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.dedup_window = Duration::from_secs(2);
+    cfg.faults = Faults {
+        latency: Duration::from_millis(3),
+        p_http_502: 0.04,
+        p_reset_before: 0.04,
+        p_drop_response_after_apply: 0.08,
+        p_error_10002: 0.04,
+        p_rate_limit: 0.0,
+    };
+    let sim = start_sim(cfg).await;
+    // In the spool, so a daemon killed before the ingest committed takes it again next start.
+    env.drop_in_spool("chaos.ndjson", &job());
+    let config = env.write(
+        "timport.toml",
+        &format!(
+            r#"
+[tencent]
+sdkappid = {APP}
+identifier = "{ADMIN}"
+secret_key = "{KEY}"
+base_url = "{base}"
+request_timeout = "4s"
+[queue]
+database = "{db}"
+spool_dir = "{spool}"
+[import]
+max_lanes = 16
+max_attempts = 1000
+backoff_base = "20ms"
+backoff_max = "300ms"
+shutdown_grace = "2s"
+[log]
+format = "json"
+level = "info"
+[http]
+listen = ""
+"#,
+            base = sim.base_url(),
+            db = path_str(&env.db_path()),
+            spool = path_str(&env.spool()),
+        ),
+    );
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let spawn = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_timport"))
+            .args(["run", "--config", &path_str(&config)])
+            .args(extra)
+            .env_remove("TIMPORT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log.try_clone().unwrap()))
+            .spawn()
+            .unwrap()
+    };
+    // The store handle of this test must not hold the daemon's lock; it only reads.
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    while kills < 6 {
+        let mut child = spawn(&[]);
+        let wait_ms = rng.random_range(300..1200);
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let t = env.store.totals(None).await.unwrap();
+    assert!(
+        t.total == 0 || t.total == GROUPS as i64 * PER_GROUP,
+        "the job is queued whole or not at all"
+    );
+    assert!(
+        t.imported < GROUPS as i64 * PER_GROUP,
+        "the kills landed before the end of the import"
+    );
+
+    // Faults stay on; the dedup window has long closed for the early attempts.
+    let started = Instant::now();
+    let mut child = spawn(&["--until-idle"]);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "--until-idle did not finish within the bound"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log_text = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
+    let failed: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT id, result_code, result_text FROM messages WHERE state = 'failed' LIMIT 10",
+    )
+    .fetch_all(env.store.reader())
+    .await
+    .unwrap();
+    let blocked = env.store.blocked_lanes(10).await.unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "all imported; failed {failed:?}; blocked {blocked:?}; log:\n{}",
+        tail(&log_text)
+    );
+
+    let state = sim.state();
+    let faults_seen: HashSet<&str> = state
+        .requests
+        .iter()
+        .filter_map(|r| r.fault.as_deref())
+        .collect();
+    for f in [
+        "http_502",
+        "reset_before",
+        "drop_response_after_apply",
+        "error_10002",
+    ] {
+        assert!(
+            faults_seen.contains(f),
+            "fault {f} never happened: {faults_seen:?}"
+        );
+    }
+    for g in 0..GROUPS {
+        let group = format!("chaos-{g:02}");
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT m.from_account, m.send_time, m.random, m.body FROM messages m
+             JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? ORDER BY m.send_time, m.id",
+        )
+        .bind(&group)
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+        let want: Vec<(String, i64, u32, String)> = rows
+            .into_iter()
+            .map(|(f, t, r, b)| (f, t, u32::try_from(r).unwrap(), b))
+            .collect();
+        let got: Vec<(String, i64, u32, String)> = state
+            .group(&group)
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.from_account.clone(),
+                    m.send_time,
+                    m.random,
+                    m.msg_body.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "group {group}: none missing, none twice"
+        );
+        assert_eq!(
+            got, want,
+            "group {group}: same messages, same order, same Random"
+        );
+    }
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!(
+        t.total,
+        GROUPS as i64 * PER_GROUP,
+        "the job was queued once"
+    );
+    assert_eq!(
+        (t.imported, t.failed, t.pending, t.in_flight),
+        (t.total, 0, 0, 0)
+    );
+    assert!(env.spool().join("done/chaos.ndjson").is_file());
+    eprintln!(
+        "chaos: {kills} SIGKILLs, {} requests, faults {:?}",
+        state.requests.len(),
+        faults_seen
+    );
+    sim.shutdown().await;
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
