@@ -334,9 +334,14 @@ fn health_ready_and_metrics_after_an_import() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    // Set once when the pacer is built, and again only on rate-limit answers: it shows only if
+    // the recorder was installed before the pacer was made.
+    assert!(
+        sample(&metrics, "timport_pacing_rate").is_some_and(|v| v > 0.0),
+        "timport_pacing_rate missing from /metrics:\n{metrics}"
+    );
     for name in [
         "timport_requests_total",
-        "timport_pacing_rate",
         "timport_job_files_total",
         "timport_request_duration_seconds_bucket",
     ] {
