@@ -84,10 +84,17 @@ CREATE TABLE messages (
 
 -- "Next batch of this lane" and "what is in flight in this lane": a range scan of one lane.
 CREATE INDEX messages_lane_queue ON messages (lane_id, state, send_time, id);
--- Per-job status and `timport retry --job`.
-CREATE INDEX messages_job_state ON messages (job_id, state);
--- The most common failure reasons, without scanning the imported millions.
-CREATE INDEX messages_failed ON messages (result_code) WHERE state = 'failed';
+-- Failed messages only (few): the most common failure reasons and `timport retry`, without
+-- scanning the imported millions. Per-job counts live on `jobs` (kept like the lane counters), so
+-- no index on job_id is paid for on every queued message.
+CREATE INDEX messages_failed ON messages (job_id, result_code) WHERE state = 'failed';
+
+-- Which lanes each job put messages in (for `timport retry --job` to unblock them).
+CREATE TABLE job_lanes (
+    job_id  INTEGER NOT NULL REFERENCES jobs(id),
+    lane_id INTEGER NOT NULL REFERENCES lanes(id),
+    PRIMARY KEY (job_id, lane_id)
+) STRICT, WITHOUT ROWID;
 
 CREATE TRIGGER messages_state_counts AFTER UPDATE OF state ON messages
 WHEN old.state <> new.state

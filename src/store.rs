@@ -550,6 +550,12 @@ impl JobWriter {
                 .execute(&mut *self.tx)
                 .await
                 .map_err(|e| self.store.err(e))?;
+            sqlx::query("INSERT OR IGNORE INTO job_lanes(job_id, lane_id) VALUES(?, ?)")
+                .bind(self.job_id)
+                .bind(l.id)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?;
         }
         for (g, acc) in self.groups.iter() {
             if acc.counter != acc.start {
@@ -1241,7 +1247,7 @@ impl Store {
                 let l = sqlx::query(
                     "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
                      retry_at = 0, updated_at = ? WHERE state = 'blocked'
-                     AND id IN (SELECT DISTINCT lane_id FROM messages WHERE job_id = ?)",
+                     AND id IN (SELECT lane_id FROM job_lanes WHERE job_id = ?)",
                 )
                 .bind(now)
                 .bind(j)

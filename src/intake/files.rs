@@ -425,6 +425,11 @@ fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Resu
         if text.is_empty() {
             continue;
         }
+        if let Some(m) = validate::fast_message(text, None, now, line_i64(line_no), 0) {
+            c.next_index += 1;
+            c.message(m);
+            continue;
+        }
         let raw = serde_json::from_str::<RawMessage<'_>>(text)
             .map_err(|e| format!("not a valid message object: {e}"));
         c.validate(raw, None, now, line_no, None, 0);
@@ -551,6 +556,20 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
         };
         for (i, raw_msg) in list.into_iter().enumerate() {
             let line = lines.line_of(text, raw_msg.get());
+            if body_ok {
+                let index = i64::try_from(i).unwrap_or(i64::MAX);
+                if let Some(m) = validate::fast_message(
+                    raw_msg.get(),
+                    Some(&inherited),
+                    now,
+                    line_i64(line),
+                    index,
+                ) {
+                    c.next_index += 1;
+                    c.message(m);
+                    continue;
+                }
+            }
             let raw = serde_json::from_str::<RawMessage<'_>>(raw_msg.get())
                 .map_err(|e| format!("MsgList[{i}]: not a valid message object: {e}"));
             if body_ok {
@@ -569,6 +588,10 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
     }
     c.finish(hash);
     Ok(())
+}
+
+fn line_i64(line: u64) -> i64 {
+    i64::try_from(line).unwrap_or(i64::MAX)
 }
 
 /// Byte offsets of line starts, to turn a borrowed slice of the file into its line number.

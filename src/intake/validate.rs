@@ -486,3 +486,246 @@ mod tests {
         assert!(e.contains("CloudCustomData"), "{e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fast path: most lines of a large export are valid, so they are parsed straight into borrowed
+// typed fields and checked without building JSON values. Whatever the fast path does not accept
+// goes through the field-by-field path above, which is the authority on what is wrong; the fast
+// path only ever accepts messages that path would accept too.
+
+use std::borrow::Cow;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastMessage<'a> {
+    #[serde(rename = "GroupId", borrow, default)]
+    group_id: Option<Cow<'a, str>>,
+    #[serde(rename = "TopicId", borrow, default)]
+    topic_id: Option<Cow<'a, str>>,
+    #[serde(rename = "RecentContactFlag", default)]
+    recent_contact_flag: Option<u8>,
+    #[serde(rename = "From_Account", borrow)]
+    from_account: Cow<'a, str>,
+    #[serde(rename = "SendTime")]
+    send_time: i64,
+    #[serde(rename = "Random", default)]
+    random: Option<u32>,
+    #[serde(rename = "MsgBody", borrow)]
+    msg_body: &'a RawValue,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastElem<'a> {
+    #[serde(rename = "MsgType", borrow)]
+    msg_type: Cow<'a, str>,
+    #[serde(rename = "MsgContent", borrow)]
+    content: FastContent<'a>,
+}
+
+#[derive(serde::Deserialize)]
+struct FastContent<'a> {
+    #[serde(rename = "Text", borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(rename = "Index", default)]
+    index: Option<i64>,
+    #[serde(rename = "Data", borrow, default)]
+    data: Option<Cow<'a, str>>,
+    #[serde(rename = "Desc", borrow, default)]
+    desc: Option<Cow<'a, str>>,
+    #[serde(rename = "Latitude", default)]
+    latitude: Option<f64>,
+    #[serde(rename = "Longitude", default)]
+    longitude: Option<f64>,
+    #[serde(rename = "Ext", borrow, default)]
+    ext: Option<Cow<'a, str>>,
+    #[serde(rename = "Sound", borrow, default)]
+    sound: Option<Cow<'a, str>>,
+}
+
+fn fast_body_ok(raw: &RawValue) -> bool {
+    let Ok(elems) = serde_json::from_str::<Vec<FastElem<'_>>>(raw.get()) else {
+        return false;
+    };
+    if elems.is_empty() {
+        return false;
+    }
+    let mut customs = 0;
+    for e in &elems {
+        let c = &e.content;
+        let ok = match e.msg_type.as_ref() {
+            "TIMTextElem" => c.text.is_some(),
+            "TIMFaceElem" => c.index.is_some(),
+            "TIMLocationElem" => c.desc.is_some() && c.latitude.is_some() && c.longitude.is_some(),
+            "TIMCustomElem" => {
+                customs += 1;
+                c.data.is_some()
+            }
+            _ => false,
+        };
+        // Fields present with a JSON null parse as None above; those go to the slow path too.
+        let _ = (&c.ext, &c.sound);
+        if !ok {
+            return false;
+        }
+    }
+    customs <= 1
+}
+
+/// JSON text without insignificant whitespace; borrowed when there is none.
+pub fn minify(raw: &str) -> Cow<'_, str> {
+    let bytes = raw.as_bytes();
+    let mut in_string = false;
+    let mut escaped = false;
+    let needs = bytes.iter().any(|&b| {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            false
+        } else if b == b'"' {
+            in_string = true;
+            false
+        } else {
+            b.is_ascii_whitespace()
+        }
+    });
+    if !needs {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(raw.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for ch in raw.chars() {
+        if in_string {
+            out.push(ch);
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == '"' {
+                in_string = false;
+            }
+        } else if ch == '"' {
+            in_string = true;
+            out.push(ch);
+        } else if !ch.is_ascii_whitespace() {
+            out.push(ch);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Accepts a well-formed, valid message in one typed pass; `None` means "look closer" (the
+/// field-by-field path then accepts it or says exactly what is wrong).
+pub fn fast_message(
+    text: &str,
+    inherited: Option<&Inherited>,
+    now: i64,
+    source_line: i64,
+    source_index: i64,
+) -> Option<NewMessage> {
+    let m: FastMessage<'_> = serde_json::from_str(text).ok()?;
+    let (group_id, topic_id, recent_contact) = match inherited {
+        Some(inh) => {
+            if m.group_id.is_some() || m.topic_id.is_some() || m.recent_contact_flag.is_some() {
+                return None;
+            }
+            (
+                inh.group_id.clone()?,
+                inh.topic_id.clone().unwrap_or_default(),
+                inh.recent_contact,
+            )
+        }
+        None => {
+            let g = m.group_id?;
+            if g.trim().is_empty() {
+                return None;
+            }
+            let t = match m.topic_id {
+                Some(t) if t.trim().is_empty() => return None,
+                Some(t) => t.into_owned(),
+                None => String::new(),
+            };
+            let r = match m.recent_contact_flag {
+                None | Some(0) => false,
+                Some(1) => true,
+                Some(_) => return None,
+            };
+            (g.into_owned(), t, r)
+        }
+    };
+    if m.from_account.trim().is_empty() || m.send_time <= 0 || m.send_time >= now {
+        return None;
+    }
+    if !fast_body_ok(m.msg_body) {
+        return None;
+    }
+    let body = minify(m.msg_body.get());
+    if body.len() > MAX_BODY_BYTES {
+        return None;
+    }
+    Some(NewMessage {
+        group_id,
+        topic_id,
+        from_account: m.from_account.into_owned(),
+        send_time: m.send_time,
+        random: m.random,
+        recent_contact,
+        body: body.into_owned(),
+        source_line,
+        source_index,
+    })
+}
+
+#[cfg(test)]
+mod fast_tests {
+    use super::*;
+
+    #[test]
+    fn minify_keeps_strings_and_drops_whitespace() {
+        assert!(matches!(minify(r#"[{"a":"b c"}]"#), Cow::Borrowed(_)));
+        assert_eq!(minify("[ {\"a\" : \"b \\\" c\" } ]\n"), r#"[{"a":"b \" c"}]"#);
+    }
+
+    /// Every line the fast path accepts, the careful path accepts with the same fields.
+    #[test]
+    fn fast_path_agrees_with_the_careful_path() {
+        let now = 1_800_000_000;
+        let lines = [
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"hi"}}]}"#,
+            r#"{"GroupId":"g","TopicId":"t","From_Account":"a","SendTime":1700000000,"Random":7,"MsgBody":[{"MsgType":"TIMLocationElem","MsgContent":{"Desc":"d","Latitude":1,"Longitude":2.5}},{"MsgType":"TIMCustomElem","MsgContent":{"Data":"x"}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMFaceElem","MsgContent":{"Index":1}}], "RecentContactFlag": 1}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMFaceElem","MsgContent":{"Index":1.5}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":null}}]}"#,
+            r#"{"GroupId":"","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000.0,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"Random":4294967296,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMCustomElem","MsgContent":{"Data":"x"}},{"MsgType":"TIMCustomElem","MsgContent":{"Data":"y"}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"},"Extra":1}]}"#,
+        ];
+        for l in lines {
+            let fast = fast_message(l, None, now, 1, 0);
+            let raw: RawMessage<'_> = serde_json::from_str(l).unwrap();
+            let careful = Fields::from_raw(&raw).and_then(|f| message(&f, None, now, 1, 0));
+            match (&fast, &careful) {
+                (Some(f), Ok(c)) => {
+                    assert_eq!(
+                        (&f.group_id, &f.topic_id, &f.from_account, f.send_time, f.random, f.recent_contact),
+                        (&c.group_id, &c.topic_id, &c.from_account, c.send_time, c.random, c.recent_contact),
+                        "{l}"
+                    );
+                    let fv: Value = serde_json::from_str(&f.body).unwrap();
+                    let cv: Value = serde_json::from_str(&c.body).unwrap();
+                    assert_eq!(fv, cv, "{l}");
+                }
+                (None, _) => {}
+                (Some(_), Err(p)) => panic!("fast path accepted what the careful path rejects: {l}: {p:?}"),
+            }
+        }
+        assert!(fast_message(lines[0], None, now, 1, 0).is_some(), "the common case is fast");
+    }
+}

@@ -234,7 +234,8 @@ pub struct World {
     groups: BTreeMap<String, Group>,
     requests: VecDeque<RequestRecord>,
     next_request: u64,
-    quota_window: Option<(Instant, u32)>,
+    /// Token bucket for the app quota: (tokens left, when last refilled).
+    quota_bucket: Option<(f64, Instant)>,
     next_group_id: u64,
 }
 
@@ -281,7 +282,7 @@ impl World {
             groups: BTreeMap::new(),
             requests: VecDeque::new(),
             next_request: 1,
-            quota_window: None,
+            quota_bucket: None,
             next_group_id: 1,
         }
     }
@@ -298,16 +299,21 @@ impl World {
 
     /// Count one request against the per-app quota; false when over it.
     pub fn take_quota(&mut self, now: Instant) -> bool {
-        let (start, count) = match self.quota_window {
-            Some((start, count))
-                if now.saturating_duration_since(start) < Duration::from_secs(1) =>
-            {
-                (start, count + 1)
-            }
-            _ => (now, 1),
-        };
-        self.quota_window = Some((start, count));
-        count <= self.rules.requests_per_second
+        // A token bucket of one second's worth of requests, refilled continuously: any sequence
+        // whose average stays at the quota passes, bursts above one second's worth do not. (A
+        // fixed one-second window would refuse a perfectly even 200/s whenever a window happened
+        // to hold 201 starts.)
+        let rate = f64::from(self.rules.requests_per_second.max(1));
+        let (tokens, last) = self.quota_bucket.unwrap_or((rate, now));
+        let elapsed = now.saturating_duration_since(last).as_secs_f64();
+        let tokens = (tokens + elapsed * rate).min(rate);
+        if tokens >= 1.0 {
+            self.quota_bucket = Some((tokens - 1.0, now));
+            true
+        } else {
+            self.quota_bucket = Some((tokens, now));
+            false
+        }
     }
 
     /// Append a request record.

@@ -1,0 +1,161 @@
+//! Benchmark (not a test): ingest of a 1,000,000-message NDJSON file by the release binary
+//! (`timport ingest`), messages/s and peak RSS, side by side in the same run with the sqlite3
+//! shell's `.import` of the same rows as CSV into a comparable table (WAL, same index) as the
+//! floor.
+//!
+//! Run: `cargo bench --bench ingest` (set `TIMPORT_BENCH_MESSAGES` to change the size).
+//! Results are written up in docs/BENCHMARKS.md.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn main() {
+    let n: usize = std::env::var("TIMPORT_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let bin = release_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ndjson = dir.path().join("bench.ndjson");
+    let csv = dir.path().join("bench.csv");
+    write_inputs(&ndjson, &csv, n);
+    let size = std::fs::metadata(&ndjson).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "ingest benchmark: {n} messages, NDJSON {:.1} MiB, machine: {} cores, {}",
+        size as f64 / 1048576.0,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        cpu_model()
+    );
+
+    // timport ingest, in its own process so its peak RSS is its own.
+    let db = dir.path().join("timport.db");
+    let started = Instant::now();
+    let child = Command::new(&bin)
+        .args(["ingest", &ndjson.to_string_lossy()])
+        .env("TIMPORT__QUEUE__DATABASE", &db)
+        .env("TIMPORT__LOG__LEVEL", "warn")
+        .env_remove("TIMPORT_CONFIG")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run timport");
+    let (ok, timport_rss, cpu) = wait_with_usage(child.id());
+    let timport_secs = started.elapsed().as_secs_f64();
+    assert!(ok, "timport ingest failed");
+
+    // The floor: sqlite3 .import of the same rows into a comparable table.
+    let floor_db = dir.path().join("floor.db");
+    let schema = "PRAGMA journal_mode=WAL;
+        CREATE TABLE messages (id INTEGER PRIMARY KEY, lane_id INTEGER NOT NULL, job_id INTEGER NOT NULL,
+          source_line INTEGER NOT NULL, source_index INTEGER NOT NULL, from_account TEXT NOT NULL,
+          send_time INTEGER NOT NULL, random INTEGER NOT NULL, random_assigned INTEGER NOT NULL,
+          recent_contact INTEGER NOT NULL, body TEXT NOT NULL);
+        CREATE INDEX messages_lane_queue ON messages (lane_id, send_time, id);
+        CREATE INDEX messages_job_state ON messages (job_id);";
+    let ok = Command::new("sqlite3")
+        .arg(&floor_db)
+        .arg(schema)
+        .stdout(Stdio::null())
+        .status()
+        .expect("sqlite3 shell")
+        .success();
+    assert!(ok, "schema for the floor");
+    let started = Instant::now();
+    let ok = Command::new("sqlite3")
+        .arg(&floor_db)
+        .arg(format!(
+            ".import --csv --skip 1 {} messages",
+            csv.to_string_lossy()
+        ))
+        .stdout(Stdio::null())
+        .status()
+        .expect("sqlite3 shell")
+        .success();
+    let floor_secs = started.elapsed().as_secs_f64();
+    assert!(ok, "sqlite3 .import failed");
+
+    let rate = n as f64 / timport_secs;
+    let floor_rate = n as f64 / floor_secs;
+    println!("| tool | time | messages/s | CPU s | peak RSS |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| timport ingest | {timport_secs:.2} s | {rate:.0} | {cpu:.2} | {:.1} MiB |",
+        timport_rss as f64 / 1024.0
+    );
+    println!("| sqlite3 .import (floor) | {floor_secs:.2} s | {floor_rate:.0} | - | - |");
+    println!(
+        "ratio timport/floor time: {:.2}x (targets: >= 200000 messages/s, <= 2x the floor, < 100 MiB)",
+        timport_secs / floor_secs
+    );
+}
+
+/// Waits for `pid` and returns (exited 0, its own peak RSS in KiB, its CPU seconds).
+#[allow(unsafe_code)]
+fn wait_with_usage(pid: u32) -> (bool, i64, f64) {
+    let mut status = 0;
+    // SAFETY: wait4 writes only into the status int and the zeroed rusage we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    let cpu = usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6;
+    (
+        rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss,
+        cpu,
+    )
+}
+
+fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {
+    let mut j = std::io::BufWriter::new(std::fs::File::create(ndjson).expect("ndjson"));
+    let mut c = std::io::BufWriter::new(std::fs::File::create(csv).expect("csv"));
+    writeln!(c, "id,lane_id,job_id,source_line,source_index,from_account,send_time,random,random_assigned,recent_contact,body").ok();
+    let t0: i64 = 1_600_000_000;
+    for i in 0..n {
+        let group = i % 1000;
+        let t = t0 + (i / 1000) as i64;
+        let text = format!("message number {i} with some ordinary chat text in it");
+        writeln!(
+            j,
+            r#"{{"GroupId":"group-{group}","From_Account":"user-{}","SendTime":{t},"MsgBody":[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"{text}"}}}}]}}"#,
+            i % 97
+        )
+        .ok();
+        let body = format!(r#"[{{""MsgContent"":{{""Text"":""{text}""}},""MsgType"":""TIMTextElem""}}]"#);
+        writeln!(
+            c,
+            "{},{},1,{},0,user-{},{t},{},1,0,\"{body}\"",
+            i + 1,
+            group + 1,
+            i + 1,
+            i % 97,
+            (i as u64).wrapping_mul(2654435761) % 4294967296
+        )
+        .ok();
+    }
+}
+
+fn release_binary() -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--bin", "timport"])
+        .current_dir(root)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "cargo build --release failed");
+    root.join("target/release/timport")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
