@@ -1,1 +1,365 @@
-fn main() {}
+//! Benchmark (not a test): import throughput of the release daemon against the simulator.
+//!
+//! 1. steady: 40 ms added latency, 60 groups pending; steady-state messages/s against the
+//!    1,400 messages/s ceiling (200 requests/s × 7), share of requests rate-limited, and the
+//!    daemon's CPU seconds per 10,000 messages.
+//! 2. lossy: the same while the simulator applies but drops 5% of responses.
+//! 3. naive: side by side, a sequential importer (one request of 7 at a time, as a hand-written
+//!    script would) on the same simulator for a fixed time.
+//! 4. scale: 2,000,000 queued messages in 20,000 groups: time from start to the first request,
+//!    and the throughput over the first seconds.
+//!
+//! Run: `cargo bench --bench import`. Sizes: `TIMPORT_BENCH_STEADY` (messages per group in 1–2,
+//! default 500), `TIMPORT_BENCH_SCALE` (messages in 4, default 2000000; 0 skips it).
+//! Results are written up in docs/BENCHMARKS.md.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use timport::simulator::{self, Faults, SimConfig, SimHandle};
+use timport::store::{Store, StoreOptions};
+use timport::tencent::{ClientConfig, ImportGroupMsgRequest, ImportMsg, Region, TencentClient};
+
+const APP: u64 = 1_400_000_000;
+const KEY: &str = "bench-secret-key";
+const T0: i64 = 1_600_000_000;
+
+fn main() {
+    let bin = release_binary();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        println!(
+            "import benchmark on {} cores, {}",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpu_model()
+        );
+        let per_group: i64 = env_num("TIMPORT_BENCH_STEADY", 500);
+        let steady = scenario(&bin, "steady", 60, per_group, 0.0).await;
+        let lossy = scenario(&bin, "lossy (5% responses dropped)", 60, per_group, 0.05).await;
+        let naive = naive(Duration::from_secs(15)).await;
+        println!("\n| scenario | messages | steady msg/s | % of 1,400 | rate-limited requests | daemon CPU s / 10k msgs |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for r in [&steady, &lossy] {
+            println!(
+                "| {} | {} | {:.0} | {:.1}% | {:.2}% | {:.3} |",
+                r.name,
+                r.messages,
+                r.rate,
+                r.rate / 14.0,
+                r.rate_limited_pct,
+                r.cpu_per_10k
+            );
+        }
+        println!(
+            "| naive sequential | {} | {:.0} | {:.1}% | - | - |",
+            naive.0,
+            naive.1,
+            naive.1 / 14.0
+        );
+        println!("timport / naive: {:.1}x", steady.rate / naive.1.max(0.001));
+        let scale_n: i64 = env_num("TIMPORT_BENCH_SCALE", 2_000_000);
+        if scale_n > 0 {
+            scale(&bin, scale_n, 20_000).await;
+        }
+    });
+}
+
+struct Outcome {
+    name: String,
+    messages: i64,
+    rate: f64,
+    rate_limited_pct: f64,
+    cpu_per_10k: f64,
+}
+
+fn env_num(name: &str, default: i64) -> i64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn start_sim(latency: Duration, p_drop: f64) -> SimHandle {
+    let mut cfg = SimConfig::new(APP, "administrator", SecretString::from(KEY.to_string()));
+    cfg.auto_create_groups = true;
+    cfg.faults = Faults {
+        latency,
+        p_drop_response_after_apply: p_drop,
+        ..Faults::default()
+    };
+    simulator::start(cfg).await.expect("simulator")
+}
+
+fn write_job(path: &Path, groups: i64, per_group: i64, prefix: &str) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("job"));
+    for i in 0..per_group {
+        for g in 0..groups {
+            writeln!(
+                f,
+                r#"{{"GroupId":"{prefix}-{g}","From_Account":"user-{}","SendTime":{},"MsgBody":[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"message {i} of group {g}"}}}}]}}"#,
+                i % 13,
+                T0 + i
+            )
+            .expect("write");
+        }
+    }
+}
+
+fn config(dir: &Path, base_url: &str, extra: &str) -> PathBuf {
+    let p = dir.join("timport.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[tencent]
+sdkappid = {APP}
+identifier = "administrator"
+secret_key = "{KEY}"
+base_url = "{base_url}"
+[queue]
+database = "{db}"
+spool_dir = "{spool}"
+[log]
+level = "warn"
+[http]
+listen = ""
+{extra}
+"#,
+            db = dir.join("timport.db").display(),
+            spool = dir.join("spool").display(),
+        ),
+    )
+    .expect("config");
+    p
+}
+
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait_with_usage (wait4) to read its rusage"
+)]
+async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f64) -> Outcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = start_sim(Duration::from_millis(40), p_drop).await;
+    let job = dir.path().join("job.ndjson");
+    write_job(&job, groups, per_group, "bench");
+    let cfg = config(dir.path(), &sim.base_url(), "");
+    // Queue first, so the import measurement is the import alone.
+    let ok = Command::new(bin)
+        .args([
+            "ingest",
+            "--config",
+            &cfg.to_string_lossy(),
+            &job.to_string_lossy(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("ingest")
+        .success();
+    assert!(ok, "ingest");
+    let store = Store::open(&dir.path().join("timport.db"), &StoreOptions::default())
+        .await
+        .expect("store");
+    let total = groups * per_group;
+    let child = Command::new(bin)
+        .args(["run", "--config", &cfg.to_string_lossy(), "--until-idle"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run");
+    let pid = child.id();
+    // Steady state: between 10% and 90% imported.
+    let (mut t10, mut t90) = (None, None);
+    loop {
+        let imported = store.totals(None).await.map(|t| t.imported).unwrap_or(0);
+        if t10.is_none() && imported >= total / 10 {
+            t10 = Some((Instant::now(), imported));
+        }
+        if t90.is_none() && imported >= total * 9 / 10 {
+            t90 = Some((Instant::now(), imported));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, _rss, cpu) = tokio::task::spawn_blocking(move || wait_with_usage(pid))
+        .await
+        .expect("wait");
+    assert!(ok, "daemon exit status");
+    let ((a, ia), (b, ib)) = (t10.expect("t10"), t90.expect("t90"));
+    let rate = (ib - ia) as f64 / b.duration_since(a).as_secs_f64();
+    let state = sim.state();
+    let requests = state.requests.len().max(1);
+    let limited = state
+        .requests
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.error_code,
+                Some(60007 | 60011 | 60018 | 60019 | 10006 | 10023)
+            )
+        })
+        .count();
+    let on_server: usize = state.groups.iter().map(|g| g.messages.len()).sum();
+    assert_eq!(
+        on_server as i64, total,
+        "{name}: every message exactly once"
+    );
+    store.close().await;
+    sim.shutdown().await;
+    println!(
+        "{name}: {total} messages, steady {rate:.0} msg/s, {requests} requests, {limited} rate-limited, daemon CPU {cpu:.2} s"
+    );
+    Outcome {
+        name: name.into(),
+        messages: total,
+        rate,
+        rate_limited_pct: limited as f64 * 100.0 / requests as f64,
+        cpu_per_10k: cpu * 10_000.0 / total as f64,
+    }
+}
+
+/// A hand-written importer: one request of 7 at a time, no pacing, no concurrency.
+async fn naive(duration: Duration) -> (i64, f64) {
+    let sim = start_sim(Duration::from_millis(40), 0.0).await;
+    let client = TencentClient::new(
+        ClientConfig {
+            sdkappid: APP,
+            identifier: "administrator".into(),
+            secret_key: SecretString::from(KEY.to_string()),
+            base_url: Some(sim.base_url()),
+            region: Region::Singapore,
+            request_timeout: Duration::from_secs(10),
+            usersig_validity: Duration::from_secs(86_400),
+        },
+        None,
+    )
+    .expect("client");
+    let started = Instant::now();
+    let mut sent = 0i64;
+    let mut i = 0i64;
+    while started.elapsed() < duration {
+        let req = ImportGroupMsgRequest {
+            group_id: format!("naive-{}", i % 60),
+            topic_id: None,
+            recent_contact_flag: None,
+            msg_list: (0..7)
+                .map(|k| ImportMsg {
+                    from_account: "user".into(),
+                    send_time: T0 + i * 7 + k,
+                    random: None,
+                    msg_body: serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "naive"}}]),
+                })
+                .collect(),
+        };
+        if client.import_group_msg(&req).await.is_ok() {
+            sent += 7;
+        }
+        i += 1;
+    }
+    let rate = sent as f64 / started.elapsed().as_secs_f64();
+    sim.shutdown().await;
+    println!("naive sequential: {sent} messages in {duration:?}, {rate:.0} msg/s");
+    (sent, rate)
+}
+
+#[expect(clippy::zombie_processes, reason = "reaped by wait_with_usage (wait4)")]
+async fn scale(bin: &Path, n: i64, groups: i64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = start_sim(Duration::from_millis(40), 0.0).await;
+    let job = dir.path().join("scale.ndjson");
+    write_job(&job, groups, n / groups, "scale");
+    let cfg = config(dir.path(), &sim.base_url(), "[import]\nmax_lanes = 64\n");
+    let started = Instant::now();
+    let ok = Command::new(bin)
+        .args([
+            "ingest",
+            "--config",
+            &cfg.to_string_lossy(),
+            &job.to_string_lossy(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("ingest")
+        .success();
+    assert!(ok, "ingest");
+    let ingest_secs = started.elapsed().as_secs_f64();
+    let child = Command::new(bin)
+        .args(["run", "--config", &cfg.to_string_lossy()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run");
+    let start = Instant::now();
+    while sim.state().requests.is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no request within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = start.elapsed();
+    // Throughput over the next 20 seconds, counted on the server.
+    let count =
+        |s: &SimHandle| -> usize { s.state().groups.iter().map(|g| g.messages.len()).sum() };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (a, ca) = (Instant::now(), count(&sim));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (b, cb) = (Instant::now(), count(&sim));
+    let rate = (cb - ca) as f64 / b.duration_since(a).as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let pid = child.id();
+    let _ = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await;
+    sim.shutdown().await;
+    println!(
+        "\nscale: {n} messages in {groups} groups queued in {ingest_secs:.1} s; first request {:.0} ms after start; then {rate:.0} msg/s ({:.1}% of 1,400)",
+        first.as_secs_f64() * 1000.0,
+        rate / 14.0
+    );
+}
+
+/// Waits for `pid` and returns (exited 0, its own peak RSS in KiB, its CPU seconds).
+#[allow(unsafe_code)]
+fn wait_with_usage(pid: u32) -> (bool, i64, f64) {
+    let mut status = 0;
+    // SAFETY: wait4 writes only into the status int and the zeroed rusage we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    let cpu = usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6;
+    (
+        rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        usage.ru_maxrss,
+        cpu,
+    )
+}
+
+fn release_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--bin", "timport"])
+        .current_dir(root)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "cargo build --release failed");
+    root.join("target/release/timport")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

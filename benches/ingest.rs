@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[expect(clippy::zombie_processes, reason = "reaped by wait_with_usage (wait4)")]
 fn main() {
     let n: usize = std::env::var("TIMPORT_BENCH_MESSAGES")
         .ok()
@@ -25,7 +26,9 @@ fn main() {
     println!(
         "ingest benchmark: {n} messages, NDJSON {:.1} MiB, machine: {} cores, {}",
         size as f64 / 1048576.0,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         cpu_model()
     );
 
@@ -123,7 +126,8 @@ fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {
             i % 97
         )
         .ok();
-        let body = format!(r#"[{{""MsgContent"":{{""Text"":""{text}""}},""MsgType"":""TIMTextElem""}}]"#);
+        let body =
+            format!(r#"[{{""MsgContent"":{{""Text"":""{text}""}},""MsgType"":""TIMTextElem""}}]"#);
         writeln!(
             c,
             "{},{},1,{},0,user-{},{t},{},1,0,\"{body}\"",

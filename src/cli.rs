@@ -359,6 +359,8 @@ async fn run(
         request_timeout: settings.tencent.request_timeout,
         usersig_validity: settings.tencent.usersig_validity,
     };
+    // The recorder first, so the pacer's initial gauge is recorded.
+    ops::metrics_handle();
     let pacer = Arc::new(Pacer::new(settings.import.requests_per_second));
     let client = TencentClient::new(client_cfg, Some(pacer)).map_err(|e| SettingsError::Key {
         key: "tencent.base_url",
@@ -366,7 +368,6 @@ async fn run(
     })?;
 
     // Health and metrics.
-    ops::metrics_handle();
     let readiness = Arc::new(Readiness::default());
     let mut http_task = None;
     if let Some(addr) = settings.http_listen()? {

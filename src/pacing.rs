@@ -7,8 +7,10 @@
 //! once); every second without a rate-limit answer gives back 5 % of the maximum
 //! ([`Pacer::on_success`] and `acquire` apply that recovery step), up to the maximum.
 //!
-//! The bucket allows a burst of a single request: request starts are spaced evenly at
-//! `1 / rate`, so no one-second window sees more than `rate + 1` starts.
+//! The bucket allows a burst of [`BURST_MS`] worth of requests (4 at 200/s): starts are spaced at
+//! `1 / rate` on average, and a waiter woken a little late by the timer does not lose its slot
+//! (with a burst of one, timer lateness alone cost about 4% of the quota). No one-second window
+//! sees more than `rate + burst` starts.
 //!
 //! Stopping and recovery: the pacer holds no task and no I/O; `acquire` is cancel-safe (dropping
 //! the future gives nothing back and takes nothing). A rate change swaps the limiter; waiters on
@@ -45,6 +47,9 @@ struct State {
 pub struct Pacer {
     max_rate: f64,
     state: Mutex<State>,
+    /// Waiters queue here (FIFO) so only one at a time waits on the limiter: with dozens of lanes
+    /// waiting on governor directly, every freed slot would wake all of them to find one winner.
+    queue: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Pacer {
@@ -56,12 +61,20 @@ impl std::fmt::Debug for Pacer {
     }
 }
 
+/// Milliseconds of requests the bucket may hold.
+pub const BURST_MS: f64 = 20.0;
+
+fn burst_for(rate: f64) -> NonZeroU32 {
+    let n = (rate * BURST_MS / 1000.0).floor();
+    NonZeroU32::new(n.clamp(1.0, 1000.0) as u32).unwrap_or(NonZeroU32::MIN)
+}
+
 fn limiter_for(rate: f64) -> Arc<DefaultDirectRateLimiter> {
     let period = Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
     // `with_period` only fails on a zero period, which a rate ≤ max u32 cannot produce.
     let quota = Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::MIN);
+        .allow_burst(burst_for(rate));
     Arc::new(RateLimiter::direct(quota))
 }
 
@@ -83,6 +96,7 @@ impl Pacer {
                 last_decrease: None,
                 last_step: now,
             }),
+            queue: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -112,6 +126,7 @@ impl Pacer {
     /// Wait until one request may start.
     pub async fn acquire(&self) {
         self.recover_at(Instant::now());
+        let _turn = self.queue.lock().await;
         loop {
             let limiter = self.lock().limiter.clone();
             limiter.until_ready().await;

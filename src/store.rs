@@ -956,6 +956,11 @@ pub struct LaneUpdate {
     pub last_error: Option<String>,
 }
 
+/// `?,?,…` with `n` placeholders.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
 const MESSAGE_COLUMNS: &str =
     "id, from_account, send_time, sent_time, random, recent_contact, body, attempts";
 
@@ -1050,6 +1055,18 @@ impl Store {
         cut_at_tie: bool,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
         let mut tx = self.begin().await?;
+        let batch = self.claim_in(&mut tx, lane, max, cut_at_tie).await?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(batch)
+    }
+
+    async fn claim_in(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        lane: &Lane,
+        max: usize,
+        cut_at_tie: bool,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'pending'
              ORDER BY send_time, id LIMIT ?"
@@ -1086,20 +1103,28 @@ impl Store {
         if let Some(c) = cut {
             batch.truncate(c);
         }
-        for m in batch.iter_mut() {
-            m.attempts += 1;
-            sqlx::query(
-                "UPDATE messages SET state = 'in_flight', attempts = attempts + 1, sent_time = ?,
-                 updated_at = ? WHERE id = ? AND state = 'pending'",
-            )
-            .bind(m.sent_time)
-            .bind(now)
-            .bind(m.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
+        if !batch.is_empty() {
+            // One statement for the batch; the SendTime to send is set only where nudged.
+            let ids = placeholders(batch.len());
+            let sql = format!(
+                "UPDATE messages SET state = 'in_flight', attempts = attempts + 1, sent_time = NULL,
+                 updated_at = ? WHERE id IN ({ids}) AND state = 'pending'"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+            for m in batch.iter_mut() {
+                m.attempts += 1;
+                q = q.bind(m.id);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+            for m in batch.iter().filter(|m| m.sent_time.is_some()) {
+                sqlx::query("UPDATE messages SET sent_time = ? WHERE id = ?")
+                    .bind(m.sent_time)
+                    .bind(m.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.err(e))?;
+            }
         }
-        tx.commit().await.map_err(|e| self.err(e))?;
         Ok(batch)
     }
 
@@ -1111,38 +1136,84 @@ impl Store {
         updates: &[MessageUpdate],
         lane: &LaneUpdate,
     ) -> Result<(), StoreError> {
+        self.record_and_claim(lane_id, updates, lane, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::record`], then, in the same transaction, [`Store::claim_batch`] of the lane's next
+    /// batch (`next`: the lane with its new checkpoint, the batch size, cut at ties): one commit
+    /// per request instead of two.
+    pub async fn record_and_claim(
+        &self,
+        lane_id: i64,
+        updates: &[MessageUpdate],
+        lane: &LaneUpdate,
+        next: Option<(&Lane, usize, bool)>,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         let now = unix_now();
         let mut tx = self.begin().await?;
-        for u in updates {
-            let q = match u {
+        // The common outcomes in one statement each (a request's batch at once); the rare ones
+        // row by row.
+        let imported: Vec<_> = updates
+            .iter()
+            .filter_map(|u| match u {
                 MessageUpdate::Imported {
                     id,
                     msg_seq,
                     msg_time,
                     note,
-                } => sqlx::query(
-                    "UPDATE messages SET state = 'imported', msg_seq = ?, msg_time = ?,
-                     result_code = 0, result_text = ?, updated_at = ?
-                     WHERE id = ? AND state = 'in_flight'",
-                )
-                .bind(*msg_seq)
-                .bind(*msg_time)
-                .bind(note.as_deref())
-                .bind(now)
-                .bind(*id),
+                } => Some((*id, *msg_seq, *msg_time, note.as_deref())),
+                _ => None,
+            })
+            .collect();
+        if !imported.is_empty() {
+            let values = vec!["(?,?,?,?)"; imported.len()].join(",");
+            let sql = format!(
+                "UPDATE messages SET state = 'imported', msg_seq = v.column2, msg_time = v.column3,
+                 result_code = 0, result_text = v.column4, updated_at = ?
+                 FROM (VALUES {values}) AS v
+                 WHERE messages.id = v.column1 AND messages.state = 'in_flight'"
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql)).bind(now);
+            for (id, seq, time, note) in &imported {
+                q = q.bind(*id).bind(*seq).bind(*time).bind(*note);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+        }
+        for refund in [false, true] {
+            let ids: Vec<i64> = updates
+                .iter()
+                .filter_map(|u| match u {
+                    MessageUpdate::Pending { id, refund: r } if *r == refund => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "UPDATE messages SET state = 'pending', attempts = MAX(attempts - ?, 0),
+                 updated_at = ? WHERE id IN ({}) AND state = 'in_flight'",
+                placeholders(ids.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(i64::from(refund))
+                .bind(now);
+            for id in ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+        }
+        for u in updates {
+            let q = match u {
+                MessageUpdate::Imported { .. } | MessageUpdate::Pending { .. } => continue,
                 MessageUpdate::Failed { id, code, reason } => sqlx::query(
                     "UPDATE messages SET state = 'failed', result_code = ?, result_text = ?,
                      updated_at = ? WHERE id = ? AND state = 'in_flight'",
                 )
                 .bind(*code)
                 .bind(reason.as_str())
-                .bind(now)
-                .bind(*id),
-                MessageUpdate::Pending { id, refund } => sqlx::query(
-                    "UPDATE messages SET state = 'pending', attempts = MAX(attempts - ?, 0),
-                     updated_at = ? WHERE id = ? AND state = 'in_flight'",
-                )
-                .bind(i64::from(*refund))
                 .bind(now)
                 .bind(*id),
                 MessageUpdate::Unknown { id, note } => sqlx::query(
@@ -1184,7 +1255,12 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        let batch = match next {
+            Some((l, max, cut)) => self.claim_in(&mut tx, l, max, cut).await?,
+            None => Vec::new(),
+        };
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(batch)
     }
 
     /// Puts failed messages back to pending (attempts reset) and unblocks lanes: for one group,

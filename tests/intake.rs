@@ -412,7 +412,11 @@ fn sqlite3(db: &std::path::Path, sql: &str) {
             .output()
             .expect("neither the sqlite3 shell nor python3 is available"),
     };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

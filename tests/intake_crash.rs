@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::RngExt;
 
-const LINES: i64 = 200_000;
+const LINES: i64 = 300_000;
 
 fn big_job() -> String {
     let mut s = String::with_capacity(LINES as usize * 120);
@@ -37,13 +37,13 @@ async fn queued(env: &Env) -> i64 {
 async fn kill_mid_ingest(env: &Env, child: &mut std::process::Child, rng: &mut impl rand::Rng) {
     let start_wal = wal_len(&env.db_path());
     let started = Instant::now();
-    while wal_len(&env.db_path()) < start_wal + (256 << 10) {
+    while wal_len(&env.db_path()) < start_wal + (64 << 10) {
         if child.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(60) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
     child.kill().unwrap();
     child.wait().unwrap();
 }

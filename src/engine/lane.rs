@@ -60,11 +60,38 @@ fn app_level(code: i64) -> Option<&'static str> {
 /// Works one lane until it is idle, waits, is blocked, or the engine stops.
 pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
     let mut max_batch = sh.cfg.batch_size;
+    // Messages can be left in flight only by an earlier task or process (a step that leaves some
+    // ends the task), so they are looked for once, when the task starts.
+    let mut check_in_flight = true;
+    // The next batch, claimed in the same transaction that recorded the previous answer.
+    let mut prefetched: Option<Vec<QueuedMessage>> = None;
     loop {
         if sh.stop.is_cancelled() {
+            // Give back a batch claimed but not sent.
+            if let Some(batch) = prefetched.take()
+                && let Err(e) = sh
+                    .store
+                    .record(
+                        lane.id,
+                        &back_to_pending(&batch, true),
+                        &LaneUpdate::default(),
+                    )
+                    .await
+            {
+                tracing::warn!(group = %lane.group_id, error = %e, "could not release a claimed batch; it is reconciled at the next start");
+            }
             return;
         }
-        match step(&sh, &mut lane, &mut max_batch).await {
+        let result = step(
+            &sh,
+            &mut lane,
+            &mut max_batch,
+            check_in_flight,
+            &mut prefetched,
+        )
+        .await;
+        check_in_flight = false;
+        match result {
             Ok(Step::Progress) => continue,
             Ok(Step::Idle | Step::Backoff | Step::Blocked | Step::Stop) => return,
             Err(e) => {
@@ -81,13 +108,22 @@ pub async fn step(
     sh: &Shared,
     lane: &mut Lane,
     max_batch: &mut usize,
+    check_in_flight: bool,
+    prefetched: &mut Option<Vec<QueuedMessage>>,
 ) -> Result<Step, EngineError> {
-    let in_flight = sh.store.in_flight(lane.id).await?;
-    if !in_flight.is_empty() {
-        return reconcile::run(sh, lane, in_flight, &HashSet::new()).await;
+    if check_in_flight {
+        let in_flight = sh.store.in_flight(lane.id).await?;
+        if !in_flight.is_empty() {
+            return reconcile::run(sh, lane, in_flight, &HashSet::new()).await;
+        }
     }
-    let cut_at_tie = !sh.ties_ok.load(Ordering::Relaxed);
-    let batch = sh.store.claim_batch(lane, *max_batch, cut_at_tie).await?;
+    let batch = match prefetched.take() {
+        Some(b) => b,
+        None => {
+            let cut_at_tie = !sh.ties_ok.load(Ordering::Relaxed);
+            sh.store.claim_batch(lane, *max_batch, cut_at_tie).await?
+        }
+    };
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
@@ -98,7 +134,7 @@ pub async fn step(
     match answer {
         Ok(resp) => {
             let results = resp.import_msg_result.unwrap_or_default();
-            on_results(sh, lane, &batch, &results, max_batch).await
+            on_results(sh, lane, &batch, &results, max_batch, prefetched).await
         }
         Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
     }
@@ -156,6 +192,7 @@ async fn on_results(
     batch: &[QueuedMessage],
     results: &[ImportMsgResult],
     max_batch: &mut usize,
+    prefetched: &mut Option<Vec<QueuedMessage>>,
 ) -> Result<Step, EngineError> {
     let mut updates = Vec::with_capacity(batch.len());
     let mut lane_up = LaneUpdate::default();
@@ -209,10 +246,29 @@ async fn on_results(
             None => unresolved.push(m.clone()),
         }
     }
-    sh.store.record(lane.id, &updates, &lane_up).await?;
-    count_imported(sh, imported);
-    apply_checkpoint(lane, &lane_up);
     *max_batch = sh.cfg.batch_size;
+    // All answered and the engine goes on: claim the next batch in the same transaction.
+    let claim_next = unresolved.is_empty() && !sh.stop.is_cancelled();
+    let mut after = lane.clone();
+    apply_checkpoint(&mut after, &lane_up);
+    let cut_at_tie = !(sh.ties_ok.load(Ordering::Relaxed) || tie_taken);
+    let next = sh
+        .store
+        .record_and_claim(
+            lane.id,
+            &updates,
+            &lane_up,
+            claim_next.then_some((&after, *max_batch, cut_at_tie)),
+        )
+        .await?;
+    count_imported(sh, imported);
+    *lane = after;
+    if claim_next {
+        if next.is_empty() {
+            return Ok(Step::Idle);
+        }
+        *prefetched = Some(next);
+    }
     if tie_taken && !sh.ties_ok.swap(true, Ordering::Relaxed) {
         tracing::info!(group = %lane.group_id, "the server takes messages sharing a second; batches no longer end at ties");
         sh.store.set_meta(super::TIES_ACCEPTED_KEY, "1").await?;

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,11 @@ pub fn prepare(spool: &Path) -> std::io::Result<()> {
 /// Watches the spool folder; any event wakes the loop (coalesced in a channel of one).
 pub fn watch(spool: &Path, wake: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Only arrivals matter. Access events must not wake the loop: the scan itself opens the
+        // folder, and waking on that would rescan forever.
+        if let Ok(ev) = res
+            && matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_))
+        {
             let _ = wake.try_send(());
         }
     })?;
@@ -182,8 +186,12 @@ fn move_into(dir: &Path, from: &Path, name: &str) -> std::io::Result<PathBuf> {
         n += 1;
     }
     fs::rename(from, &to)?;
-    if fs::symlink_metadata(&to)?.file_type().is_file() {
-        fs::set_permissions(&to, fs::Permissions::from_mode(0o600))?;
+    // Best effort: a file dropped by another user cannot be chmod-ed by the service user; it is
+    // moved all the same (its folder is 0700).
+    if fs::symlink_metadata(&to)?.file_type().is_file()
+        && let Err(e) = fs::set_permissions(&to, fs::Permissions::from_mode(0o600))
+    {
+        tracing::debug!(file = %to.display(), error = %e, "cannot restrict the moved file's mode");
     }
     Ok(to)
 }

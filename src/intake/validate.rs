@@ -688,7 +688,10 @@ mod fast_tests {
     #[test]
     fn minify_keeps_strings_and_drops_whitespace() {
         assert!(matches!(minify(r#"[{"a":"b c"}]"#), Cow::Borrowed(_)));
-        assert_eq!(minify("[ {\"a\" : \"b \\\" c\" } ]\n"), r#"[{"a":"b \" c"}]"#);
+        assert_eq!(
+            minify("[ {\"a\" : \"b \\\" c\" } ]\n"),
+            r#"[{"a":"b \" c"}]"#
+        );
     }
 
     /// Every line the fast path accepts, the careful path accepts with the same fields.
@@ -714,8 +717,22 @@ mod fast_tests {
             match (&fast, &careful) {
                 (Some(f), Ok(c)) => {
                     assert_eq!(
-                        (&f.group_id, &f.topic_id, &f.from_account, f.send_time, f.random, f.recent_contact),
-                        (&c.group_id, &c.topic_id, &c.from_account, c.send_time, c.random, c.recent_contact),
+                        (
+                            &f.group_id,
+                            &f.topic_id,
+                            &f.from_account,
+                            f.send_time,
+                            f.random,
+                            f.recent_contact
+                        ),
+                        (
+                            &c.group_id,
+                            &c.topic_id,
+                            &c.from_account,
+                            c.send_time,
+                            c.random,
+                            c.recent_contact
+                        ),
                         "{l}"
                     );
                     let fv: Value = serde_json::from_str(&f.body).unwrap();
@@ -723,9 +740,14 @@ mod fast_tests {
                     assert_eq!(fv, cv, "{l}");
                 }
                 (None, _) => {}
-                (Some(_), Err(p)) => panic!("fast path accepted what the careful path rejects: {l}: {p:?}"),
+                (Some(_), Err(p)) => {
+                    panic!("fast path accepted what the careful path rejects: {l}: {p:?}")
+                }
             }
         }
-        assert!(fast_message(lines[0], None, now, 1, 0).is_some(), "the common case is fast");
+        assert!(
+            fast_message(lines[0], None, now, 1, 0).is_some(),
+            "the common case is fast"
+        );
     }
 }
