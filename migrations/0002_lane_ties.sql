@@ -4,3 +4,8 @@
 ALTER TABLE lanes ADD COLUMN tie_nudge INTEGER NOT NULL DEFAULT 0;
 -- Why the lane waits (the last retryable or unknown outcome), for status.
 ALTER TABLE lanes ADD COLUMN last_error TEXT;
+
+-- The scheduler's "which lanes have work" query, every tick: a partial index over the few lanes
+-- with work, instead of a scan and sort of all lanes.
+CREATE INDEX lanes_runnable ON lanes (retry_at, id)
+    WHERE state = 'active' AND (pending > 0 OR in_flight > 0);

@@ -296,6 +296,14 @@ async fn run(
     let store = open_store(&settings).await?;
     let _lock = lock_daemon(&settings.queue.database)?;
     let shutdown = CancellationToken::new();
+    // Signals first: a SIGTERM during the initial scan stops cleanly too.
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping (requests in flight get the grace period)");
+        systemd::stopping();
+        signal_token.cancel();
+    });
 
     // Where requests go: the built-in simulator, an explicit base_url, or the region.
     let mut sim = None;
@@ -383,12 +391,18 @@ async fn run(
         )));
     }
 
+    // Ready: the store is migrated and writable, the client and the listener are up.
+    systemd::ready();
+
     // Job files named on the command line, then one pass over the spool and the intake table,
     // so `--until-idle` sees everything that is waiting now.
-    for path in &pre_ingest {
+    'files: for path in &pre_ingest {
         for f in job_files(path)? {
-            let outcome = ingest_file(Some(&store), &f, true, &shutdown).await?;
-            print!("{}", describe(&f, &outcome));
+            match ingest_file(Some(&store), &f, true, &shutdown).await {
+                Ok(outcome) => print!("{}", describe(&f, &outcome)),
+                Err(crate::intake::files::IngestError::Cancelled(_)) => break 'files,
+                Err(e) => return Err(e).with_context(|| format!("ingesting {}", f.display())),
+            }
         }
     }
     spool::scan_once(&store, &settings.queue.spool_dir, &shutdown)
@@ -396,14 +410,6 @@ async fn run(
         .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
     table::poll_once(&store).await?;
 
-    systemd::ready();
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received: stopping (requests in flight get the grace period)");
-        systemd::stopping();
-        signal_token.cancel();
-    });
     let intake_task = tokio::spawn(intake::run(
         store.clone(),
         IntakeConfig {

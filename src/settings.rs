@@ -527,6 +527,18 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_files_load() {
+        for f in [
+            "config/local.toml",
+            "config/production.example.toml",
+            "deploy/systemd/timport.toml",
+        ] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Settings::load_from(Some(&path), &env(&[])).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
     fn redaction_drops_quoted_values() {
         let m = redact_config_error("invalid type: \"abc\" for key `tencent.secret_key`".into());
         assert!(!m.contains("abc"));

@@ -149,7 +149,8 @@ impl Store {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .acquire_timeout(opts.busy_timeout + Duration::from_secs(30))
+            // Generous: a lane waits here while a large job file's transaction holds the writer.
+            .acquire_timeout(opts.busy_timeout * 10 + Duration::from_secs(30))
             .connect_with(base.clone().pragma("cache_size", "-32768"))
             .await
             .map_err(wrap)?;
@@ -1086,14 +1087,29 @@ impl Store {
         }
         let now = unix_now();
         let mut prev = lane.last_send_time;
+        // The original SendTime of the newest imported message: only messages from that second
+        // on are ties to move; older ones are left to the server to refuse (visibly).
+        let mut prev_orig = if lane.tie_nudge {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT send_time FROM messages WHERE lane_id = ? AND state = 'imported'
+                 ORDER BY send_time DESC, id DESC LIMIT 1",
+            )
+            .bind(lane.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .unwrap_or(lane.last_send_time)
+        } else {
+            lane.last_send_time
+        };
         let mut cut = None;
         for (i, m) in batch.iter_mut().enumerate() {
-            let sent = if lane.tie_nudge {
-                let t = m.send_time.max(prev + 1);
-                (t != m.send_time).then_some(t)
+            let sent = if lane.tie_nudge && m.send_time >= prev_orig && m.send_time <= prev {
+                Some(prev + 1)
             } else {
                 None
             };
+            prev_orig = m.send_time;
             m.sent_time = sent;
             if cut_at_tie && cut.is_none() && m.effective_time() == prev {
                 cut = Some(i + 1);

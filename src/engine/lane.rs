@@ -114,7 +114,8 @@ pub async fn step(
     if check_in_flight {
         let in_flight = sh.store.in_flight(lane.id).await?;
         if !in_flight.is_empty() {
-            return reconcile::run(sh, lane, in_flight, &HashSet::new()).await;
+            let since = lane.last_msg_seq;
+            return reconcile::run(sh, lane, in_flight, &HashSet::new(), since).await;
         }
     }
     let batch = match prefetched.take() {
@@ -134,6 +135,12 @@ pub async fn step(
     match answer {
         Ok(resp) => {
             let results = resp.import_msg_result.unwrap_or_default();
+            on_results(sh, lane, &batch, &results, max_batch, prefetched).await
+        }
+        // A failed answer that still carries per-message results: those results stand.
+        Err(e) if e.import_results.as_ref().is_some_and(|r| !r.is_empty()) => {
+            tracing::info!(group = %lane.group_id, error = %e, "failed answer with per-message results; recording them");
+            let results = e.import_results.unwrap_or_default();
             on_results(sh, lane, &batch, &results, max_batch, prefetched).await
         }
         Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
@@ -194,6 +201,7 @@ async fn on_results(
     max_batch: &mut usize,
     prefetched: &mut Option<Vec<QueuedMessage>>,
 ) -> Result<Step, EngineError> {
+    let since_seq = lane.last_msg_seq;
     let mut updates = Vec::with_capacity(batch.len());
     let mut lane_up = LaneUpdate::default();
     let mut refused = HashSet::new();
@@ -263,21 +271,23 @@ async fn on_results(
         .await?;
     count_imported(sh, imported);
     *lane = after;
-    if claim_next {
-        if next.is_empty() {
-            return Ok(Step::Idle);
-        }
+    if claim_next && !next.is_empty() {
         *prefetched = Some(next);
     }
     if tie_taken && !sh.ties_ok.swap(true, Ordering::Relaxed) {
         tracing::info!(group = %lane.group_id, "the server takes messages sharing a second; batches no longer end at ties");
-        sh.store.set_meta(super::TIES_ACCEPTED_KEY, "1").await?;
+        if let Err(e) = sh.store.set_meta(super::TIES_ACCEPTED_KEY, "1").await {
+            tracing::warn!(error = %e, "could not remember that the server takes ties; it is learned again after a restart");
+        }
     }
-    if unresolved.is_empty() {
-        Ok(Step::Progress)
+    if !unresolved.is_empty() {
+        return reconcile::run(sh, lane, unresolved, &refused, since_seq).await;
+    }
+    Ok(if claim_next && prefetched.is_none() {
+        Step::Idle
     } else {
-        reconcile::run(sh, lane, unresolved, &refused).await
-    }
+        Step::Progress
+    })
 }
 
 pub(super) fn count_imported(sh: &Shared, n: u64) {
@@ -315,7 +325,12 @@ async fn on_error(
 ) -> Result<Step, EngineError> {
     let code = e.code();
     let info = e.info();
-    match e.class() {
+    // Server-side timeouts: the import may have been applied, like a lost answer.
+    let class = match code {
+        Some(60008 | 70169 | 70202 | 80003) => ErrorClass::Unknown,
+        _ => e.class(),
+    };
+    match class {
         ErrorClass::RateLimited => {
             // The client already slowed the pacer; this is not a failed attempt.
             sh.store

@@ -17,7 +17,7 @@
 pub mod lane;
 pub mod reconcile;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -175,6 +175,9 @@ pub async fn run(
     });
     let mut tasks: JoinSet<i64> = JoinSet::new();
     let mut running: HashSet<i64> = HashSet::new();
+    // Which lane each task works, so a panicked task frees exactly its own lane.
+    let mut task_lanes: HashMap<tokio::task::Id, i64> = HashMap::new();
+    let mut progress_task: Option<tokio::task::JoinHandle<()>> = None;
     let mut rate = RateMeter::new();
     let mut last_progress_log = Instant::now();
     let mut last_progress_write = Instant::now() - Duration::from_secs(60);
@@ -199,11 +202,12 @@ pub async fn run(
                         }
                         if running.insert(l.id) {
                             let sh = shared.clone();
-                            tasks.spawn(async move {
-                                let id = l.id;
+                            let id = l.id;
+                            let handle = tasks.spawn(async move {
                                 lane::work(sh, l).await;
                                 id
                             });
+                            task_lanes.insert(handle.id(), id);
                         }
                     }
                 }
@@ -226,7 +230,12 @@ pub async fn run(
                 active_lanes: running.len(),
                 stopped_reason: None,
             };
-            write_progress(&store, &p).await;
+            // Written off the loop: a long ingest transaction holding the writer must not stop
+            // the loop (and its watchdog pings).
+            if progress_task.as_ref().is_none_or(|h| h.is_finished()) {
+                let st = store.clone();
+                progress_task = Some(tokio::spawn(async move { write_progress(&st, &p).await }));
+            }
             if let Ok(t) = store.totals(None).await {
                 export_gauges(&t, running.len());
                 if last_progress_log.elapsed() >= cfg.progress_interval {
@@ -245,16 +254,16 @@ pub async fn run(
         }
         // Wait for a lane to finish, or a short tick to look for new work.
         tokio::select! {
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(id) = done {
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let task = match done {
+                    Ok((task, _)) => task,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a lane task failed; its messages stay in flight and are reconciled");
+                        e.id()
+                    }
+                };
+                if let Some(id) = task_lanes.remove(&task) {
                     running.remove(&id);
-                } else {
-                    // A panicked lane task: forget all finished ids by rebuilding from scratch.
-                    running.clear();
-                    tracing::error!("a lane task panicked; its messages stay in flight and are reconciled");
-                }
-                while let Some(done) = tasks.try_join_next() {
-                    if let Ok(id) = done { running.remove(&id); }
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}

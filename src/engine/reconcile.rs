@@ -20,7 +20,7 @@ use super::{EngineError, Shared};
 use crate::settings::TiePolicy;
 use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage, unix_now_ms};
 use crate::tencent::{
-    ApiError, ErrorClass, GetGroupInfoRequest, GroupInfo, GroupMsgGetSimpleRequest,
+    ApiError, ApiErrorKind, ErrorClass, GetGroupInfoRequest, GroupInfo, GroupMsgGetSimpleRequest,
 };
 
 /// Pages of 20 read back at most, before the lane is blocked as inconclusive.
@@ -29,53 +29,59 @@ pub const MAX_PAGES: usize = 500;
 type Key = (String, i64, u32);
 
 /// Reconciles `doubt` (messages of `lane` in flight); `refused` are those the server answered
-/// with Result 10004.
+/// with Result 10004. `since_seq` is the checkpoint from before these messages were sent: only
+/// history above it can hold them.
 pub async fn run(
     sh: &Shared,
     lane: &mut Lane,
     doubt: Vec<QueuedMessage>,
     refused: &HashSet<i64>,
+    since_seq: i64,
 ) -> Result<Step, EngineError> {
-    let info = match group_info(sh, lane).await {
-        Ok(Some(info)) => info,
-        Ok(None) => unreachable_group(),
+    let oldest = doubt
+        .iter()
+        .map(QueuedMessage::effective_time)
+        .min()
+        .unwrap_or(0);
+    // The tail of the history first: after a lost answer the batch is usually all there, and one
+    // page settles it.
+    let mut found = match read_tail(sh, lane, oldest, since_seq).await {
+        Ok(Tail::Read(map)) => Some(map),
+        Ok(Tail::Missing) => None,
+        Ok(Tail::Inconclusive(why)) => {
+            // Keep the messages in flight: nothing may be sent again until a read is conclusive.
+            return block(sh, lane, &[], None, &why).await;
+        }
         Err(e) => return read_failed(sh, lane, &doubt, e).await,
     };
-    // A group that does not exist holds nothing of ours: the messages go back to pending and the
-    // next import answers for the group (10010 blocks the lane there, with the import's reason).
-    let missing = matches!(info.error_code, 10010 | 10015);
-    if info.error_code != 0 && !missing {
-        return block(sh, lane, &doubt, Some(info.error_code), &info.error_info).await;
-    }
-    let newest_seq = info
-        .next_msg_seq
-        .map(|n| i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX));
-    let mut found: HashMap<Key, VecDeque<(i64, i64)>> = HashMap::new();
-    // Shortcut: a lane without topic whose checkpoint is the group's newest message has nothing
-    // of ours beyond it.
-    let nothing_new = lane.topic_id.is_empty() && newest_seq == Some(lane.last_msg_seq);
-    if !nothing_new && !missing {
-        let oldest = doubt
-            .iter()
-            .map(QueuedMessage::effective_time)
-            .min()
-            .unwrap_or(0);
-        match read_tail(sh, lane, oldest).await {
-            Ok(Some(map)) => found = map,
+    let mut matched: Vec<Option<(i64, i64)>> = doubt
+        .iter()
+        .map(|m| {
+            let key = (m.from_account.clone(), m.effective_time(), m.random);
+            found
+                .as_mut()
+                .and_then(|f| f.get_mut(&key))
+                .and_then(VecDeque::pop_front)
+        })
+        .collect();
+    // Group details only when something is not there: whether the group exists, and why the
+    // server refused a message.
+    let mut info = GroupInfo::default();
+    if found.is_some() && matched.iter().any(Option::is_none) {
+        match group_info(sh, lane).await {
+            Ok(Some(i)) if matches!(i.error_code, 10010 | 10015) => {
+                matched.iter_mut().for_each(|m| *m = None);
+            }
+            Ok(Some(i)) if i.error_code != 0 => {
+                return block(sh, lane, &[], Some(i.error_code), &i.error_info).await;
+            }
+            Ok(Some(i)) => info = i,
             Ok(None) => {
-                return block(
-                    sh,
-                    lane,
-                    &doubt,
-                    None,
-                    &format!(
-                        "reconciliation inconclusive: more than {} messages after the checkpoint (MsgSeq {}) on the server; check the group's history, then `timport retry --group {}`",
-                        MAX_PAGES * 20,
-                        lane.last_msg_seq,
-                        lane.group_id
-                    ),
-                )
-                .await;
+                let e = ApiError::new(
+                    "get_group_info",
+                    ApiErrorKind::BadResponse("the answer does not list the group".into()),
+                );
+                return read_failed(sh, lane, &doubt, e).await;
             }
             Err(e) => return read_failed(sh, lane, &doubt, e).await,
         }
@@ -85,9 +91,8 @@ pub async fn run(
     let mut imported = 0u64;
     let last_msg_time = info.last_msg_time.unwrap_or(0);
     let create_time = info.create_time.unwrap_or(0);
-    for m in &doubt {
-        let key = (m.from_account.clone(), m.effective_time(), m.random);
-        if let Some((seq, time)) = found.get_mut(&key).and_then(VecDeque::pop_front) {
+    for (m, hit) in doubt.iter().zip(matched) {
+        if let Some((seq, time)) = hit {
             updates.push(MessageUpdate::Imported {
                 id: m.id,
                 msg_seq: seq,
@@ -159,23 +164,11 @@ pub async fn run(
             });
         }
     }
-    // The group's newest message is ours or older: the checkpoint may move up to it.
-    if nothing_new {
-        lane_up.seen_msg_seq = lane_up.seen_msg_seq.max(newest_seq);
-    }
     tracing::info!(group = %lane.group_id, in_doubt = doubt.len(), found = imported, "reconciled with the server");
     sh.store.record(lane.id, &updates, &lane_up).await?;
     count_imported(sh, imported);
     apply_checkpoint(lane, &lane_up);
     Ok(Step::Progress)
-}
-
-fn unreachable_group() -> GroupInfo {
-    GroupInfo {
-        error_code: 10010,
-        error_info: "the group is missing from get_group_info's answer".into(),
-        ..GroupInfo::default()
-    }
 }
 
 async fn group_info(sh: &Shared, lane: &Lane) -> Result<Option<GroupInfo>, ApiError> {
@@ -192,17 +185,33 @@ async fn group_info(sh: &Shared, lane: &Lane) -> Result<Option<GroupInfo>, ApiEr
         .find(|g| g.group_id == lane.group_id))
 }
 
-/// Reads the history newest first down to the lane's checkpoint or below `oldest`.
-/// `Ok(None)` when [`MAX_PAGES`] were not enough.
+/// What reading the history back gave.
+enum Tail {
+    /// Our messages above the checkpoint, by (From_Account, MsgTimeStamp, MsgRandom).
+    Read(HashMap<Key, VecDeque<(i64, i64)>>),
+    /// The group does not exist: it holds nothing of ours.
+    Missing,
+    /// The history cannot prove what is there (holes, expiry, too long): the reason.
+    Inconclusive(String),
+}
+
+/// Reads the history newest first down to `since_seq` or below `oldest`.
 async fn read_tail(
     sh: &Shared,
     lane: &Lane,
     oldest: i64,
-) -> Result<Option<HashMap<Key, VecDeque<(i64, i64)>>>, ApiError> {
+    since_seq: i64,
+) -> Result<Tail, ApiError> {
     let mut found: HashMap<Key, VecDeque<(i64, i64)>> = HashMap::new();
     let mut req_seq: Option<u64> = None;
+    let inconclusive = |what: &str| {
+        Tail::Inconclusive(format!(
+            "reconciliation inconclusive: {what} after the checkpoint (MsgSeq {since_seq}); messages stay in flight, nothing is re-sent. Check the group's history (retention may have expired), then `timport retry --group {}`",
+            lane.group_id
+        ))
+    };
     for _ in 0..MAX_PAGES {
-        let page = sh
+        let page = match sh
             .client
             .group_msg_get_simple(&GroupMsgGetSimpleRequest {
                 group_id: lane.group_id.clone(),
@@ -211,9 +220,14 @@ async fn read_tail(
                 topic_id: (!lane.topic_id.is_empty()).then(|| lane.topic_id.clone()),
                 with_recalled_msg: None,
             })
-            .await?;
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if matches!(e.code(), Some(10010 | 10015)) => return Ok(Tail::Missing),
+            Err(e) => return Err(e),
+        };
         if page.rsp_msg_list.is_empty() {
-            return Ok(Some(found));
+            return Ok(Tail::Read(found));
         }
         let mut min_seq = u64::MAX;
         let mut min_time = i64::MAX;
@@ -221,30 +235,39 @@ async fn read_tail(
             min_seq = min_seq.min(m.msg_seq);
             min_time = min_time.min(m.msg_time_stamp);
             let seq = i64::try_from(m.msg_seq).unwrap_or(i64::MAX);
-            if seq <= lane.last_msg_seq {
+            if seq <= since_seq {
                 continue;
             }
-            if let Some(r) = m.random_u32() {
-                found
+            match m.random_u32() {
+                Some(r) if m.is_place_msg != 1 => found
                     .entry((m.from_account.clone(), m.msg_time_stamp, r))
                     .or_default()
-                    .push_back((seq, m.msg_time_stamp));
+                    .push_back((seq, m.msg_time_stamp)),
+                _ => {
+                    return Ok(inconclusive(
+                        "the server shows a hole (expired or deleted message)",
+                    ));
+                }
             }
         }
-        // Oldest first within each key, so equal keys pair with queue order.
-        let done = page.is_finished != 0
-            || min_seq <= 1
-            || i64::try_from(min_seq).unwrap_or(i64::MAX) <= lane.last_msg_seq + 1
+        let reached = min_seq <= 1
+            || i64::try_from(min_seq).unwrap_or(i64::MAX) <= since_seq + 1
             || min_time < oldest;
-        if done {
+        if reached || page.is_finished == 1 {
             for v in found.values_mut() {
                 v.make_contiguous().sort_unstable();
             }
-            return Ok(Some(found));
+            return Ok(Tail::Read(found));
+        }
+        if page.is_finished == 2 {
+            return Ok(inconclusive("the rest of the history has expired"));
         }
         req_seq = Some(min_seq - 1);
     }
-    Ok(None)
+    Ok(inconclusive(&format!(
+        "more than {} messages",
+        MAX_PAGES * 20
+    )))
 }
 
 async fn read_failed(
@@ -263,6 +286,7 @@ async fn read_failed(
         return Ok(Step::Stop);
     }
     if e.class() == ErrorClass::Permanent {
+        // Keep the messages in flight (`&[]`): their outcome is still unknown.
         return block(sh, lane, &[], e.code(), &e.info()).await;
     }
     let attempt = doubt.iter().map(|m| m.attempts).max().unwrap_or(1);

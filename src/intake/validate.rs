@@ -563,7 +563,7 @@ fn fast_body_ok(raw: &RawValue) -> bool {
             }
             _ => false,
         };
-        // Fields present with a JSON null parse as None above; those go to the slow path too.
+        // Explicit nulls never get here (see `fast_message`); ext and sound need no value.
         let _ = (&c.ext, &c.sound);
         if !ok {
             return false;
@@ -661,7 +661,8 @@ pub fn fast_message(
     if m.from_account.trim().is_empty() || m.send_time <= 0 || m.send_time >= now {
         return None;
     }
-    if !fast_body_ok(m.msg_body) {
+    // An explicit null reads as "absent" in the typed structs; the careful path reports it.
+    if m.msg_body.get().contains("null") || !fast_body_ok(m.msg_body) {
         return None;
     }
     let body = minify(m.msg_body.get());
@@ -709,6 +710,8 @@ mod fast_tests {
             r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"Random":4294967296,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"}}]}"#,
             r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMCustomElem","MsgContent":{"Data":"x"}},{"MsgType":"TIMCustomElem","MsgContent":{"Data":"y"}}]}"#,
             r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMTextElem","MsgContent":{"Text":"x"},"Extra":1}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMFaceElem","MsgContent":{"Index":1,"Data":null}}]}"#,
+            r#"{"GroupId":"g","From_Account":"a","SendTime":1700000000,"MsgBody":[{"MsgType":"TIMCustomElem","MsgContent":{"Data":"x","Ext":null}}]}"#,
         ];
         for l in lines {
             let fast = fast_message(l, None, now, 1, 0);
