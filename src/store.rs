@@ -281,6 +281,15 @@ pub struct NewMessage {
     pub source_index: i64,
 }
 
+/// A member to import into a group after its history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMember {
+    pub account: String,
+    pub role: Option<String>,
+    pub join_time: Option<i64>,
+    pub unread_msg_num: Option<i64>,
+}
+
 /// The Random assigned to the `counter`-th message of a group without a caller's value.
 ///
 /// A bijection of the counter (offset by a per-group seed, then murmur3's fmix32 finaliser, which
@@ -442,8 +451,16 @@ impl JobWriter {
     }
 
     async fn lane_id(&mut self, group: &str, topic: &str) -> Result<i64, StoreError> {
+        let id = self.ensure_lane(group, topic).await?;
         if let Some(l) = self.lanes.get_mut(&(group.to_string(), topic.to_string())) {
             l.added += 1;
+        }
+        Ok(id)
+    }
+
+    /// The lane's id, creating the group and lane rows when new (counts nothing).
+    async fn ensure_lane(&mut self, group: &str, topic: &str) -> Result<i64, StoreError> {
+        if let Some(l) = self.lanes.get(&(group.to_string(), topic.to_string())) {
             return Ok(l.id);
         }
         if !self.groups.contains_key(group) {
@@ -482,9 +499,48 @@ impl JobWriter {
                 .map_err(|e| self.store.err(e))?;
         self.lanes.insert(
             (group.to_string(), topic.to_string()),
-            LaneAcc { id, added: 1 },
+            LaneAcc { id, added: 0 },
         );
         Ok(id)
+    }
+
+    /// Records the group's import_group body (JSON), to be sent before its messages. A group
+    /// already created by an earlier job stays created.
+    pub async fn set_group_spec(&mut self, group: &str, spec: &str) -> Result<(), StoreError> {
+        self.ensure_lane(group, "").await?;
+        sqlx::query(
+            "UPDATE groups SET spec = ?,
+                create_state = CASE WHEN create_state IN ('created', 'blocked') THEN create_state
+                                    ELSE 'pending' END
+             WHERE group_id = ?",
+        )
+        .bind(spec)
+        .bind(group)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    /// Queues a member to import after the group's messages (a member already queued for the
+    /// group is kept as it is).
+    pub async fn add_member(&mut self, group: &str, m: &NewMember) -> Result<(), StoreError> {
+        self.ensure_lane(group, "").await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO members(group_id, job_id, member_account, role, join_time,
+                unread_msg_num, updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(group)
+        .bind(self.job_id)
+        .bind(&m.account)
+        .bind(m.role.as_deref())
+        .bind(m.join_time)
+        .bind(m.unread_msg_num)
+        .bind(unix_now())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| self.store.err(e))?;
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), StoreError> {
@@ -723,6 +779,8 @@ pub struct LaneStatus {
     pub blocked_reason: Option<String>,
     pub last_send_time: i64,
     pub last_msg_seq: i64,
+    /// Where the group is: create, messages, members, unread, done (or "create blocked").
+    pub step: String,
 }
 
 /// One job as status shows it.
@@ -748,8 +806,16 @@ pub struct FailureReason {
     pub messages: i64,
 }
 
-const LANE_COLUMNS: &str = "group_id, topic_id, state, pending, in_flight, imported, failed, \
-     blocked_code, blocked_reason, last_send_time, last_msg_seq";
+const LANE_COLUMNS: &str = "l.group_id, l.topic_id, l.state, l.pending, l.in_flight, l.imported, \
+     l.failed, l.blocked_code, l.blocked_reason, l.last_send_time, l.last_msg_seq, \
+     CASE WHEN g.create_state = 'pending' THEN 'create' \
+          WHEN g.create_state = 'blocked' THEN 'create blocked' \
+          WHEN l.pending + l.in_flight > 0 THEN 'messages' \
+          WHEN EXISTS (SELECT 1 FROM members m WHERE m.group_id = l.group_id \
+                       AND m.state = 'pending') THEN 'members' \
+          WHEN EXISTS (SELECT 1 FROM members m WHERE m.group_id = l.group_id \
+                       AND m.unread_state = 'pending') THEN 'unread' \
+          ELSE 'done' END AS step";
 
 fn lane_status(r: &sqlx::sqlite::SqliteRow) -> LaneStatus {
     LaneStatus {
@@ -764,6 +830,7 @@ fn lane_status(r: &sqlx::sqlite::SqliteRow) -> LaneStatus {
         blocked_reason: r.get("blocked_reason"),
         last_send_time: r.get("last_send_time"),
         last_msg_seq: r.get("last_msg_seq"),
+        step: r.get("step"),
     }
 }
 
@@ -806,8 +873,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<LaneStatus>, StoreError> {
         let sql = format!(
-            "SELECT {LANE_COLUMNS} FROM lanes WHERE (?1 IS NULL OR group_id = ?1)
-             ORDER BY (pending + in_flight) DESC, group_id, topic_id LIMIT ?2"
+            "SELECT {LANE_COLUMNS} FROM lanes l LEFT JOIN groups g ON g.group_id = l.group_id
+             WHERE (?1 IS NULL OR l.group_id = ?1)
+             ORDER BY (l.pending + l.in_flight) DESC, l.group_id, l.topic_id LIMIT ?2"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(group)
@@ -821,7 +889,8 @@ impl Store {
     /// Blocked lanes with their reasons.
     pub async fn blocked_lanes(&self, limit: i64) -> Result<Vec<LaneStatus>, StoreError> {
         let sql = format!(
-            "SELECT {LANE_COLUMNS} FROM lanes WHERE state = 'blocked' ORDER BY group_id, topic_id LIMIT ?"
+            "SELECT {LANE_COLUMNS} FROM lanes l LEFT JOIN groups g ON g.group_id = l.group_id
+             WHERE l.state = 'blocked' ORDER BY l.group_id, l.topic_id LIMIT ?"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(limit)
@@ -996,6 +1065,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes
              WHERE state = 'active' AND (pending > 0 OR in_flight > 0) AND retry_at <= ?
+               AND NOT EXISTS (SELECT 1 FROM groups g WHERE g.group_id = lanes.group_id
+                               AND g.create_state IN ('pending', 'blocked'))
              ORDER BY retry_at, id LIMIT ?",
         )
         .bind(now_ms)
@@ -1305,6 +1376,25 @@ impl Store {
                 (m.rows_affected(), l.rows_affected())
             }
             RetryScope::Group(g) => {
+                // A creation refused (e.g. 10021 for a group that was there before): the
+                // operator's retry says to import into the group as it is.
+                sqlx::query(
+                    "UPDATE groups SET create_state = 'created', step_error = NULL, retry_at = 0
+                     WHERE group_id = ? AND create_state = 'blocked'",
+                )
+                .bind(g)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+                sqlx::query(
+                    "UPDATE members SET state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END,
+                        unread_state = CASE WHEN unread_state = 'failed' THEN 'pending' ELSE unread_state END
+                     WHERE group_id = ? AND (state = 'failed' OR unread_state = 'failed')",
+                )
+                .bind(g)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
                 let m = sqlx::query(
                     "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
                      result_text = NULL, updated_at = ?
@@ -1360,4 +1450,308 @@ pub enum RetryScope<'a> {
     All,
     Group(&'a str),
     Job(i64),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole-group steps: create the group before its messages, members and unread counts after.
+
+/// A group whose import_group is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupToCreate {
+    pub group_id: String,
+    pub spec: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+}
+
+/// A member whose import (or unread count) is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    pub id: i64,
+    pub account: String,
+    pub role: Option<String>,
+    pub join_time: Option<i64>,
+    pub unread_msg_num: Option<i64>,
+}
+
+/// What became of one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberUpdate {
+    /// Result 1 or 2; `unread_pending` when its unread count must still be set.
+    Imported {
+        id: i64,
+        result: i64,
+        unread_pending: bool,
+    },
+    Failed {
+        id: i64,
+        result: Option<i64>,
+        reason: String,
+    },
+    UnreadSet {
+        id: i64,
+    },
+    UnreadFailed {
+        id: i64,
+        reason: String,
+    },
+}
+
+/// Member counts for status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemberTotals {
+    pub pending: i64,
+    pub imported: i64,
+    pub failed: i64,
+    pub unread_pending: i64,
+}
+
+fn member_row(r: &sqlx::sqlite::SqliteRow) -> MemberRow {
+    MemberRow {
+        id: r.get("id"),
+        account: r.get("member_account"),
+        role: r.get("role"),
+        join_time: r.get("join_time"),
+        unread_msg_num: r.get("unread_msg_num"),
+    }
+}
+
+impl Store {
+    /// Groups whose import_group is due.
+    pub async fn groups_to_create(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<GroupToCreate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT group_id, spec, create_attempts FROM groups
+             WHERE create_state = 'pending' AND retry_at <= ? ORDER BY group_id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupToCreate {
+                group_id: r.get("group_id"),
+                spec: r.get::<Option<String>, _>("spec").unwrap_or_default(),
+                attempts: r.get("create_attempts"),
+            })
+            .collect())
+    }
+
+    /// Counts an import_group attempt before it is sent.
+    pub async fn count_create_attempt(&self, group: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE groups SET create_attempts = create_attempts + 1 WHERE group_id = ?")
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// The group exists now: its messages may go.
+    pub async fn group_created(&self, group: &str, note: Option<&str>) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE groups SET create_state = 'created', step_error = ? WHERE group_id = ?",
+        )
+        .bind(note)
+        .bind(group)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// The group cannot be created: it and all its lanes are blocked with the reason.
+    pub async fn group_blocked(
+        &self,
+        group: &str,
+        code: Option<i64>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE groups SET create_state = 'blocked', step_error = ? WHERE group_id = ?",
+        )
+        .bind(reason)
+        .bind(group)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        sqlx::query(
+            "UPDATE lanes SET state = 'blocked', blocked_code = ?, blocked_reason = ?,
+             updated_at = ? WHERE group_id = ?",
+        )
+        .bind(code)
+        .bind(reason)
+        .bind(unix_now())
+        .bind(group)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Delays the group's next step (backoff) and says why.
+    pub async fn group_retry_at(
+        &self,
+        group: &str,
+        retry_at_ms: i64,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE groups SET retry_at = ?, step_error = ? WHERE group_id = ?")
+            .bind(retry_at_ms)
+            .bind(why)
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Groups with member work that may run now: created (or nothing to create), and no message
+    /// of theirs pending or in flight, in any lane, blocked or not.
+    pub async fn groups_with_member_work(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT m.group_id FROM members m JOIN groups g ON g.group_id = m.group_id
+             WHERE (m.state = 'pending' OR m.unread_state = 'pending')
+               AND COALESCE(g.create_state, 'created') = 'created' AND g.retry_at <= ?
+               AND NOT EXISTS (SELECT 1 FROM lanes l WHERE l.group_id = m.group_id
+                               AND (l.pending > 0 OR l.in_flight > 0))
+             LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))
+    }
+
+    /// Whether a group step can still run (for `--until-idle`): a creation, or member work not
+    /// waiting behind a blocked lane or a blocked creation.
+    pub async fn group_work_left(&self) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM groups WHERE create_state = 'pending')
+                  + (SELECT COUNT(*) FROM members m JOIN groups g ON g.group_id = m.group_id
+                     WHERE (m.state = 'pending' OR m.unread_state = 'pending')
+                       AND COALESCE(g.create_state, 'created') = 'created'
+                       AND NOT EXISTS (SELECT 1 FROM lanes l WHERE l.group_id = m.group_id
+                                       AND l.state = 'blocked'))",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// Up to `limit` members of the group still to import.
+    pub async fn pending_members(
+        &self,
+        group: &str,
+        limit: i64,
+    ) -> Result<Vec<MemberRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, member_account, role, join_time, unread_msg_num FROM members
+             WHERE group_id = ? AND state = 'pending' ORDER BY id LIMIT ?",
+        )
+        .bind(group)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(member_row).collect())
+    }
+
+    /// Members of the group whose unread count is still to set.
+    pub async fn pending_unread(
+        &self,
+        group: &str,
+        limit: i64,
+    ) -> Result<Vec<MemberRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, member_account, role, join_time, unread_msg_num FROM members
+             WHERE group_id = ? AND unread_state = 'pending' ORDER BY id LIMIT ?",
+        )
+        .bind(group)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(member_row).collect())
+    }
+
+    /// Records member outcomes in one transaction.
+    pub async fn record_members(&self, updates: &[MemberUpdate]) -> Result<(), StoreError> {
+        let now = unix_now();
+        let mut tx = self.begin().await?;
+        for u in updates {
+            let q = match u {
+                MemberUpdate::Imported {
+                    id,
+                    result,
+                    unread_pending,
+                } => sqlx::query(
+                    "UPDATE members SET state = 'imported', result = ?, unread_state = ?,
+                     result_text = NULL, updated_at = ? WHERE id = ?",
+                )
+                .bind(*result)
+                .bind(if *unread_pending { "pending" } else { "none" })
+                .bind(now)
+                .bind(*id),
+                MemberUpdate::Failed { id, result, reason } => sqlx::query(
+                    "UPDATE members SET state = 'failed', result = ?, result_text = ?,
+                     updated_at = ? WHERE id = ?",
+                )
+                .bind(*result)
+                .bind(reason.as_str())
+                .bind(now)
+                .bind(*id),
+                MemberUpdate::UnreadSet { id } => sqlx::query(
+                    "UPDATE members SET unread_state = 'set', updated_at = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(*id),
+                MemberUpdate::UnreadFailed { id, reason } => sqlx::query(
+                    "UPDATE members SET unread_state = 'failed', result_text = ?, updated_at = ?
+                     WHERE id = ?",
+                )
+                .bind(reason.as_str())
+                .bind(now)
+                .bind(*id),
+            };
+            q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Member counts (all, or one group's).
+    pub async fn member_totals(&self, group: Option<&str>) -> Result<MemberTotals, StoreError> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(state = 'pending'), 0) AS pending,
+                    COALESCE(SUM(state = 'imported'), 0) AS imported,
+                    COALESCE(SUM(state = 'failed' OR unread_state = 'failed'), 0) AS failed,
+                    COALESCE(SUM(unread_state = 'pending'), 0) AS unread_pending
+             FROM members WHERE (?1 IS NULL OR group_id = ?1)",
+        )
+        .bind(group)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(MemberTotals {
+            pending: r.get("pending"),
+            imported: r.get("imported"),
+            failed: r.get("failed"),
+            unread_pending: r.get("unread_pending"),
+        })
+    }
 }

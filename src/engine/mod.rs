@@ -14,6 +14,7 @@
 //! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
 //! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
 
+pub mod group;
 pub mod lane;
 pub mod reconcile;
 
@@ -186,6 +187,7 @@ pub async fn run(
         batch_size = cfg.batch_size,
         "import engine started"
     );
+    let group_task = tokio::spawn(group::work(shared.clone()));
     let exit = loop {
         on_tick();
         if shared.stop.is_cancelled() {
@@ -247,7 +249,9 @@ pub async fn run(
         if cfg.until_idle && running.is_empty() {
             match store.totals(None).await {
                 Ok(t) if t.pending == 0 && t.in_flight == 0 => {
-                    break EngineExit::Idle(t);
+                    if let Ok(false) = store.group_work_left().await {
+                        break EngineExit::Idle(t);
+                    }
                 }
                 _ => {}
             }
@@ -272,6 +276,12 @@ pub async fn run(
     };
     // Stop: lanes see `stop` and claim nothing more; give in-flight requests the grace period.
     shared.stop.cancel();
+    if tokio::time::timeout(cfg.shutdown_grace, group_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("a group step was still running at the end of the grace period");
+    }
     let grace = tokio::time::sleep(cfg.shutdown_grace);
     tokio::pin!(grace);
     while !tasks.is_empty() {

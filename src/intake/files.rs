@@ -8,7 +8,7 @@
 //! (committed; a later run recognises its content hash) or not at all (uncommitted; the file is
 //! still in the spool and is taken again). Cancellation rolls back the same way.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -101,7 +101,15 @@ enum Event {
         problem_count: u64,
         messages: i64,
         groups: i64,
+        whole: WholeGroups,
     },
+}
+
+/// The `Group` and `Members` parts of whole-group bodies.
+#[derive(Default)]
+struct WholeGroups {
+    defs: Vec<(String, validate::GroupDef, u64)>,
+    members: Vec<(String, crate::store::NewMember)>,
 }
 
 /// Validates `path` and, with a store, queues it. `follow_symlinks` is false for the spool, where
@@ -142,6 +150,7 @@ pub async fn ingest_file(
     let mut writer = None;
     let mut clean = true;
     let mut verdict = None;
+    let mut whole = WholeGroups::default();
     loop {
         let event = tokio::select! {
             e = rx.recv() => e,
@@ -176,7 +185,9 @@ pub async fn ingest_file(
                 problem_count,
                 messages,
                 groups,
+                whole: w,
             }) => {
+                whole = w;
                 verdict = Some((hash, problems, problem_count, messages, groups));
             }
             None => break,
@@ -215,11 +226,26 @@ pub async fn ingest_file(
             problems,
         });
     }
-    if messages == 0 {
+    if messages == 0 && whole.defs.is_empty() && whole.members.is_empty() {
         if let Some(w) = writer {
             w.rollback().await?;
         }
         return Ok(rejected_whole("the file holds no message".into()));
+    }
+    if let Some(store) = store
+        && !(whole.defs.is_empty() && whole.members.is_empty())
+    {
+        if writer.is_none() {
+            writer = Some(store.job_writer("file", &display_name(path)).await?);
+        }
+        if let Some(w) = writer.as_mut() {
+            for (group, def, _) in &whole.defs {
+                w.set_group_spec(group, &def.spec).await?;
+            }
+            for (group, m) in &whole.members {
+                w.add_member(group, m).await?;
+            }
+        }
     }
     match (store, writer) {
         (None, _) => Ok(FileOutcome::Valid { messages, groups }),
@@ -305,7 +331,9 @@ struct Collector<'a> {
     problems: Vec<Problem>,
     problem_count: u64,
     messages: i64,
-    groups: HashSet<String>,
+    /// The first (smallest) SendTime of each group seen.
+    groups: HashMap<String, i64>,
+    whole: WholeGroups,
     next_index: u64,
     /// False once the receiver is gone (cancelled): stop parsing.
     open: bool,
@@ -319,7 +347,8 @@ impl<'a> Collector<'a> {
             problems: Vec::new(),
             problem_count: 0,
             messages: 0,
-            groups: HashSet::new(),
+            groups: HashMap::new(),
+            whole: WholeGroups::default(),
             next_index: 0,
             open: true,
         }
@@ -339,8 +368,11 @@ impl<'a> Collector<'a> {
 
     fn message(&mut self, m: NewMessage) {
         self.messages += 1;
-        if !self.groups.contains(&m.group_id) {
-            self.groups.insert(m.group_id.clone());
+        match self.groups.get_mut(&m.group_id) {
+            Some(t) => *t = (*t).min(m.send_time),
+            None => {
+                self.groups.insert(m.group_id.clone(), m.send_time);
+            }
         }
         if self.problem_count == 0 {
             self.batch.push(m);
@@ -363,6 +395,33 @@ impl<'a> Collector<'a> {
 
     fn finish(mut self, hash: String) {
         self.flush();
+        // A group created by the job must be older than its first message.
+        let checks: Vec<(u64, String)> = self
+            .whole
+            .defs
+            .iter()
+            .filter_map(|(group, def, line)| {
+                let first = *self.groups.get(group)?;
+                match def.create_time {
+                    Some(ct) if ct >= first => Some((
+                        *line,
+                        format!(
+                            "Group.CreateTime {ct} is not before the first SendTime {first} of group {group}'s messages"
+                        ),
+                    )),
+                    None => Some((
+                        *line,
+                        format!(
+                            "Group.CreateTime is required for group {group}: it must be before its first SendTime {first} (Tencent would date the group now, after every message)"
+                        ),
+                    )),
+                    Some(_) => None,
+                }
+            })
+            .collect();
+        for (line, p) in checks {
+            self.problem(line, None, None, p);
+        }
         let groups = i64::try_from(self.groups.len()).unwrap_or(i64::MAX);
         let _ = self.tx.blocking_send(Event::Done {
             hash,
@@ -370,6 +429,7 @@ impl<'a> Collector<'a> {
             problem_count: self.problem_count,
             messages: self.messages,
             groups,
+            whole: self.whole,
         });
     }
 
@@ -450,6 +510,10 @@ struct RawBody<'a> {
     recent_contact_flag: Option<&'a RawValue>,
     #[serde(rename = "MsgList", borrow, default)]
     msg_list: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "Group", borrow, default)]
+    group: Option<&'a RawValue>,
+    #[serde(rename = "Members", borrow, default)]
+    members: Option<&'a RawValue>,
 }
 
 fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
@@ -550,8 +614,42 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
                 body_ok = false;
             }
         }
+        // The group itself and its members, for a whole-group job.
+        let mut create_time = None;
+        if let (Some(raw), Some(group)) = (body.group, inherited.group_id.as_ref()) {
+            let line = lines.line_of(text, raw.get());
+            match serde_json::from_str::<serde_json::Value>(raw.get())
+                .map_err(|e| vec![format!("Group: {e}")])
+                .and_then(|v| validate::group_def(group, &v, now))
+            {
+                Ok(def) => {
+                    create_time = def.create_time;
+                    c.whole.defs.push((group.clone(), def, line));
+                }
+                Err(ps) => ps
+                    .into_iter()
+                    .for_each(|p| c.problem(line, None, body_index, p)),
+            }
+        }
+        if let (Some(raw), Some(group)) = (body.members, inherited.group_id.as_ref()) {
+            let line = lines.line_of(text, raw.get());
+            match serde_json::from_str::<serde_json::Value>(raw.get())
+                .map_err(|e| vec![format!("Members: {e}")])
+                .and_then(|v| validate::members(&v, create_time, now))
+            {
+                Ok(ms) => c
+                    .whole
+                    .members
+                    .extend(ms.into_iter().map(|m| (group.clone(), m))),
+                Err(ps) => ps
+                    .into_iter()
+                    .for_each(|p| c.problem(line, None, body_index, p)),
+            }
+        }
         let Some(list) = body.msg_list else {
-            c.problem(body_line, None, body_index, "MsgList is missing".into());
+            if body.group.is_none() && body.members.is_none() {
+                c.problem(body_line, None, body_index, "MsgList is missing".into());
+            }
             continue;
         };
         for (i, raw_msg) in list.into_iter().enumerate() {

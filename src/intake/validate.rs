@@ -754,3 +754,256 @@ mod fast_tests {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Whole-group jobs: `Group` (the import_group body) and `Members` (import_group_member entries)
+// in a .json request body. Limits from tencent-api.md section 3.1/3.2 (D-IG, D-IGMEM, D-LIMIT).
+
+/// A validated `Group`: the import_group request as JSON, and its CreateTime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupDef {
+    pub spec: String,
+    pub create_time: Option<i64>,
+}
+
+const GROUP_TYPES: [&str; 6] = [
+    "Private",
+    "Public",
+    "ChatRoom",
+    "Community",
+    "Work",
+    "Meeting",
+];
+
+fn max_bytes(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    limit: usize,
+    required: bool,
+    problems: &mut Vec<String>,
+) {
+    match obj.get(key) {
+        None | Some(Value::Null) if required => problems.push(format!("Group.{key} is missing")),
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if required && s.trim().is_empty() => {
+            problems.push(format!("Group.{key} is empty"))
+        }
+        Some(Value::String(s)) if s.len() > limit => problems.push(format!(
+            "Group.{key} is {} bytes; Tencent takes at most {limit}",
+            s.len()
+        )),
+        Some(Value::String(_)) => {}
+        Some(_) => problems.push(format!("Group.{key} must be a string")),
+    }
+}
+
+/// Validates a body's `Group` for the body's `group_id`.
+pub fn group_def(group_id: &str, v: &Value, now: i64) -> Result<GroupDef, Vec<String>> {
+    let Value::Object(obj) = v else {
+        return Err(vec![
+            "Group must be an object (the import_group body)".into(),
+        ]);
+    };
+    let mut problems = Vec::new();
+    const KNOWN: [&str; 13] = [
+        "GroupId",
+        "Type",
+        "Name",
+        "Owner_Account",
+        "Introduction",
+        "Notification",
+        "FaceUrl",
+        "MaxMemberCount",
+        "ApplyJoinOption",
+        "AppDefinedData",
+        "CreateTime",
+        "SupportTopic",
+        "MemberList",
+    ];
+    for k in obj.keys() {
+        if !KNOWN.contains(&k.as_str()) {
+            problems.push(format!("Group has an unknown field {k:?}"));
+        }
+    }
+    if obj.contains_key("MemberList") {
+        problems.push("Group.MemberList is not supported: list members in Members, they are imported after the history".into());
+    }
+    match obj.get("GroupId") {
+        None => {}
+        Some(Value::String(g)) if g == group_id => {}
+        Some(_) => problems.push(format!(
+            "Group.GroupId must be absent or equal the body's GroupId {group_id:?}"
+        )),
+    }
+    if group_id.len() > 48
+        || group_id.starts_with("@TGS#")
+        || !group_id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
+        problems.push(format!(
+            "GroupId {group_id:?} cannot be created: a custom GroupId is printable ASCII without spaces, at most 48 bytes, not starting with @TGS#"
+        ));
+    }
+    let kind = obj.get("Type").and_then(Value::as_str).unwrap_or("");
+    match obj.get("Type") {
+        None => problems.push("Group.Type is missing".into()),
+        Some(Value::String(t)) if t == "AVChatRoom" => {
+            problems.push("Group.Type AVChatRoom cannot be imported (Tencent answers 10007)".into())
+        }
+        Some(Value::String(t)) if GROUP_TYPES.contains(&t.as_str()) => {}
+        Some(t) => problems.push(format!(
+            "Group.Type {t} is not one of {}",
+            GROUP_TYPES.join(", ")
+        )),
+    }
+    max_bytes(obj, "Name", 30, true, &mut problems);
+    max_bytes(obj, "Introduction", 240, false, &mut problems);
+    max_bytes(obj, "Notification", 300, false, &mut problems);
+    max_bytes(obj, "FaceUrl", 100, false, &mut problems);
+    max_bytes(obj, "Owner_Account", 64, false, &mut problems);
+    max_bytes(obj, "ApplyJoinOption", 32, false, &mut problems);
+    if let Some(v) = obj.get("MaxMemberCount") {
+        let limit = if kind == "Community" { 100_000 } else { 6_000 };
+        match v.as_u64() {
+            Some(n) if (1..=limit).contains(&n) => {}
+            _ => problems.push(format!(
+                "Group.MaxMemberCount must be an integer within 1..={limit}"
+            )),
+        }
+    }
+    if let Some(v) = obj.get("SupportTopic") {
+        match v.as_u64() {
+            Some(0) => {}
+            Some(1) if kind == "Community" => {}
+            Some(1) => problems.push("Group.SupportTopic is for Community groups only".into()),
+            _ => problems.push("Group.SupportTopic must be 0 or 1".into()),
+        }
+    }
+    if let Some(v) = obj.get("AppDefinedData") {
+        let ok = v.as_array().is_some_and(|a| {
+            a.iter().all(|e| {
+                e.get("Key").is_some_and(Value::is_string)
+                    && e.get("Value").is_some_and(Value::is_string)
+            })
+        });
+        if !ok {
+            problems.push("Group.AppDefinedData must be an array of {Key, Value} strings".into());
+        }
+    }
+    let create_time = match obj.get("CreateTime") {
+        None => None,
+        Some(v) => match v.as_i64() {
+            Some(t) if t > 0 && t < now => Some(t),
+            _ => {
+                problems.push(format!(
+                    "Group.CreateTime must be an integer (Unix seconds) above 0 and in the past, got {v}"
+                ));
+                None
+            }
+        },
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut spec = obj.clone();
+    spec.insert("GroupId".into(), Value::String(group_id.to_string()));
+    Ok(GroupDef {
+        spec: Value::Object(spec).to_string(),
+        create_time,
+    })
+}
+
+/// Validates a body's `Members` (import_group_member entries). Problems carry the entry index.
+pub fn members(
+    v: &Value,
+    create_time: Option<i64>,
+    now: i64,
+) -> Result<Vec<crate::store::NewMember>, Vec<String>> {
+    let Value::Array(list) = v else {
+        return Err(vec!["Members must be an array".into()]);
+    };
+    let mut problems = Vec::new();
+    let mut out = Vec::with_capacity(list.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, m) in list.iter().enumerate() {
+        let Value::Object(obj) = m else {
+            problems.push(format!("Members[{i}] must be an object"));
+            continue;
+        };
+        let before = problems.len();
+        for k in obj.keys() {
+            if !["Member_Account", "Role", "JoinTime", "UnreadMsgNum"].contains(&k.as_str()) {
+                problems.push(format!("Members[{i}] has an unknown field {k:?}"));
+            }
+        }
+        let account = match obj.get("Member_Account") {
+            Some(Value::String(a)) if !a.trim().is_empty() => a.clone(),
+            _ => {
+                problems.push(format!(
+                    "Members[{i}].Member_Account must be a non-empty string"
+                ));
+                String::new()
+            }
+        };
+        if !account.is_empty() && !seen.insert(account.clone()) {
+            problems.push(format!("Members[{i}]: {account:?} is listed twice"));
+        }
+        let role = match obj.get("Role") {
+            None => None,
+            Some(Value::String(r)) if r == "Admin" => Some(r.clone()),
+            Some(r) => {
+                problems.push(format!(
+                    "Members[{i}].Role may only be \"Admin\" (import_group_member), got {r}"
+                ));
+                None
+            }
+        };
+        let join_time = match obj.get("JoinTime") {
+            None => None,
+            Some(v) => match v.as_i64() {
+                Some(t) if t >= now => {
+                    problems.push(format!("Members[{i}].JoinTime {t} is not in the past"));
+                    None
+                }
+                Some(t) if create_time.is_some_and(|c| t <= c) => {
+                    problems.push(format!(
+                        "Members[{i}].JoinTime {t} is not after the group's CreateTime {}",
+                        create_time.unwrap_or_default()
+                    ));
+                    None
+                }
+                Some(t) if t > 0 => Some(t),
+                _ => {
+                    problems.push(format!(
+                        "Members[{i}].JoinTime must be an integer (Unix seconds) above 0"
+                    ));
+                    None
+                }
+            },
+        };
+        let unread = match obj.get("UnreadMsgNum") {
+            None => None,
+            Some(v) => match v.as_i64() {
+                Some(n) if n >= 0 => Some(n),
+                _ => {
+                    problems.push(format!(
+                        "Members[{i}].UnreadMsgNum must be an integer of at least 0"
+                    ));
+                    None
+                }
+            },
+        };
+        if problems.len() == before {
+            out.push(crate::store::NewMember {
+                account,
+                role,
+                join_time,
+                unread_msg_num: unread,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}

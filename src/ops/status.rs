@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
-use crate::store::{FailureReason, JobStatus, LaneStatus, Store, StoreError, Totals, unix_now};
+use crate::store::{
+    FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
+};
 
 /// A snapshot older than this means no daemon is importing.
 const STALE_SECS: i64 = 15;
@@ -17,6 +19,8 @@ const STALE_SECS: i64 = 15;
 pub struct StatusReport {
     pub database: String,
     pub totals: Totals,
+    /// Members of whole-group jobs (imported after their group's history).
+    pub members: MemberTotals,
     /// Messages imported per second, recent average (0 when no daemon runs).
     pub rate: f64,
     pub eta_seconds: Option<u64>,
@@ -47,6 +51,7 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
     Ok(StatusReport {
         database: store.path().display().to_string(),
         totals,
+        members: store.member_totals(group).await?,
         rate,
         eta_seconds: if fresh {
             eta_seconds(&totals, rate)
@@ -91,6 +96,14 @@ pub fn render(r: &StatusReport) -> String {
         let _ = writeln!(s, "STOPPED    {reason}");
     }
     let _ = writeln!(s, "lanes      {} ({} blocked)", t.lanes, t.lanes_blocked);
+    let m = &r.members;
+    if m.pending + m.imported + m.failed + m.unread_pending > 0 {
+        let _ = writeln!(
+            s,
+            "members    {} imported, {} pending, {} unread counts to set, {} failed",
+            m.imported, m.pending, m.unread_pending, m.failed
+        );
+    }
     if !r.blocked_lanes.is_empty() {
         let _ = writeln!(
             s,
@@ -117,19 +130,20 @@ pub fn render(r: &StatusReport) -> String {
     if !r.groups.is_empty() {
         let _ = writeln!(
             s,
-            "\n{:<32} {:>9} {:>9} {:>9} {:>7}  state",
-            "group", "imported", "pending", "in flight", "failed"
+            "\n{:<32} {:>9} {:>9} {:>9} {:>7}  {:<8} step",
+            "group", "imported", "pending", "in flight", "failed", "state"
         );
         for l in &r.groups {
             let _ = writeln!(
                 s,
-                "{:<32} {:>9} {:>9} {:>9} {:>7}  {}",
+                "{:<32} {:>9} {:>9} {:>9} {:>7}  {:<8} {}",
                 format!("{}{}", l.group_id, topic(&l.topic_id)),
                 l.imported,
                 l.pending,
                 l.in_flight,
                 l.failed,
-                l.state
+                l.state,
+                l.step
             );
         }
     }
