@@ -87,7 +87,9 @@ pub fn render(r: &StatusReport) -> String {
         Some(secs) => humantime::format_duration(Duration::from_secs(secs)).to_string(),
         None => "unknown".into(),
     };
-    if r.daemon_running {
+    if t.pending + t.in_flight == 0 {
+        let _ = writeln!(s, "rate       nothing left to import");
+    } else if r.daemon_running {
         let _ = writeln!(s, "rate       {:.1} messages/s, ETA {eta}", r.rate);
     } else {
         let _ = writeln!(s, "rate       no daemon importing right now");
