@@ -11,6 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+mod common;
+use common::{cpu_model, release_binary, wait_with_usage};
+
 #[expect(clippy::zombie_processes, reason = "reaped by wait_with_usage (wait4)")]
 fn main() {
     let n: usize = std::env::var("TIMPORT_BENCH_MESSAGES")
@@ -93,24 +96,6 @@ fn main() {
     );
 }
 
-/// Waits for `pid` and returns (exited 0, its own peak RSS in KiB, its CPU seconds).
-#[allow(unsafe_code)]
-fn wait_with_usage(pid: u32) -> (bool, i64, f64) {
-    let mut status = 0;
-    // SAFETY: wait4 writes only into the status int and the zeroed rusage we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    let cpu = usage.ru_utime.tv_sec as f64
-        + usage.ru_utime.tv_usec as f64 / 1e6
-        + usage.ru_stime.tv_sec as f64
-        + usage.ru_stime.tv_usec as f64 / 1e6;
-    (
-        rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        usage.ru_maxrss,
-        cpu,
-    )
-}
-
 fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {
     let mut j = std::io::BufWriter::new(std::fs::File::create(ndjson).expect("ndjson"));
     let mut c = std::io::BufWriter::new(std::fs::File::create(csv).expect("csv"));
@@ -139,27 +124,4 @@ fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {
         )
         .ok();
     }
-}
-
-fn release_binary() -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--bin", "timport"])
-        .current_dir(root)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "cargo build --release failed");
-    root.join("target/release/timport")
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }

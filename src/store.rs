@@ -1351,96 +1351,73 @@ impl Store {
     }
 
     /// Puts failed messages back to pending (attempts reset) and unblocks lanes: for one group,
-    /// one job, or everything. Returns (messages requeued, lanes unblocked).
+    /// one job, or everything. For a group, a refused creation is taken as "import into the group
+    /// as it is" and failed members are queued again. Returns (messages requeued, lanes
+    /// unblocked).
     pub async fn retry(&self, scope: RetryScope<'_>) -> Result<(u64, u64), StoreError> {
-        let mut tx = self.begin().await?;
-        let now = unix_now();
-        let (msgs, lanes) = match scope {
-            RetryScope::All => {
-                let m = sqlx::query(
-                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
-                     result_text = NULL, updated_at = ? WHERE state = 'failed'",
-                )
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                let l = sqlx::query(
-                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
-                     retry_at = 0, updated_at = ? WHERE state = 'blocked'",
-                )
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                (m.rows_affected(), l.rows_affected())
-            }
-            RetryScope::Group(g) => {
-                // A creation refused (e.g. 10021 for a group that was there before): the
-                // operator's retry says to import into the group as it is.
-                sqlx::query(
-                    "UPDATE groups SET create_state = 'created', step_error = NULL, retry_at = 0
-                     WHERE group_id = ? AND create_state = 'blocked'",
-                )
-                .bind(g)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                sqlx::query(
-                    "UPDATE members SET state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END,
-                        unread_state = CASE WHEN unread_state = 'failed' THEN 'pending' ELSE unread_state END
-                     WHERE group_id = ? AND (state = 'failed' OR unread_state = 'failed')",
-                )
-                .bind(g)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                let m = sqlx::query(
-                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
-                     result_text = NULL, updated_at = ?
-                     WHERE state = 'failed' AND lane_id IN (SELECT id FROM lanes WHERE group_id = ?)",
-                )
-                .bind(now)
-                .bind(g)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                let l = sqlx::query(
-                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
-                     retry_at = 0, updated_at = ? WHERE state = 'blocked' AND group_id = ?",
-                )
-                .bind(now)
-                .bind(g)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                (m.rows_affected(), l.rows_affected())
-            }
-            RetryScope::Job(j) => {
-                let m = sqlx::query(
-                    "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
-                     result_text = NULL, updated_at = ? WHERE state = 'failed' AND job_id = ?",
-                )
-                .bind(now)
-                .bind(j)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                let l = sqlx::query(
-                    "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
-                     retry_at = 0, updated_at = ? WHERE state = 'blocked'
-                     AND id IN (SELECT lane_id FROM job_lanes WHERE job_id = ?)",
-                )
-                .bind(now)
-                .bind(j)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-                (m.rows_affected(), l.rows_affected())
-            }
+        // The same two updates for every scope, narrowed by a condition on messages and lanes.
+        let (messages_where, lanes_where) = match scope {
+            RetryScope::All => ("1", "1"),
+            RetryScope::Group(_) => (
+                "lane_id IN (SELECT id FROM lanes WHERE group_id = ?2)",
+                "group_id = ?2",
+            ),
+            RetryScope::Job(_) => (
+                "job_id = ?2",
+                "id IN (SELECT lane_id FROM job_lanes WHERE job_id = ?2)",
+            ),
         };
+        let bind =
+            |q: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>| match scope {
+                RetryScope::All => q,
+                RetryScope::Group(g) => q.bind(g.to_string()),
+                RetryScope::Job(j) => q.bind(j),
+            };
+        let now = unix_now();
+        let mut tx = self.begin().await?;
+        if let RetryScope::Group(g) = scope {
+            sqlx::query(
+                "UPDATE groups SET create_state = 'created', step_error = NULL, retry_at = 0
+                 WHERE group_id = ? AND create_state = 'blocked'",
+            )
+            .bind(g)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            sqlx::query(
+                "UPDATE members SET
+                    state = CASE WHEN state = 'failed' THEN 'pending' ELSE state END,
+                    unread_state = CASE WHEN unread_state = 'failed' THEN 'pending'
+                                        ELSE unread_state END
+                 WHERE group_id = ? AND (state = 'failed' OR unread_state = 'failed')",
+            )
+            .bind(g)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        let m = bind(
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
+                 result_text = NULL, updated_at = ?1 WHERE state = 'failed' AND {messages_where}"
+            )))
+            .bind(now),
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        let l = bind(
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
+                 retry_at = 0, updated_at = ?1 WHERE state = 'blocked' AND {lanes_where}"
+            )))
+            .bind(now),
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
         tx.commit().await.map_err(|e| self.err(e))?;
-        Ok((msgs, lanes))
+        Ok((m.rows_affected(), l.rows_affected()))
     }
 }
 
@@ -1660,16 +1637,7 @@ impl Store {
         group: &str,
         limit: i64,
     ) -> Result<Vec<MemberRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, member_account, role, join_time, unread_msg_num FROM members
-             WHERE group_id = ? AND state = 'pending' ORDER BY id LIMIT ?",
-        )
-        .bind(group)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.err(e))?;
-        Ok(rows.iter().map(member_row).collect())
+        self.members_where(group, "state = 'pending'", limit).await
     }
 
     /// Members of the group whose unread count is still to set.
@@ -1678,15 +1646,26 @@ impl Store {
         group: &str,
         limit: i64,
     ) -> Result<Vec<MemberRow>, StoreError> {
-        let rows = sqlx::query(
+        self.members_where(group, "unread_state = 'pending'", limit)
+            .await
+    }
+
+    async fn members_where(
+        &self,
+        group: &str,
+        condition: &'static str,
+        limit: i64,
+    ) -> Result<Vec<MemberRow>, StoreError> {
+        let sql = format!(
             "SELECT id, member_account, role, join_time, unread_msg_num FROM members
-             WHERE group_id = ? AND unread_state = 'pending' ORDER BY id LIMIT ?",
-        )
-        .bind(group)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.err(e))?;
+             WHERE group_id = ? AND {condition} ORDER BY id LIMIT ?"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(member_row).collect())
     }
 

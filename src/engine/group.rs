@@ -127,12 +127,7 @@ async fn create(sh: &Shared, g: &GroupToCreate) -> Result<(), StoreError> {
                 .await
         }
         Err(e) => match next_after(sh, &e, g.attempts + 1) {
-            Next::Later(d) => {
-                tracing::info!(group = %g.group_id, error = %e, "import_group not done; retrying later");
-                sh.store
-                    .group_retry_at(&g.group_id, unix_now_ms() + ms(d), &e.to_string())
-                    .await
-            }
+            Next::Later(d) => later(sh, &g.group_id, d, &e).await,
             Next::Stop => Ok(()),
             Next::Refused => {
                 let reason = format!("import_group refused ({e})");
@@ -196,12 +191,7 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
                 })
                 .collect(),
             Err(e) => match next_after(sh, &e, 1) {
-                Next::Later(d) => {
-                    return sh
-                        .store
-                        .group_retry_at(group, unix_now_ms() + ms(d), &e.to_string())
-                        .await;
-                }
+                Next::Later(d) => return later(sh, group, d, &e).await,
                 Next::Stop => return Ok(()),
                 Next::Refused => batch
                     .iter()
@@ -240,12 +230,7 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
         let update = match sh.client.set_unread_msg_num(&req).await {
             Ok(_) => MemberUpdate::UnreadSet { id: m.id },
             Err(e) => match next_after(sh, &e, 1) {
-                Next::Later(d) => {
-                    return sh
-                        .store
-                        .group_retry_at(group, unix_now_ms() + ms(d), &e.to_string())
-                        .await;
-                }
+                Next::Later(d) => return later(sh, group, d, &e).await,
                 Next::Stop => return Ok(()),
                 Next::Refused => MemberUpdate::UnreadFailed {
                     id: m.id,
@@ -256,6 +241,14 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
         sh.store.record_members(&[update]).await?;
     }
     Ok(())
+}
+
+/// Parks the group's steps for `d` after `e`.
+async fn later(sh: &Shared, group: &str, d: Duration, e: &ApiError) -> Result<(), StoreError> {
+    tracing::info!(group, error = %e, "group step not done; retrying later");
+    sh.store
+        .group_retry_at(group, unix_now_ms() + ms(d), &e.to_string())
+        .await
 }
 
 fn ms(d: Duration) -> i64 {

@@ -370,19 +370,7 @@ async fn on_error(
                     note: note.clone(),
                 })
                 .collect();
-            let retry_at = unix_now_ms() + ms(sh.backoff(attempt.min(3)));
-            sh.store
-                .record(
-                    lane.id,
-                    &updates,
-                    &LaneUpdate {
-                        retry_at: Some(retry_at),
-                        last_error: Some(note),
-                        ..LaneUpdate::default()
-                    },
-                )
-                .await?;
-            Ok(Step::Backoff)
+            back_off(sh, lane, &updates, sh.backoff(attempt.min(3)), note).await
         }
         ErrorClass::Retryable => {
             let attempt = batch.iter().map(|m| m.attempts).max().unwrap_or(1);
@@ -401,20 +389,8 @@ async fn on_error(
             } else {
                 back_to_pending(batch, false)
             };
-            let retry_at = unix_now_ms() + ms(sh.backoff(attempt));
             tracing::info!(group = %lane.group_id, attempt, code, error = %e, give_up, "retryable answer; backing off");
-            sh.store
-                .record(
-                    lane.id,
-                    &updates,
-                    &LaneUpdate {
-                        retry_at: Some(retry_at),
-                        last_error: Some(reason),
-                        ..LaneUpdate::default()
-                    },
-                )
-                .await?;
-            Ok(Step::Backoff)
+            back_off(sh, lane, &updates, sh.backoff(attempt), reason).await
         }
         ErrorClass::Permanent | ErrorClass::PerMessage => {
             let c = code.unwrap_or_default();
@@ -469,6 +445,23 @@ async fn on_error(
             block(sh, lane, batch, code, &info).await
         }
     }
+}
+
+/// Records `updates` and parks the lane for `delay` (persisted as `retry_at`), saying why.
+pub(super) async fn back_off(
+    sh: &Shared,
+    lane: &Lane,
+    updates: &[MessageUpdate],
+    delay: Duration,
+    why: String,
+) -> Result<Step, EngineError> {
+    let up = LaneUpdate {
+        retry_at: Some(unix_now_ms() + ms(delay)),
+        last_error: Some(why),
+        ..LaneUpdate::default()
+    };
+    sh.store.record(lane.id, updates, &up).await?;
+    Ok(Step::Backoff)
 }
 
 /// Blocks the lane: its messages go back to pending (shown as blocked) until `timport retry`.

@@ -15,10 +15,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 
-use super::lane::{Step, apply_checkpoint, block, count_imported, ms};
+use super::lane::{Step, apply_checkpoint, back_off, block, count_imported};
 use super::{EngineError, Shared};
 use crate::settings::TiePolicy;
-use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage, unix_now_ms};
+use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage};
 use crate::tencent::{
     ApiError, ApiErrorKind, ErrorClass, GetGroupInfoRequest, GroupInfo, GroupMsgGetSimpleRequest,
 };
@@ -292,16 +292,5 @@ async fn read_failed(
     let attempt = doubt.iter().map(|m| m.attempts).max().unwrap_or(1);
     let note = format!("reconciliation read failed: {e}");
     tracing::info!(group = %lane.group_id, error = %e, "cannot read the group back yet; backing off");
-    sh.store
-        .record(
-            lane.id,
-            &[],
-            &LaneUpdate {
-                retry_at: Some(unix_now_ms() + ms(sh.backoff(attempt.min(3)))),
-                last_error: Some(note),
-                ..LaneUpdate::default()
-            },
-        )
-        .await?;
-    Ok(Step::Backoff)
+    back_off(sh, lane, &[], sh.backoff(attempt.min(3)), note).await
 }
