@@ -182,17 +182,8 @@ impl Store {
 
     /// Commits a small write, so a read-only file or a full disk shows up now, not mid-import.
     pub async fn write_probe(&self) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO meta(key, value) VALUES('last_write_probe', ?)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(unix_now().to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(())
+        self.set_meta("last_write_probe", &unix_now().to_string())
+            .await
     }
 
     /// Starts a write transaction with `BEGIN IMMEDIATE` on the single writer connection.
@@ -230,16 +221,24 @@ impl Store {
 
     /// Writes a `meta` value in its own short transaction.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO meta(key, value) VALUES(?, ?)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        self.write_one(
+            sqlx::query(
+                "INSERT INTO meta(key, value) VALUES(?, ?)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value),
         )
-        .bind(key)
-        .bind(value)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| self.err(e))?;
+    }
+
+    /// Runs one write statement in its own `BEGIN IMMEDIATE` transaction.
+    async fn write_one(
+        &self,
+        q: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         tx.commit().await.map_err(|e| self.err(e))
     }
 }
@@ -296,6 +295,14 @@ pub struct NewMember {
 /// is invertible), so two messages of one group never get the same value until 2^32 assignments,
 /// whatever their SendTimes and whenever they arrive at the server. The seed spreads different
 /// groups over the space so values do not look alike across groups.
+///
+/// ```
+/// use timport::store::assigned_random;
+/// let a: Vec<u32> = (0..1000).map(|c| assigned_random("team-general", c)).collect();
+/// let distinct: std::collections::HashSet<_> = a.iter().collect();
+/// assert_eq!(distinct.len(), 1000);
+/// assert_eq!(assigned_random("team-general", 7), a[7], "the same counter gives the same value");
+/// ```
 pub fn assigned_random(group_id: &str, counter: u64) -> u32 {
     // FNV-1a of the group id as the seed.
     let mut seed: u32 = 0x811c_9dc5;
@@ -1521,27 +1528,25 @@ impl Store {
 
     /// Counts an import_group attempt before it is sent.
     pub async fn count_create_attempt(&self, group: &str) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE groups SET create_attempts = create_attempts + 1 WHERE group_id = ?")
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        self.write_one(
+            sqlx::query(
+                "UPDATE groups SET create_attempts = create_attempts + 1 WHERE group_id = ?",
+            )
+            .bind(group),
+        )
+        .await
     }
 
     /// The group exists now: its messages may go.
     pub async fn group_created(&self, group: &str, note: Option<&str>) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "UPDATE groups SET create_state = 'created', step_error = ? WHERE group_id = ?",
+        self.write_one(
+            sqlx::query(
+                "UPDATE groups SET create_state = 'created', step_error = ? WHERE group_id = ?",
+            )
+            .bind(note)
+            .bind(group),
         )
-        .bind(note)
-        .bind(group)
-        .execute(&mut *tx)
         .await
-        .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
     }
 
     /// The group cannot be created: it and all its lanes are blocked with the reason.
@@ -1581,15 +1586,13 @@ impl Store {
         retry_at_ms: i64,
         why: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query("UPDATE groups SET retry_at = ?, step_error = ? WHERE group_id = ?")
-            .bind(retry_at_ms)
-            .bind(why)
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        self.write_one(
+            sqlx::query("UPDATE groups SET retry_at = ?, step_error = ? WHERE group_id = ?")
+                .bind(retry_at_ms)
+                .bind(why)
+                .bind(group),
+        )
+        .await
     }
 
     /// Groups with member work that may run now: created (or nothing to create), and no message

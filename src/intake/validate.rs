@@ -573,6 +573,11 @@ fn fast_body_ok(raw: &RawValue) -> bool {
 }
 
 /// JSON text without insignificant whitespace; borrowed when there is none.
+///
+/// ```
+/// use timport::intake::validate::minify;
+/// assert_eq!(minify("[ {\"Text\": \"a b\"} ]\n"), r#"[{"Text":"a b"}]"#);
+/// ```
 pub fn minify(raw: &str) -> Cow<'_, str> {
     let bytes = raw.as_bytes();
     let mut in_string = false;
