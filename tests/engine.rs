@@ -574,3 +574,62 @@ async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded() {
     assert!(per_group.values().all(|n| *n > 0));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["old"], 30, 0)).await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.dedup_window = Duration::from_millis(1);
+    // Our SendTimes (2023) are far beyond a one-day retention: they read back as holes.
+    cfg.history_retention = Some(Duration::from_secs(86_400));
+    cfg.faults.p_drop_response_after_apply = 1.0;
+    let sim = start_sim(cfg).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(engine::run(
+        env.store.clone(),
+        client_for(&sim, 200),
+        common::engine_config_daemon(),
+        stop.clone(),
+        || {},
+    ));
+    for _ in 0..200 {
+        if sim
+            .state()
+            .requests_to("import_group_msg")
+            .any(|r| r.applied)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let landed = history(&sim, "old").len();
+    assert!(landed > 0);
+    sim.set_faults(Faults::default()).unwrap();
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!(t.imported, 0);
+    assert_eq!(t.blocked, 30, "the lane waits for the operator");
+    let lanes = env.store.blocked_lanes(5).await.unwrap();
+    assert!(
+        lanes[0]
+            .blocked_reason
+            .as_deref()
+            .unwrap()
+            .contains("inconclusive"),
+        "{lanes:?}"
+    );
+    assert!(
+        lanes[0].in_flight > 0,
+        "the messages in doubt stay in flight"
+    );
+    assert_eq!(history(&sim, "old").len(), landed, "nothing was sent again");
+    sim.shutdown().await;
+}

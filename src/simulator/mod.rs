@@ -119,6 +119,8 @@ pub struct SimConfig {
     pub faults: Faults,
     /// import_group_msg to an unknown group creates it (CreateTime 0) instead of 10010.
     pub auto_create_groups: bool,
+    /// Messages with a SendTime older than this read back as holes (expired history).
+    pub history_retention: Option<Duration>,
 }
 
 impl SimConfig {
@@ -135,6 +137,7 @@ impl SimConfig {
             strict_equal_time: false,
             faults: Faults::default(),
             auto_create_groups: false,
+            history_retention: None,
         }
     }
 }
@@ -232,6 +235,11 @@ pub struct SimulateArgs {
     /// Create unknown groups on first import instead of answering 10010.
     #[arg(long)]
     pub auto_create_groups: bool,
+    /// History retention: messages whose SendTime is older than this come back from
+    /// group_msg_get_simple as holes (IsPlaceMsg 1, no sender, no Random), as Tencent's expired
+    /// history does. Off by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
 }
 
 impl From<SimulateArgs> for SimConfig {
@@ -258,6 +266,7 @@ impl From<SimulateArgs> for SimConfig {
                 p_rate_limit: a.p_rate_limit,
             },
             auto_create_groups: a.auto_create_groups,
+            history_retention: a.retention,
         }
     }
 }
@@ -324,6 +333,7 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<SimHandle> {
         dedup_window: cfg.dedup_window,
         strict_equal_time: cfg.strict_equal_time,
         auto_create_groups: cfg.auto_create_groups,
+        history_retention: cfg.history_retention,
     });
     for (id, create_time) in &cfg.groups {
         world.add_group(id, create_time.unwrap_or(0), "Public");

@@ -192,6 +192,8 @@ pub struct Rules {
     pub dedup_window: Duration,
     pub strict_equal_time: bool,
     pub auto_create_groups: bool,
+    /// Messages older than this (by SendTime) read back as holes.
+    pub history_retention: Option<Duration>,
 }
 
 /// An answer: the JSON body (envelope included) and whether state changed.
@@ -354,7 +356,7 @@ impl World {
     pub fn handle(&mut self, command: &str, body: &Value, now: i64, mono: Instant) -> Answer {
         let result = match command {
             "import_group_msg" => self.import_group_msg(body, now, mono),
-            "group_msg_get_simple" => self.group_msg_get_simple(body),
+            "group_msg_get_simple" => self.group_msg_get_simple(body, now),
             "get_group_info" => self.get_group_info(body),
             "import_group" => self.import_group(body, now),
             "import_group_member" => self.import_group_member(body, now),
@@ -462,7 +464,11 @@ impl World {
         Ok(answer)
     }
 
-    fn group_msg_get_simple(&mut self, body: &Value) -> Result<Answer, Answer> {
+    fn group_msg_get_simple(&mut self, body: &Value, now: i64) -> Result<Answer, Answer> {
+        let expired_before = self
+            .rules
+            .history_retention
+            .map(|r| now - i64::try_from(r.as_secs()).unwrap_or(i64::MAX));
         let req: GroupMsgGetSimpleRequest = parse(body)?;
         let group = self
             .groups
@@ -485,6 +491,11 @@ impl World {
             .iter()
             .rev()
             .map(|m| {
+                if expired_before.is_some_and(|t| m.stored.send_time < t) {
+                    // Expired: a hole with its Seq only.
+                    return json!({"IsPlaceMsg": 1, "MsgSeq": m.stored.msg_seq,
+                                  "MsgTimeStamp": m.stored.send_time, "MsgBody": []});
+                }
                 json!({
                     "From_Account": m.stored.from_account,
                     "IsPlaceMsg": 0,
