@@ -633,3 +633,44 @@ async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing
     assert_eq!(history(&sim, "old").len(), landed, "nothing was sent again");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn retry_while_the_daemon_runs_unblocks_the_lane() {
+    let env = Env::new().await;
+    queue(&env, "a.ndjson", &ndjson(&["later"], 10, 0)).await;
+    let sim = start_sim(sim_config()).await;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(engine::run(
+        env.store.clone(),
+        client_for(&sim, 200),
+        common::engine_config_daemon(),
+        stop.clone(),
+        || {},
+    ));
+    let mut blocked = 0;
+    for _ in 0..500 {
+        blocked = env.store.totals(None).await.unwrap().blocked;
+        if blocked == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(blocked, 10, "the missing group blocks its lane");
+    // The operator creates the group and retries, as `timport retry --group later` does, while
+    // the daemon keeps running.
+    sim.add_group("later", 0);
+    env.store.retry(RetryScope::Group("later")).await.unwrap();
+    let mut imported = 0;
+    for _ in 0..500 {
+        imported = env.store.totals(None).await.unwrap().imported;
+        if imported == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(imported, 10, "the running daemon picked the lane up again");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(history(&sim, "later").len(), 10);
+    sim.shutdown().await;
+}
