@@ -87,10 +87,7 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(&cli.command) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("timport: cannot start the runtime: {e}");
@@ -98,6 +95,20 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(dispatch(cli))
+}
+
+/// The daemon runs on one thread: its work is waiting (on the pacer, the network, the SQLite
+/// thread), and one scheduler thread avoids the cross-thread wake-ups that cost it more CPU than
+/// the work itself (docs/BENCHMARKS.md). Parsing job files happens on blocking threads anyway.
+fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    match command {
+        Command::Run { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
 }
 
 async fn dispatch(cli: Cli) -> ExitCode {
