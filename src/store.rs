@@ -16,6 +16,8 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -96,6 +98,9 @@ pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
     path: PathBuf,
+    /// Set while a job is queued with foreign-key checks off on the writer (see
+    /// [`Store::job_writer`]); the next ordinary transaction turns them back on.
+    fk_relaxed: Arc<AtomicBool>,
 }
 
 /// Current Unix time in seconds.
@@ -170,6 +175,7 @@ impl Store {
             writer,
             reader,
             path: path.to_path_buf(),
+            fk_relaxed: Arc::new(AtomicBool::new(false)),
         };
         store.write_probe().await?;
         Ok(store)
@@ -188,6 +194,12 @@ impl Store {
 
     /// Starts a write transaction with `BEGIN IMMEDIATE` on the single writer connection.
     pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        if self.fk_relaxed.swap(false, Ordering::SeqCst) {
+            sqlx::query("PRAGMA foreign_keys = ON")
+                .execute(&self.writer)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         self.writer
             .begin_with("BEGIN IMMEDIATE")
             .await
@@ -366,7 +378,20 @@ impl Store {
     /// Starts queueing a job. `kind` is `file` or `intake`; for `intake` the one intake job is
     /// reused.
     pub async fn job_writer(&self, kind: &str, source: &str) -> Result<JobWriter, StoreError> {
-        let mut tx = self.begin().await?;
+        // Foreign-key checks off for the bulk insert: every parent row (job, group, lane) is
+        // created in this same transaction before its messages, and checking each of a million
+        // rows cost a third of the ingest time. (The pragma cannot change inside a transaction;
+        // the next ordinary `begin` turns it back on.)
+        sqlx::query("PRAGMA foreign_keys = OFF")
+            .execute(&self.writer)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err(e))?;
+        self.fk_relaxed.store(true, Ordering::SeqCst);
         let job_id: i64 = if kind == "intake" {
             let existing: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'intake' LIMIT 1")

@@ -629,3 +629,25 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+#[tokio::test]
+async fn foreign_keys_are_enforced_again_after_a_bulk_job() {
+    let env = Env::new().await;
+    let out = queue(&env, "a.ndjson", &format!("{}\n", line("g", "a", T0, "1"))).await;
+    assert!(matches!(out, FileOutcome::Accepted { .. }));
+    let mut tx = env.store.begin().await.unwrap();
+    let e = sqlx::query(
+        "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random, body)
+         VALUES (999999, 999999, 1, 'a', 1, 1, '[]')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("FOREIGN KEY"), "{e}");
+    let orphans: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+    assert!(orphans.is_empty(), "{orphans:?}");
+}
