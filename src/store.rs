@@ -156,7 +156,10 @@ impl Store {
             .min_connections(1)
             // Generous: a lane waits here while a large job file's transaction holds the writer.
             .acquire_timeout(opts.busy_timeout * 10 + Duration::from_secs(30))
-            .connect_with(base.clone().pragma("cache_size", "-32768"))
+            // 64 MiB of page cache for the writer: a bulk ingest keeps every lane's index leaf
+            // hot (1M messages: 13.3 s with 32 MiB, 10.3 s with 64 MiB); peak RSS stays under
+            // 100 MiB. Readers keep SQLite's default.
+            .connect_with(base.clone().pragma("cache_size", "-65536"))
             .await
             .map_err(wrap)?;
         MIGRATOR.run(&writer).await.map_err(|source| match source {
