@@ -907,27 +907,39 @@ impl Store {
         group: Option<&str>,
         limit: i64,
     ) -> Result<Vec<LaneStatus>, StoreError> {
-        let sql = format!(
-            "SELECT {LANE_COLUMNS} FROM lanes l LEFT JOIN groups g ON g.group_id = l.group_id
-             WHERE (?1 IS NULL OR l.group_id = ?1)
-             ORDER BY (l.pending + l.in_flight) DESC, l.group_id, l.topic_id LIMIT ?2"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(group)
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(rows.iter().map(lane_status).collect())
+        self.lanes_where(
+            "(?1 IS NULL OR l.group_id = ?1)",
+            "(l.pending + l.in_flight) DESC, l.group_id, l.topic_id",
+            group,
+            limit,
+        )
+        .await
     }
 
     /// Blocked lanes with their reasons.
     pub async fn blocked_lanes(&self, limit: i64) -> Result<Vec<LaneStatus>, StoreError> {
+        self.lanes_where(
+            "l.state = 'blocked' AND ?1 IS NULL",
+            "l.group_id, l.topic_id",
+            None,
+            limit,
+        )
+        .await
+    }
+
+    async fn lanes_where(
+        &self,
+        condition: &'static str,
+        order: &'static str,
+        group: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<LaneStatus>, StoreError> {
         let sql = format!(
             "SELECT {LANE_COLUMNS} FROM lanes l LEFT JOIN groups g ON g.group_id = l.group_id
-             WHERE l.state = 'blocked' ORDER BY l.group_id, l.topic_id LIMIT ?"
+             WHERE {condition} ORDER BY {order} LIMIT ?2"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
             .bind(limit)
             .fetch_all(&self.reader)
             .await

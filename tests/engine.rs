@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use timport::engine::{self, EngineError, EngineExit};
+use timport::engine::{EngineError, EngineExit};
 use timport::settings::TiePolicy;
 use timport::simulator::{Faults, SimHandle, StoredMessage};
 use timport::store::{NewMessage, RetryScope, Store};
-use tokio_util::sync::CancellationToken;
 
 /// What the queue holds for one group, in the order it must arrive: (From_Account, SendTime,
 /// Random, body text).
@@ -372,14 +371,7 @@ async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedu
     let sim = start_sim(cfg).await;
     // Phase 1: every answer is lost after the server applied the request; stop the daemon
     // once some imports have landed.
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(engine::run(
-        env.store.clone(),
-        client_for(&sim, 200),
-        common::engine_config_daemon(),
-        stop.clone(),
-        || {},
-    ));
+    let daemon = common::Daemon::start(&env.store, client_for(&sim, 200));
     for _ in 0..200 {
         if sim
             .state()
@@ -392,8 +384,7 @@ async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedu
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    daemon.stop().await;
     let in_flight = scalar(
         &env.store,
         "SELECT COUNT(*) FROM messages WHERE state = 'in_flight'",
@@ -539,22 +530,14 @@ async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded() {
     cfg.auto_create_groups = true;
     cfg.faults.latency = Duration::from_millis(30);
     let sim = start_sim(cfg).await;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(engine::run(
-        env.store.clone(),
-        client_for(&sim, 200),
-        common::engine_config_daemon(),
-        stop.clone(),
-        || {},
-    ));
+    let daemon = common::Daemon::start(&env.store, client_for(&sim, 200));
     for _ in 0..500 {
         if env.store.totals(None).await.unwrap().imported >= 20 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.cancel();
-    let exit = run.await.unwrap().unwrap();
+    let exit = daemon.stop().await;
     assert_eq!(exit, EngineExit::Stopped);
     let t = env.store.totals(None).await.unwrap();
     assert_eq!(
@@ -586,14 +569,7 @@ async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing
     cfg.history_retention = Some(Duration::from_secs(86_400));
     cfg.faults.p_drop_response_after_apply = 1.0;
     let sim = start_sim(cfg).await;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(engine::run(
-        env.store.clone(),
-        client_for(&sim, 200),
-        common::engine_config_daemon(),
-        stop.clone(),
-        || {},
-    ));
+    let daemon = common::Daemon::start(&env.store, client_for(&sim, 200));
     for _ in 0..200 {
         if sim
             .state()
@@ -604,8 +580,7 @@ async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    daemon.stop().await;
     let landed = history(&sim, "old").len();
     assert!(landed > 0);
     sim.set_faults(Faults::default()).unwrap();
@@ -639,14 +614,7 @@ async fn retry_while_the_daemon_runs_unblocks_the_lane() {
     let env = Env::new().await;
     queue(&env, "a.ndjson", &ndjson(&["later"], 10, 0)).await;
     let sim = start_sim(sim_config()).await;
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(engine::run(
-        env.store.clone(),
-        client_for(&sim, 200),
-        common::engine_config_daemon(),
-        stop.clone(),
-        || {},
-    ));
+    let daemon = common::Daemon::start(&env.store, client_for(&sim, 200));
     let mut blocked = 0;
     for _ in 0..500 {
         blocked = env.store.totals(None).await.unwrap().blocked;
@@ -669,8 +637,7 @@ async fn retry_while_the_daemon_runs_unblocks_the_lane() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(imported, 10, "the running daemon picked the lane up again");
-    stop.cancel();
-    run.await.unwrap().unwrap();
+    daemon.stop().await;
     assert_eq!(history(&sim, "later").len(), 10);
     sim.shutdown().await;
 }

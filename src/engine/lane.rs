@@ -69,14 +69,7 @@ pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
         if sh.stop.is_cancelled() {
             // Give back a batch claimed but not sent.
             if let Some(batch) = prefetched.take()
-                && let Err(e) = sh
-                    .store
-                    .record(
-                        lane.id,
-                        &back_to_pending(&batch, true),
-                        &LaneUpdate::default(),
-                    )
-                    .await
+                && let Err(e) = release(&sh, &lane, &batch).await
             {
                 tracing::warn!(group = %lane.group_id, error = %e, "could not release a claimed batch; it is reconciled at the next start");
             }
@@ -309,6 +302,33 @@ pub(super) fn apply_checkpoint(lane: &mut Lane, up: &LaneUpdate) {
     }
 }
 
+/// Tencent refused the app's credentials: the batch goes back untouched and every lane stops with
+/// one error naming the setting to check.
+async fn stop_on_credentials(
+    sh: &Shared,
+    lane: &Lane,
+    batch: &[QueuedMessage],
+    code: i64,
+    info: String,
+    hint: &'static str,
+) -> Result<Step, EngineError> {
+    release(sh, lane, batch).await?;
+    sh.set_fatal(EngineError::Auth { code, info, hint });
+    Ok(Step::Stop)
+}
+
+/// Gives the batch back to pending with its attempt refunded (nothing was done with it).
+async fn release(sh: &Shared, lane: &Lane, batch: &[QueuedMessage]) -> Result<(), EngineError> {
+    sh.store
+        .record(
+            lane.id,
+            &back_to_pending(batch, true),
+            &LaneUpdate::default(),
+        )
+        .await?;
+    Ok(())
+}
+
 fn back_to_pending(batch: &[QueuedMessage], refund: bool) -> Vec<MessageUpdate> {
     batch
         .iter()
@@ -325,38 +345,16 @@ async fn on_error(
 ) -> Result<Step, EngineError> {
     let code = e.code();
     let info = e.info();
-    // Server-side timeouts: the import may have been applied, like a lost answer.
-    let class = match code {
-        Some(60008 | 70169 | 70202 | 80003) => ErrorClass::Unknown,
-        _ => e.class(),
-    };
-    match class {
+    match e.write_class() {
         ErrorClass::RateLimited => {
             // The client already slowed the pacer; this is not a failed attempt.
-            sh.store
-                .record(
-                    lane.id,
-                    &back_to_pending(batch, true),
-                    &LaneUpdate::default(),
-                )
-                .await?;
+            release(sh, lane, batch).await?;
             Ok(Step::Progress)
         }
         ErrorClass::Auth => {
-            sh.store
-                .record(
-                    lane.id,
-                    &back_to_pending(batch, true),
-                    &LaneUpdate::default(),
-                )
-                .await?;
-            let code = code.unwrap_or_default();
-            sh.set_fatal(EngineError::Auth {
-                code,
-                info,
-                hint: app_level(code).unwrap_or("tencent.secret_key"),
-            });
-            Ok(Step::Stop)
+            let c = code.unwrap_or_default();
+            let hint = app_level(c).unwrap_or("tencent.secret_key");
+            stop_on_credentials(sh, lane, batch, c, info, hint).await
         }
         ErrorClass::Unknown => {
             // May have been applied: keep the batch in flight; the next step reconciles.
@@ -395,32 +393,14 @@ async fn on_error(
         ErrorClass::Permanent | ErrorClass::PerMessage => {
             let c = code.unwrap_or_default();
             if let Some(hint) = app_level(c) {
-                sh.store
-                    .record(
-                        lane.id,
-                        &back_to_pending(batch, true),
-                        &LaneUpdate::default(),
-                    )
-                    .await?;
-                sh.set_fatal(EngineError::Auth {
-                    code: c,
-                    info,
-                    hint,
-                });
-                return Ok(Step::Stop);
+                return stop_on_credentials(sh, lane, batch, c, info, hint).await;
             }
             if code.is_some_and(bisectable) {
                 if batch.len() > 1 {
                     // Split: send the first half alone; the head moves on as halves succeed.
                     *max_batch = batch.len() / 2;
                     tracing::info!(group = %lane.group_id, code = c, size = batch.len(), next = *max_batch, "whole request refused; bisecting the batch");
-                    sh.store
-                        .record(
-                            lane.id,
-                            &back_to_pending(batch, true),
-                            &LaneUpdate::default(),
-                        )
-                        .await?;
+                    release(sh, lane, batch).await?;
                     return Ok(Step::Progress);
                 }
                 *max_batch = sh.cfg.batch_size;

@@ -175,6 +175,16 @@ impl ApiError {
         }
     }
 
+    /// The class of an answer to a write whose effect cannot be undone (import_group_msg):
+    /// like [`ApiError::class`], except that the server-side timeouts (60008, 70169, 70202,
+    /// 80003) mean the write may have been applied, like a lost answer.
+    pub fn write_class(&self) -> ErrorClass {
+        match self.code() {
+            Some(60008 | 70169 | 70202 | 80003) => ErrorClass::Unknown,
+            _ => self.class(),
+        }
+    }
+
     /// Whether the request may have reached the server and been applied.
     pub fn may_have_been_applied(&self) -> bool {
         self.class() == ErrorClass::Unknown

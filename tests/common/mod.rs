@@ -146,3 +146,29 @@ pub fn engine_config_daemon() -> EngineConfig {
         ..engine_config()
     }
 }
+
+/// A running engine in daemon mode (until stopped), with the token that stops it.
+pub struct Daemon {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<EngineExit, engine::EngineError>>,
+}
+
+impl Daemon {
+    pub fn start(store: &Store, client: TencentClient) -> Daemon {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(engine::run(
+            store.clone(),
+            client,
+            engine_config_daemon(),
+            stop.clone(),
+            || {},
+        ));
+        Daemon { stop, task }
+    }
+
+    /// Stops it and returns how it ended.
+    pub async fn stop(self) -> EngineExit {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap()
+    }
+}
