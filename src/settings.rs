@@ -114,6 +114,8 @@ pub struct ImportSettings {
     pub shutdown_grace: Duration,
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub commit_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -239,6 +241,12 @@ impl Settings {
         }
         if i.max_lanes == 0 {
             return Err(SettingsError::key("import.max_lanes", "must be at least 1"));
+        }
+        if i.commit_window > Duration::from_secs(1) {
+            return Err(SettingsError::key(
+                "import.commit_window",
+                "must be at most 1s (every lane waits up to this long for its record)",
+            ));
         }
         if i.max_attempts == 0 {
             return Err(SettingsError::key(

@@ -641,3 +641,103 @@ async fn retry_while_the_daemon_runs_unblocks_the_lane() {
     assert_eq!(history(&sim, "later").len(), 10);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch() {
+    use timport::store::{Claim, LaneUpdate, MessageUpdate, Record};
+    let env = Env::new().await;
+    // Three lanes; "b" has a tie at its 3rd message, so its next claim cuts there.
+    let mut text = String::new();
+    for i in 0..20 {
+        for g in ["a", "b", "c"] {
+            let t = if g == "b" && i == 9 { T0 + 8 } else { T0 + i };
+            text.push_str(&line(g, "u", t, &format!("{g}-{i}")));
+            text.push('\n');
+        }
+    }
+    queue(&env, "a.ndjson", &text).await;
+    let lanes = env.store.runnable_lanes(i64::MAX, 10).await.unwrap();
+    assert_eq!(lanes.len(), 3);
+    let mut records = Vec::new();
+    let mut first = HashMap::new();
+    for (k, lane) in lanes.iter().enumerate() {
+        let batch = env.store.claim_batch(lane, 7, false).await.unwrap();
+        assert_eq!(batch.len(), 7);
+        let updates: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, m)| MessageUpdate::Imported {
+                id: m.id,
+                msg_seq: i as i64 + 1,
+                msg_time: m.send_time,
+                note: None,
+            })
+            .collect();
+        let mut after = lane.clone();
+        after.last_send_time = batch.last().unwrap().send_time;
+        after.last_msg_seq = 7;
+        first.insert(lane.group_id.clone(), batch.clone());
+        records.push(Record {
+            lane_id: lane.id,
+            updates,
+            lane: LaneUpdate {
+                seen_send_time: Some(after.last_send_time),
+                seen_msg_seq: Some(7),
+                ..LaneUpdate::default()
+            },
+            // The last lane records only; the others claim, cut at ties.
+            next: (k < 2).then_some(Claim {
+                lane: after,
+                max: 7,
+                cut_at_tie: true,
+            }),
+        });
+    }
+    let next = env.store.record_many(&records).await.unwrap();
+    assert_eq!(next.len(), 3);
+    assert!(next[2].is_empty(), "no claim asked, none made");
+    for (lane, batch) in lanes.iter().zip(&next).take(2) {
+        let g = &lane.group_id;
+        let texts: Vec<String> = batch
+            .iter()
+            .map(|m| body_text(&serde_json::from_str(&m.body).unwrap()))
+            .collect();
+        let want: Vec<String> = if g == "b" {
+            // 7: T0+7, 8: T0+8, 9: T0+8 (the tie ends the batch).
+            (7..10).map(|i| format!("b-{i}")).collect()
+        } else {
+            (7..14).map(|i| format!("{g}-{i}")).collect()
+        };
+        assert_eq!(texts, want, "lane {g}: its own messages, in order");
+        assert!(batch.iter().all(|m| m.attempts == 1));
+    }
+    for lane in env.store.lanes(None, 10).await.unwrap() {
+        let claimed = match lane.group_id.as_str() {
+            "a" => 7,
+            "b" => 3,
+            _ => 0,
+        };
+        assert_eq!(
+            (lane.imported, lane.in_flight, lane.pending),
+            (7, claimed, 20 - 7 - claimed),
+            "lane {}",
+            lane.group_id
+        );
+        assert_eq!(lane.last_msg_seq, 7);
+        let seqs: Vec<i64> = (1..=first[&lane.group_id].len() as i64).collect();
+        let stored: Vec<(i64,)> = sqlx::query_as(
+            "SELECT msg_seq FROM messages m JOIN lanes l ON l.id = m.lane_id
+             WHERE l.group_id = ? AND m.state = 'imported' ORDER BY m.send_time, m.id",
+        )
+        .bind(&lane.group_id)
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+        assert_eq!(
+            stored.into_iter().map(|(s,)| s).collect::<Vec<_>>(),
+            seqs,
+            "lane {}: MsgSeq recorded",
+            lane.group_id
+        );
+    }
+}

@@ -651,3 +651,48 @@ async fn foreign_keys_are_enforced_again_after_a_bulk_job() {
         .unwrap();
     assert!(orphans.is_empty(), "{orphans:?}");
 }
+
+#[tokio::test]
+async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_together() {
+    // More messages than one sorted write chunk, three groups taking turns line by line.
+    let env = Env::new().await;
+    let groups = ["a", "b", "c"];
+    let per_group = 7_000;
+    let mut text = String::new();
+    for i in 0..per_group {
+        for g in groups {
+            // Same second for runs of ten lines: queue order, not SendTime, must keep them.
+            text.push_str(&line(g, "u", T0 + i / 10, &format!("{g}-{i}")));
+            text.push('\n');
+        }
+    }
+    let out = queue(&env, "big.ndjson", &text).await;
+    assert!(
+        matches!(out, FileOutcome::Accepted { messages, .. } if messages == 3 * per_group),
+        "{out:?}"
+    );
+    for g in groups {
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT m.id, m.source_line, m.body FROM messages m JOIN lanes l ON l.id = m.lane_id
+             WHERE l.group_id = ? ORDER BY m.send_time, m.id",
+        )
+        .bind(g)
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+        assert_eq!(rows.len() as i64, per_group);
+        for (i, (_, source_line, body)) in rows.iter().enumerate() {
+            assert!(
+                body.contains(&format!("\"{g}-{i}\"")),
+                "group {g}: message {i} out of file order: {body}"
+            );
+            if i > 0 {
+                assert!(*source_line > rows[i - 1].1, "group {g}: file lines ascend");
+            }
+        }
+        // The lane's messages sit together: at most a few runs of consecutive ids per write
+        // chunk, not one id in three.
+        let runs = 1 + rows.windows(2).filter(|w| w[1].0 != w[0].0 + 1).count();
+        assert!(runs <= 8, "group {g}: {runs} runs of consecutive ids");
+    }
+}

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::commit::Outstanding;
 use super::{EngineError, Shared, reconcile};
-use crate::store::{Lane, LaneUpdate, MessageUpdate, QueuedMessage, unix_now_ms};
+use crate::store::{Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record, unix_now_ms};
 use crate::tencent::{
     ApiError, ErrorClass, ImportGroupMsgRequest, ImportMsg, ImportMsgResult, codes,
 };
@@ -123,18 +124,19 @@ pub async fn step(
     }
     let req = request(lane, &batch);
     let started = std::time::Instant::now();
+    let out = sh.committer.outstanding();
     let answer = sh.client.import_group_msg(&req).await;
     tracing::debug!(group = %lane.group_id, messages = batch.len(), elapsed_ms = started.elapsed().as_millis() as u64, ok = answer.is_ok(), "import_group_msg");
     match answer {
         Ok(resp) => {
             let results = resp.import_msg_result.unwrap_or_default();
-            on_results(sh, lane, &batch, &results, max_batch, prefetched).await
+            on_results(sh, lane, &batch, &results, max_batch, prefetched, out).await
         }
         // A failed answer that still carries per-message results: those results stand.
         Err(e) if e.import_results.as_ref().is_some_and(|r| !r.is_empty()) => {
             tracing::info!(group = %lane.group_id, error = %e, "failed answer with per-message results; recording them");
             let results = e.import_results.unwrap_or_default();
-            on_results(sh, lane, &batch, &results, max_batch, prefetched).await
+            on_results(sh, lane, &batch, &results, max_batch, prefetched, out).await
         }
         Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
     }
@@ -193,6 +195,7 @@ async fn on_results(
     results: &[ImportMsgResult],
     max_batch: &mut usize,
     prefetched: &mut Option<Vec<QueuedMessage>>,
+    out: Outstanding,
 ) -> Result<Step, EngineError> {
     let since_seq = lane.last_msg_seq;
     let mut updates = Vec::with_capacity(batch.len());
@@ -254,12 +257,19 @@ async fn on_results(
     apply_checkpoint(&mut after, &lane_up);
     let cut_at_tie = !(sh.ties_ok.load(Ordering::Relaxed) || tie_taken);
     let next = sh
-        .store
-        .record_and_claim(
-            lane.id,
-            &updates,
-            &lane_up,
-            claim_next.then_some((&after, *max_batch, cut_at_tie)),
+        .committer
+        .submit(
+            Record {
+                lane_id: lane.id,
+                updates,
+                lane: lane_up,
+                next: claim_next.then(|| Claim {
+                    lane: after.clone(),
+                    max: *max_batch,
+                    cut_at_tie,
+                }),
+            },
+            out,
         )
         .await?;
     count_imported(sh, imported);

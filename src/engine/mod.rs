@@ -14,6 +14,7 @@
 //! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
 //! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
 
+pub mod commit;
 pub mod group;
 pub mod lane;
 pub mod reconcile;
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub tie_policy: TiePolicy,
     pub shutdown_grace: Duration,
     pub progress_interval: Duration,
+    /// How long a lane's answer may wait for others to be recorded with it (group commit).
+    pub commit_window: Duration,
     /// Exit once nothing is pending or in flight (`timport run --until-idle`).
     pub until_idle: bool,
 }
@@ -56,6 +59,7 @@ impl EngineConfig {
             tie_policy: s.tie_policy,
             shutdown_grace: s.shutdown_grace,
             progress_interval: s.progress_interval,
+            commit_window: s.commit_window,
             until_idle,
         }
     }
@@ -106,6 +110,8 @@ pub struct Shared {
     /// The server has taken a message sharing the second of the one before it. Until then a tie
     /// ends its batch (see [`Store::claim_batch`]).
     pub ties_ok: AtomicBool,
+    /// Records answers (and claims next batches) for several lanes per transaction.
+    pub committer: commit::Committer,
 }
 
 impl Shared {
@@ -156,7 +162,11 @@ pub async fn run(
     shutdown: CancellationToken,
     on_tick: impl Fn() + Send + Sync,
 ) -> Result<EngineExit, EngineError> {
+    let committer_done = CancellationToken::new();
+    let (committer, committer_task) =
+        commit::Committer::start(store.clone(), cfg.commit_window, committer_done.clone());
     let shared = Arc::new(Shared {
+        committer,
         store: store.clone(),
         client,
         cfg: cfg.clone(),
@@ -294,6 +304,11 @@ pub async fn run(
                 break;
             }
         }
+    }
+    // The lanes are done: the committer records what is still queued, then ends.
+    committer_done.cancel();
+    if let Err(e) = committer_task.await {
+        tracing::error!(error = %e, "the committer failed; unrecorded answers are reconciled at the next start");
     }
     let fatal = shared.fatal();
     let p = Progress {

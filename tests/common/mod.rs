@@ -105,6 +105,7 @@ pub fn engine_config() -> EngineConfig {
         tie_policy: TiePolicy::Fail,
         shutdown_grace: Duration::from_secs(5),
         progress_interval: Duration::from_secs(60),
+        commit_window: Duration::from_millis(10),
         until_idle: true,
     }
 }
