@@ -454,6 +454,45 @@ impl Store {
     }
 }
 
+/// Multi-row INSERTs of `rows` (INSERT_CHUNK rows per statement).
+async fn write_rows(
+    tx: &mut sqlx::SqliteConnection,
+    rows: &[(i64, NewMessage, u32, bool)],
+    job_id: i64,
+    full_chunk_sql: &str,
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let sql = if chunk.len() == INSERT_CHUNK {
+            full_chunk_sql.to_string()
+        } else {
+            let mut s = String::from(INSERT_COLUMNS);
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push_str(INSERT_TUPLE);
+            }
+            s
+        };
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (lane_id, m, random, assigned) in chunk {
+            q = q
+                .bind(*lane_id)
+                .bind(job_id)
+                .bind(m.source_line)
+                .bind(m.source_index)
+                .bind(m.from_account.as_str())
+                .bind(m.send_time)
+                .bind(i64::from(*random))
+                .bind(i64::from(*assigned))
+                .bind(i64::from(m.recent_contact))
+                .bind(m.body.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 impl JobWriter {
     /// The job's id (valid once committed).
     pub fn job_id(&self) -> i64 {
@@ -590,45 +629,16 @@ impl JobWriter {
         Ok(())
     }
 
+    /// Writes the buffered rows, sorted by lane.
     async fn flush(&mut self) -> Result<(), StoreError> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let mut rows = std::mem::take(&mut self.buf);
-        rows.sort_by_key(|r| r.0);
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let sql = if chunk.len() == INSERT_CHUNK {
-                self.full_chunk_sql.clone()
-            } else {
-                let mut s = String::from(INSERT_COLUMNS);
-                for i in 0..chunk.len() {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    s.push_str(INSERT_TUPLE);
-                }
-                s
-            };
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (lane_id, m, random, assigned) in chunk {
-                q = q
-                    .bind(*lane_id)
-                    .bind(self.job_id)
-                    .bind(m.source_line)
-                    .bind(m.source_index)
-                    .bind(m.from_account.as_str())
-                    .bind(m.send_time)
-                    .bind(i64::from(*random))
-                    .bind(i64::from(*assigned))
-                    .bind(i64::from(m.recent_contact))
-                    .bind(m.body.as_str());
-            }
-            q.execute(&mut *self.tx)
-                .await
-                .map_err(|e| self.store.err(e))?;
-        }
-        rows.clear();
-        self.buf = rows;
+        self.buf.sort_by_key(|r| r.0);
+        write_rows(&mut self.tx, &self.buf, self.job_id, &self.full_chunk_sql)
+            .await
+            .map_err(|e| self.store.err(e))?;
+        self.buf.clear();
         Ok(())
     }
 
@@ -648,31 +658,51 @@ impl JobWriter {
             }
         }
         self.flush().await?;
+        let store = self.store.clone();
+        let err = |e| store.err(e);
+        let mut tx = self.tx;
         let now = unix_now();
-        for l in self.lanes.values().flat_map(|t| t.values()) {
-            sqlx::query("UPDATE lanes SET pending = pending + ?, updated_at = ? WHERE id = ?")
-                .bind(l.added)
-                .bind(now)
-                .bind(l.id)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(|e| self.store.err(e))?;
-            sqlx::query("INSERT OR IGNORE INTO job_lanes(job_id, lane_id) VALUES(?, ?)")
-                .bind(self.job_id)
-                .bind(l.id)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(|e| self.store.err(e))?;
-        }
-        for (g, acc) in self.groups.iter() {
-            if acc.counter != acc.start {
-                sqlx::query("UPDATE groups SET random_counter = ? WHERE group_id = ?")
-                    .bind(acc.counter)
-                    .bind(g)
-                    .execute(&mut *self.tx)
-                    .await
-                    .map_err(|e| self.store.err(e))?;
-            }
+        // Every lane's and group's counters in one statement each, however many there are.
+        let lanes: Vec<(i64, i64)> = self
+            .lanes
+            .values()
+            .flat_map(|t| t.values())
+            .map(|l| (l.id, l.added))
+            .collect();
+        let lanes = serde_json::to_string(&lanes).unwrap_or_default();
+        sqlx::query(
+            "UPDATE lanes SET pending = pending + v.value ->> 1, updated_at = ?1
+             FROM json_each(?2) AS v WHERE lanes.id = v.value ->> 0",
+        )
+        .bind(now)
+        .bind(&lanes)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO job_lanes(job_id, lane_id)
+             SELECT ?1, value ->> 0 FROM json_each(?2)",
+        )
+        .bind(self.job_id)
+        .bind(&lanes)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let counters: Vec<(&str, i64)> = self
+            .groups
+            .iter()
+            .filter(|(_, acc)| acc.counter != acc.start)
+            .map(|(g, acc)| (g.as_str(), acc.counter))
+            .collect();
+        if !counters.is_empty() {
+            sqlx::query(
+                "UPDATE groups SET random_counter = v.value ->> 1
+                 FROM json_each(?1) AS v WHERE groups.group_id = v.value ->> 0",
+            )
+            .bind(serde_json::to_string(&counters).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
         }
         let groups = i64::try_from(self.groups.len()).unwrap_or(i64::MAX);
         sqlx::query(
@@ -685,10 +715,10 @@ impl JobWriter {
         .bind(groups)
         .bind(self.count)
         .bind(self.job_id)
-        .execute(&mut *self.tx)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| self.store.err(e))?;
-        self.tx.commit().await.map_err(|e| self.store.err(e))?;
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
         Ok(JobOutcome::Accepted {
             job_id: self.job_id,
             messages: self.count,
