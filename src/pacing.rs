@@ -19,6 +19,7 @@
 //! exported as the gauge `timport_pacing_rate`.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,16 @@ pub struct Pacer {
     /// Waiters queue here (FIFO) so only one at a time waits on the limiter: with dozens of lanes
     /// waiting on governor directly, every freed slot would wake all of them to find one winner.
     queue: tokio::sync::Mutex<()>,
+    /// Requests waiting for their turn (the quota, not latency, is what holds them).
+    waiting: AtomicUsize,
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Pacer {
@@ -97,6 +108,7 @@ impl Pacer {
                 last_step: now,
             }),
             queue: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -123,17 +135,31 @@ impl Pacer {
         }
     }
 
+    /// Requests waiting in [`Pacer::acquire`] right now: above zero, the quota is what limits
+    /// the import, so a short extra delay of one lane costs no throughput.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// Wait until one request may start.
     pub async fn acquire(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         self.recover_at(Instant::now());
         let _turn = self.queue.lock().await;
         loop {
             let limiter = self.lock().limiter.clone();
-            limiter.until_ready().await;
+            // Wait on tokio's timer, not governor's `until_ready` (futures-timer's own thread:
+            // two extra thread wake-ups per request).
+            while let Err(not_until) = limiter.check() {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+                tokio::time::sleep(wait).await;
+            }
             if Arc::ptr_eq(&limiter, &self.lock().limiter) {
                 return;
             }
-            // The rate changed while we waited: obey the new limiter.
+            // The rate changed while we waited: obey the new limiter (the slot taken on the old
+            // one is simply not used).
         }
     }
 

@@ -5,9 +5,11 @@
 //! work itself; one per few requests does not.
 //!
 //! The committer waits at most `import.commit_window` after the first answer for others, and only
-//! while some lane has a request out (so a lone lane is never held back). A lane waits for its
-//! own record to be committed before it sends again, so the exactly-once argument is unchanged:
-//! nothing is sent before the answer before it is durable.
+//! while another lane has a request out and requests queue at the pacer: then the quota, not
+//! latency, sets the pace, and holding a lane back a few milliseconds costs no throughput (with few
+//! lanes, or a lone one, nothing waits). A lane waits for its own record to be committed before
+//! it sends again, so the exactly-once argument is unchanged: nothing is sent before the answer
+//! before it is durable.
 //!
 //! Stopping: the engine fires `done` once its lanes have ended; the committer records whatever is
 //! still queued and returns. A store error fails every record of that transaction (nothing of it
@@ -23,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::EngineError;
+use crate::pacing::Pacer;
 use crate::store::{QueuedMessage, Record, Store};
 
 /// Records per transaction at most.
@@ -55,12 +58,18 @@ impl Committer {
     /// Starts the committer task; it ends after `done` fires, once its queue is empty.
     pub fn start(
         store: Store,
+        pacer: Option<Arc<Pacer>>,
         window: Duration,
         done: CancellationToken,
     ) -> (Committer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(256);
         let out = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(run(store, rx, window, done, out.clone()));
+        let linger = Linger {
+            window,
+            out: out.clone(),
+            pacer,
+        };
+        let task = tokio::spawn(run(store, rx, linger, done));
         (Committer { tx, out }, task)
     }
 
@@ -84,13 +93,21 @@ impl Committer {
     }
 }
 
-async fn run(
-    store: Store,
-    mut rx: mpsc::Receiver<Job>,
+/// When the committer waits for more answers.
+struct Linger {
     window: Duration,
-    done: CancellationToken,
+    /// Lanes with a request out.
     out: Arc<AtomicUsize>,
-) {
+    pacer: Option<Arc<Pacer>>,
+}
+
+impl Linger {
+    fn worth_it(&self) -> bool {
+        self.out.load(Ordering::SeqCst) > 0 && self.pacer.as_ref().is_none_or(|p| p.waiting() > 0)
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>, linger: Linger, done: CancellationToken) {
     loop {
         let first = tokio::select! {
             biased;
@@ -101,14 +118,14 @@ async fn run(
             }
         };
         let Some(first) = first else { return };
-        let deadline = tokio::time::Instant::now() + window;
+        let deadline = tokio::time::Instant::now() + linger.window;
         let mut jobs = vec![first];
         while jobs.len() < MAX_RECORDS {
             if let Ok(job) = rx.try_recv() {
                 jobs.push(job);
                 continue;
             }
-            if out.load(Ordering::SeqCst) == 0 || done.is_cancelled() {
+            if !linger.worth_it() || done.is_cancelled() {
                 break;
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {

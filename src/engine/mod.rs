@@ -163,8 +163,12 @@ pub async fn run(
     on_tick: impl Fn() + Send + Sync,
 ) -> Result<EngineExit, EngineError> {
     let committer_done = CancellationToken::new();
-    let (committer, committer_task) =
-        commit::Committer::start(store.clone(), cfg.commit_window, committer_done.clone());
+    let (committer, committer_task) = commit::Committer::start(
+        store.clone(),
+        client.pacer().cloned(),
+        cfg.commit_window,
+        committer_done.clone(),
+    );
     let shared = Arc::new(Shared {
         committer,
         store: store.clone(),
