@@ -46,6 +46,8 @@ impl CachedSig {
 struct Inner {
     http: reqwest::Client,
     base: String,
+    /// `base` parsed once (a request clones it and sets path and query: no re-parse per request).
+    base_url: Url,
     sdkappid: u64,
     identifier: String,
     secret_key: SecretString,
@@ -123,6 +125,7 @@ impl TencentClient {
             inner: Arc::new(Inner {
                 http,
                 base: base.trim_end_matches('/').to_owned(),
+                base_url: parsed,
                 sdkappid: cfg.sdkappid,
                 identifier: cfg.identifier,
                 secret_key: cfg.secret_key,
@@ -292,8 +295,9 @@ impl TencentClient {
     }
 
     fn url(&self, command: &str, sig: &SecretString) -> Result<Url, ApiErrorKind> {
-        let mut url = Url::parse(&format!("{}/v4/{GROUP_SERVICE}/{command}", self.inner.base))
-            .map_err(|e| ApiErrorKind::Encode(format!("URL: {e}")))?;
+        let mut url = self.inner.base_url.clone();
+        let prefix = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{prefix}/v4/{GROUP_SERVICE}/{command}"));
         let random: u32 = rand::rng().random();
         url.query_pairs_mut()
             .append_pair("sdkappid", &self.inner.sdkappid.to_string())
@@ -478,6 +482,51 @@ fn read_envelope(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_urls_keep_the_base_prefix_and_carry_the_query() {
+        for (base, path) in [
+            (
+                "http://127.0.0.1:9/",
+                "/v4/group_open_http_svc/import_group_msg",
+            ),
+            (
+                "http://127.0.0.1:9/proxy/tim/",
+                "/proxy/tim/v4/group_open_http_svc/import_group_msg",
+            ),
+        ] {
+            let client = TencentClient::new(
+                crate::tencent::ClientConfig {
+                    sdkappid: 1400000000,
+                    identifier: "admin".into(),
+                    secret_key: SecretString::from("k".to_string()),
+                    base_url: Some(base.into()),
+                    region: crate::tencent::Region::Singapore,
+                    request_timeout: Duration::from_secs(5),
+                    usersig_validity: Duration::from_secs(3600),
+                },
+                None,
+            )
+            .unwrap();
+            let sig = SecretString::from("a+b/c=".to_string());
+            let url = client.url("import_group_msg", &sig).unwrap();
+            assert_eq!(url.path(), path);
+            let q: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+            let keys: Vec<&str> = q.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["sdkappid", "identifier", "usersig", "random", "contenttype"]
+            );
+            assert_eq!(q[2].1, "a+b/c=", "the UserSig survives encoding");
+            // A second URL is built from the same base, not from the first one.
+            let again = client.url("get_group_info", &sig).unwrap();
+            assert_eq!(
+                again.path(),
+                path.replace("import_group_msg", "get_group_info")
+            );
+            assert_eq!(again.query_pairs().count(), 5);
+        }
+    }
 
     #[test]
     fn envelope_rules() {
