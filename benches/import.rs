@@ -8,6 +8,9 @@
 //!    script would) on the same simulator for a fixed time.
 //! 4. scale: 2,000,000 queued messages in 20,000 groups: time from start to the first request,
 //!    and the throughput over the first seconds.
+//! 5. HTTP floor: the same 30,000 messages sent by the Tencent client alone (64 concurrent
+//!    senders, the same pacer, a current-thread runtime like the daemon's, no queue), to a
+//!    simulator in a child process: the CPU that HTTP alone costs per 10,000 messages here.
 //!
 //! Run: `cargo bench --bench import`. Sizes: `TIMPORT_BENCH_STEADY` (messages per group in 1–2,
 //! default 500), `TIMPORT_BENCH_SCALE` (messages in 4, default 2000000; 0 skips it).
@@ -67,6 +70,7 @@ fn main() {
             naive.1 / 14.0
         );
         println!("timport / naive: {:.1}x", steady.rate / naive.1.max(0.001));
+        http_floor(&bin, 60, per_group);
         let scale_n: i64 = env_num("TIMPORT_BENCH_SCALE", 2_000_000);
         if scale_n > 0 {
             scale(&bin, scale_n, 20_000).await;
@@ -323,5 +327,116 @@ async fn scale(bin: &Path, n: i64, groups: i64) {
         "\nscale: {n} messages in {groups} groups queued in {ingest_secs:.1} s; first request {:.0} ms after start; then {rate:.0} msg/s ({:.1}% of 1,400)",
         first.as_secs_f64() * 1000.0,
         rate / 14.0
+    );
+}
+
+/// CPU seconds of this process (all threads).
+#[allow(unsafe_code)]
+fn own_cpu() -> f64 {
+    // SAFETY: getrusage writes only into the zeroed rusage we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_utime.tv_sec as f64
+        + usage.ru_utime.tv_usec as f64 / 1e6
+        + usage.ru_stime.tv_sec as f64
+        + usage.ru_stime.tv_usec as f64 / 1e6
+}
+
+/// The Tencent client alone, paced like the daemon, against a simulator in a child process: what
+/// the HTTP exchanges cost per 10,000 messages on this machine, with no queue at all.
+fn http_floor(bin: &Path, groups: i64, per_group: i64) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut sim = Command::new(bin)
+        .args([
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--secret-key",
+            KEY,
+            "--auto-create-groups",
+            "--latency",
+            "40ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("simulator child");
+    let total = groups * per_group;
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let client = TencentClient::new(
+                ClientConfig {
+                    sdkappid: APP,
+                    identifier: "administrator".into(),
+                    secret_key: SecretString::from(KEY.to_string()),
+                    base_url: Some(format!("http://127.0.0.1:{port}")),
+                    region: Region::Singapore,
+                    request_timeout: Duration::from_secs(10),
+                    usersig_validity: Duration::from_secs(86_400),
+                },
+                Some(std::sync::Arc::new(timport::pacing::Pacer::new(200))),
+            )
+            .expect("client");
+            // Wait for the simulator to listen.
+            let probe = Instant::now();
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(probe.elapsed() < Duration::from_secs(10), "simulator did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let cpu0 = own_cpu();
+            let started = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            // 64 senders, each owning groups g ≡ k (mod 64), sending each group's messages in
+            // order, 7 at a time, as the daemon's lanes do.
+            for k in 0..64.min(groups) {
+                let client = client.clone();
+                tasks.spawn(async move {
+                    let mut sent = 0i64;
+                    for g in (k..groups).step_by(64) {
+                        for start in (0..per_group).step_by(7) {
+                            let req = ImportGroupMsgRequest {
+                                group_id: format!("floor-{g}"),
+                                topic_id: None,
+                                recent_contact_flag: None,
+                                msg_list: (start..(start + 7).min(per_group))
+                                    .map(|i| ImportMsg {
+                                        from_account: format!("user-{}", i % 13),
+                                        send_time: T0 + i,
+                                        random: Some((g * 100_000 + i) as u32),
+                                        msg_body: serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": format!("message {i} of group {g}")}}]),
+                                    })
+                                    .collect(),
+                            };
+                            if client.import_group_msg(&req).await.is_ok() {
+                                sent += req.msg_list.len() as i64;
+                            }
+                        }
+                    }
+                    sent
+                });
+            }
+            let mut sent = 0;
+            while let Some(n) = tasks.join_next().await {
+                sent += n.unwrap_or(0);
+            }
+            (sent, started.elapsed(), own_cpu() - cpu0)
+        })
+    });
+    let (sent, elapsed, cpu) = worker.join().expect("floor client");
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert_eq!(sent, total, "HTTP floor: every message answered");
+    println!(
+        "HTTP floor (client alone, paced, no queue): {sent} messages in {:.1} s, {:.0} msg/s, client CPU {cpu:.2} s = {:.3} s per 10k messages",
+        elapsed.as_secs_f64(),
+        sent as f64 / elapsed.as_secs_f64(),
+        cpu * 10_000.0 / sent as f64
     );
 }

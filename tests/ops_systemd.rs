@@ -344,6 +344,7 @@ fn health_ready_and_metrics_after_an_import() {
         "timport_requests_total",
         "timport_job_files_total",
         "timport_request_duration_seconds_bucket",
+        "timport_commit_records_bucket",
     ] {
         assert!(
             metrics.lines().any(|l| l.starts_with(name)),

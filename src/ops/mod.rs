@@ -31,6 +31,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     Matcher::Full("timport_request_duration_seconds".into()),
                     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("timport_commit_records".into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -47,6 +53,10 @@ fn describe() {
     metrics::describe_counter!("timport_messages_failed_total", "Messages failed, by code");
     metrics::describe_counter!("timport_requests_total", "Requests by endpoint and outcome");
     metrics::describe_histogram!("timport_request_duration_seconds", "Request latency");
+    metrics::describe_histogram!(
+        "timport_commit_records",
+        "Answers recorded per SQLite transaction (group commit)"
+    );
     metrics::describe_counter!("timport_rate_limited_total", "Rate-limit answers");
     metrics::describe_gauge!("timport_pacing_rate", "Current pacing rate, requests/s");
     metrics::describe_gauge!(
