@@ -786,27 +786,31 @@ impl Store {
     /// New rows of the intake table, oldest first. Each column comes back as JSON of whatever
     /// SQLite type the producer stored, so validation can report a wrong type instead of failing.
     pub async fn new_intake_rows(&self, limit: i64) -> Result<Vec<IntakeRow>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT id, ",
-            quoted!("group_id"),
-            ", ",
-            quoted!("topic_id"),
-            ", ",
-            quoted!("from_account"),
-            ", ",
-            quoted!("send_time"),
-            ", ",
-            quoted!("random"),
-            ", ",
-            quoted!("msg_body"),
-            ", ",
-            quoted!("recent_contact_flag"),
-            " FROM intake WHERE status = 'new' ORDER BY id LIMIT ?"
-        ))
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.err(e))?;
+        // LIMIT as a literal: SQLite re-prepares a statement whenever a LIMIT parameter is bound.
+        let sql = format!(
+            "{}{limit}",
+            concat!(
+                "SELECT id, ",
+                quoted!("group_id"),
+                ", ",
+                quoted!("topic_id"),
+                ", ",
+                quoted!("from_account"),
+                ", ",
+                quoted!("send_time"),
+                ", ",
+                quoted!("random"),
+                ", ",
+                quoted!("msg_body"),
+                ", ",
+                quoted!("recent_contact_flag"),
+                " FROM intake WHERE status = 'new' ORDER BY id LIMIT "
+            )
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
         let parse = |r: &sqlx::sqlite::SqliteRow, col: &str| -> Option<serde_json::Value> {
             let text: Option<String> = r.try_get(col).ok().flatten();
             text.and_then(|t| serde_json::from_str(&t).ok())
@@ -1166,15 +1170,15 @@ fn lane_row(r: &sqlx::sqlite::SqliteRow) -> Lane {
 impl Store {
     /// Active lanes with work whose backoff has passed, oldest wait first.
     pub async fn runnable_lanes(&self, now_ms: i64, limit: i64) -> Result<Vec<Lane>, StoreError> {
-        let rows = sqlx::query(
+        // Polled every tick: LIMIT as a literal (a bound LIMIT re-prepares the statement).
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes
              WHERE state = 'active' AND (pending > 0 OR in_flight > 0) AND retry_at <= ?
                AND NOT EXISTS (SELECT 1 FROM groups g WHERE g.group_id = lanes.group_id
                                AND g.create_state IN ('pending', 'blocked'))
-             ORDER BY retry_at, id LIMIT ?",
-        )
+             ORDER BY retry_at, id LIMIT {limit}"
+        )))
         .bind(now_ms)
-        .bind(limit)
         .fetch_all(&self.reader)
         .await
         .map_err(|e| self.err(e))?;
@@ -1255,10 +1259,12 @@ impl Store {
         let lane_ids = serde_json::to_string(&claims.iter().map(|c| c.lane.id).collect::<Vec<_>>())
             .unwrap_or_default();
         let limit = claims.iter().map(|c| c.max).max().unwrap_or(7);
+        // The limit is written into the SQL, not bound: SQLite re-prepares a statement each time a
+        // parameter used as LIMIT is bound again (it may plan with the value).
         let sql = format!(
             "SELECT m.lane_id, {} FROM json_each(?1) AS l, messages AS m
              WHERE m.id IN (SELECT id FROM messages WHERE lane_id = l.value AND state = 'pending'
-                            ORDER BY send_time, id LIMIT ?2)",
+                            ORDER BY send_time, id LIMIT {limit})",
             MESSAGE_COLUMNS
                 .split(", ")
                 .map(|c| format!("m.{c}"))
@@ -1267,7 +1273,6 @@ impl Store {
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(lane_ids)
-            .bind(i64::try_from(limit).unwrap_or(7))
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
@@ -1680,12 +1685,11 @@ impl Store {
         now_ms: i64,
         limit: i64,
     ) -> Result<Vec<GroupToCreate>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT group_id, spec, create_attempts FROM groups
-             WHERE create_state = 'pending' AND retry_at <= ? ORDER BY group_id LIMIT ?",
-        )
+             WHERE create_state = 'pending' AND retry_at <= ? ORDER BY group_id LIMIT {limit}"
+        )))
         .bind(now_ms)
-        .bind(limit)
         .fetch_all(&self.reader)
         .await
         .map_err(|e| self.err(e))?;
@@ -1775,16 +1779,15 @@ impl Store {
         now_ms: i64,
         limit: i64,
     ) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
+        sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT DISTINCT m.group_id FROM members m JOIN groups g ON g.group_id = m.group_id
              WHERE (m.state = 'pending' OR m.unread_state = 'pending')
                AND COALESCE(g.create_state, 'created') = 'created' AND g.retry_at <= ?
                AND NOT EXISTS (SELECT 1 FROM lanes l WHERE l.group_id = m.group_id
                                AND (l.pending > 0 OR l.in_flight > 0))
-             LIMIT ?",
-        )
+             LIMIT {limit}"
+        )))
         .bind(now_ms)
-        .bind(limit)
         .fetch_all(&self.reader)
         .await
         .map_err(|e| self.err(e))
@@ -1834,11 +1837,10 @@ impl Store {
     ) -> Result<Vec<MemberRow>, StoreError> {
         let sql = format!(
             "SELECT id, member_account, role, join_time, unread_msg_num FROM members
-             WHERE group_id = ? AND {condition} ORDER BY id LIMIT ?"
+             WHERE group_id = ? AND {condition} ORDER BY id LIMIT {limit}"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(group)
-            .bind(limit)
             .fetch_all(&self.reader)
             .await
             .map_err(|e| self.err(e))?;
