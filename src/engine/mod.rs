@@ -3,10 +3,12 @@
 //! One lane per (group, topic); many lanes at once (`import.max_lanes`), exactly one request in
 //! flight per lane, each request paced by the app-wide [`Pacer`](crate::pacing::Pacer). A lane
 //! step ([`lane`]) claims the head of the lane (marking it in flight in a short transaction),
-//! sends it, and records the answer and the new checkpoint in another; no transaction spans the
-//! HTTP call. A lane that finds messages in flight when it starts (an unknown outcome, or a crash
-//! or stop mid-request) first asks the server what it already has ([`reconcile`]); nothing is
-//! re-sent before that.
+//! sends it, and records the answer and the new checkpoint in another, in which it also claims
+//! its next batch; no transaction spans the HTTP call. That second transaction is shared: the
+//! [`commit`] task records the answers of several lanes (and claims their next batches) at once,
+//! and each lane waits for its own record before it sends again. A lane that finds messages in
+//! flight when it starts (an unknown outcome, or a crash or stop mid-request) first asks the
+//! server what it already has ([`reconcile`]); nothing is re-sent before that.
 //!
 //! Stopping: when `shutdown` fires, no lane claims another batch; requests in flight get
 //! `import.shutdown_grace` to finish and record their answer, then are abandoned: their messages
