@@ -741,3 +741,67 @@ async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch(
         );
     }
 }
+
+/// Two lanes' answers: (transactions, records) the committer used, with the given window. Lane
+/// "a" answers first while "b" still has its request out; "b" answers 50 ms later.
+async fn commit_two_answers(window: Duration) -> (usize, usize) {
+    use timport::engine::commit::Committer;
+    use timport::store::{LaneUpdate, MessageUpdate, Record};
+    let env = Env::new().await;
+    let mut text = String::new();
+    for g in ["a", "b"] {
+        for i in 0..3 {
+            text.push_str(&line(g, "u", T0 + i, &format!("{g}-{i}")));
+            text.push('\n');
+        }
+    }
+    queue(&env, "a.ndjson", &text).await;
+    let lanes = env.store.runnable_lanes(i64::MAX, 10).await.unwrap();
+    let done = tokio_util::sync::CancellationToken::new();
+    let (committer, task) = Committer::start(env.store.clone(), None, window, done.clone());
+    let mut records = Vec::new();
+    for lane in &lanes {
+        let batch = env.store.claim_batch(lane, 7, false).await.unwrap();
+        let updates = batch
+            .iter()
+            .map(|m| MessageUpdate::Imported {
+                id: m.id,
+                msg_seq: m.id,
+                msg_time: m.send_time,
+                note: None,
+            })
+            .collect();
+        records.push(Record {
+            lane_id: lane.id,
+            updates,
+            lane: LaneUpdate::default(),
+            next: None,
+        });
+    }
+    let (out_a, out_b) = (committer.outstanding(), committer.outstanding());
+    let committer = std::sync::Arc::new(committer);
+    let (ra, rb) = (records.remove(0), records.remove(0));
+    let c = committer.clone();
+    let a = tokio::spawn(async move { c.submit(ra, out_a).await });
+    let c = committer.clone();
+    let b = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.submit(rb, out_b).await
+    });
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!((t.imported, t.in_flight), (6, 0), "both answers recorded");
+    let stats = committer.stats();
+    done.cancel();
+    task.await.unwrap();
+    stats
+}
+
+#[tokio::test]
+async fn an_answer_waits_for_a_lane_still_out_within_the_commit_window_only() {
+    // With a window, "a" waits for "b" (which is still out): one transaction for both.
+    assert_eq!(commit_two_answers(Duration::from_secs(10)).await, (1, 2));
+    // Without one, each answer is committed as it comes.
+    assert_eq!(commit_two_answers(Duration::ZERO).await, (2, 2));
+}

@@ -43,6 +43,14 @@ pub struct Committer {
     tx: mpsc::Sender<Job>,
     /// Lanes with a request out whose answer is not yet handed over.
     out: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+}
+
+/// Transactions committed and records they carried, since the start.
+#[derive(Debug, Default)]
+struct Stats {
+    transactions: AtomicUsize,
+    records: AtomicUsize,
 }
 
 /// Counts a lane as having a request out until it is dropped (or handed to [`Committer::submit`]).
@@ -64,13 +72,22 @@ impl Committer {
     ) -> (Committer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(256);
         let out = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Stats::default());
         let linger = Linger {
             window,
             out: out.clone(),
             pacer,
         };
-        let task = tokio::spawn(run(store, rx, linger, done));
-        (Committer { tx, out }, task)
+        let task = tokio::spawn(run(store, rx, linger, done, stats.clone()));
+        (Committer { tx, out, stats }, task)
+    }
+
+    /// (transactions committed, records they carried) so far.
+    pub fn stats(&self) -> (usize, usize) {
+        (
+            self.stats.transactions.load(Ordering::SeqCst),
+            self.stats.records.load(Ordering::SeqCst),
+        )
     }
 
     /// Marks a request as sent: the committer may wait a little for its answer.
@@ -107,7 +124,13 @@ impl Linger {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>, linger: Linger, done: CancellationToken) {
+async fn run(
+    store: Store,
+    mut rx: mpsc::Receiver<Job>,
+    linger: Linger,
+    done: CancellationToken,
+    stats: Arc<Stats>,
+) {
     loop {
         let first = tokio::select! {
             biased;
@@ -139,6 +162,8 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, linger: Linger, done: Ca
         tracing::trace!(records = records.len(), "group commit");
         match store.record_many(&records).await {
             Ok(batches) => {
+                stats.transactions.fetch_add(1, Ordering::SeqCst);
+                stats.records.fetch_add(batches.len(), Ordering::SeqCst);
                 for (reply, batch) in replies.into_iter().zip(batches) {
                     let _ = reply.send(Ok(batch));
                 }
