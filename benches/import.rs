@@ -147,17 +147,8 @@ listen = ""
     p
 }
 
-#[expect(
-    clippy::zombie_processes,
-    reason = "reaped by wait_with_usage (wait4) to read its rusage"
-)]
-async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f64) -> Outcome {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_sim(Duration::from_millis(40), p_drop).await;
-    let job = dir.path().join("job.ndjson");
-    write_job(&job, groups, per_group, "bench");
-    let cfg = config(dir.path(), &sim.base_url(), "");
-    // Queue first, so the import measurement is the import alone.
+/// Queues `job` with `timport ingest` (the release binary), before the import is measured.
+fn ingest(bin: &Path, cfg: &Path, job: &Path) {
     let ok = Command::new(bin)
         .args([
             "ingest",
@@ -170,6 +161,20 @@ async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f
         .expect("ingest")
         .success();
     assert!(ok, "ingest");
+}
+
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait_with_usage (wait4) to read its rusage"
+)]
+async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f64) -> Outcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = start_sim(Duration::from_millis(40), p_drop).await;
+    let job = dir.path().join("job.ndjson");
+    write_job(&job, groups, per_group, "bench");
+    let cfg = config(dir.path(), &sim.base_url(), "");
+    // Queue first, so the import measurement is the import alone.
+    ingest(bin, &cfg, &job);
     let store = Store::open(&dir.path().join("timport.db"), &StoreOptions::default())
         .await
         .expect("store");
@@ -282,18 +287,7 @@ async fn scale(bin: &Path, n: i64, groups: i64) {
     write_job(&job, groups, n / groups, "scale");
     let cfg = config(dir.path(), &sim.base_url(), "[import]\nmax_lanes = 64\n");
     let started = Instant::now();
-    let ok = Command::new(bin)
-        .args([
-            "ingest",
-            "--config",
-            &cfg.to_string_lossy(),
-            &job.to_string_lossy(),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .expect("ingest")
-        .success();
-    assert!(ok, "ingest");
+    ingest(bin, &cfg, &job);
     let ingest_secs = started.elapsed().as_secs_f64();
     let child = Command::new(bin)
         .args(["run", "--config", &cfg.to_string_lossy()])

@@ -11,13 +11,14 @@
 //! uncommitted one (an ingest killed half-way) leaves no trace. Nothing here keeps state outside
 //! the file, so stopping is just dropping the pools ([`Store::close`] checkpoints cleanly).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -352,6 +353,26 @@ const INSERT_CHUNK: usize = 128;
 /// of a batch (7 neighbours on one page instead of 7 pages). About 2 MiB of memory.
 const SORT_CHUNK: usize = 8192;
 
+/// The multi-row INSERT for `n` rows; the full-chunk one is built once.
+fn insert_sql(n: usize) -> Cow<'static, str> {
+    fn build(n: usize) -> String {
+        let mut s = String::from(INSERT_COLUMNS);
+        for i in 0..n {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(INSERT_TUPLE);
+        }
+        s
+    }
+    static FULL_CHUNK: LazyLock<String> = LazyLock::new(|| build(INSERT_CHUNK));
+    if n == INSERT_CHUNK {
+        Cow::Borrowed(FULL_CHUNK.as_str())
+    } else {
+        Cow::Owned(build(n))
+    }
+}
+
 struct LaneAcc {
     id: i64,
     added: i64,
@@ -372,7 +393,6 @@ pub struct JobWriter {
     groups: HashMap<String, GroupAcc>,
     buf: Vec<(i64, NewMessage, u32, bool)>,
     count: i64,
-    full_chunk_sql: String,
 }
 
 /// What became of a job.
@@ -434,13 +454,6 @@ impl Store {
             .await
             .map_err(|e| self.err(e))?
         };
-        let mut full_chunk_sql = String::from(INSERT_COLUMNS);
-        for i in 0..INSERT_CHUNK {
-            if i > 0 {
-                full_chunk_sql.push(',');
-            }
-            full_chunk_sql.push_str(INSERT_TUPLE);
-        }
         Ok(JobWriter {
             store: self.clone(),
             tx,
@@ -449,48 +462,8 @@ impl Store {
             groups: HashMap::new(),
             buf: Vec::with_capacity(SORT_CHUNK),
             count: 0,
-            full_chunk_sql,
         })
     }
-}
-
-/// Multi-row INSERTs of `rows` (INSERT_CHUNK rows per statement).
-async fn write_rows(
-    tx: &mut sqlx::SqliteConnection,
-    rows: &[(i64, NewMessage, u32, bool)],
-    job_id: i64,
-    full_chunk_sql: &str,
-) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let sql = if chunk.len() == INSERT_CHUNK {
-            full_chunk_sql.to_string()
-        } else {
-            let mut s = String::from(INSERT_COLUMNS);
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    s.push(',');
-                }
-                s.push_str(INSERT_TUPLE);
-            }
-            s
-        };
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (lane_id, m, random, assigned) in chunk {
-            q = q
-                .bind(*lane_id)
-                .bind(job_id)
-                .bind(m.source_line)
-                .bind(m.source_index)
-                .bind(m.from_account.as_str())
-                .bind(m.send_time)
-                .bind(i64::from(*random))
-                .bind(i64::from(*assigned))
-                .bind(i64::from(m.recent_contact))
-                .bind(m.body.as_str());
-        }
-        q.execute(&mut *tx).await?;
-    }
-    Ok(())
 }
 
 impl JobWriter {
@@ -635,9 +608,25 @@ impl JobWriter {
             return Ok(());
         }
         self.buf.sort_by_key(|r| r.0);
-        write_rows(&mut self.tx, &self.buf, self.job_id, &self.full_chunk_sql)
-            .await
-            .map_err(|e| self.store.err(e))?;
+        for chunk in self.buf.chunks(INSERT_CHUNK) {
+            let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+            for (lane_id, m, random, assigned) in chunk {
+                q = q
+                    .bind(*lane_id)
+                    .bind(self.job_id)
+                    .bind(m.source_line)
+                    .bind(m.source_index)
+                    .bind(m.from_account.as_str())
+                    .bind(m.send_time)
+                    .bind(i64::from(*random))
+                    .bind(i64::from(*assigned))
+                    .bind(i64::from(m.recent_contact))
+                    .bind(m.body.as_str());
+            }
+            q.execute(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?;
+        }
         self.buf.clear();
         Ok(())
     }
@@ -1261,15 +1250,19 @@ impl Store {
         let limit = claims.iter().map(|c| c.max).max().unwrap_or(7);
         // The limit is written into the SQL, not bound: SQLite re-prepares a statement each time a
         // parameter used as LIMIT is bound again (it may plan with the value).
-        let sql = format!(
-            "SELECT m.lane_id, {} FROM json_each(?1) AS l, messages AS m
-             WHERE m.id IN (SELECT id FROM messages WHERE lane_id = l.value AND state = 'pending'
-                            ORDER BY send_time, id LIMIT {limit})",
+        // The message columns prefixed with `m.` (json_each has an `id` of its own), built once.
+        static COLUMNS: LazyLock<String> = LazyLock::new(|| {
             MESSAGE_COLUMNS
                 .split(", ")
                 .map(|c| format!("m.{c}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        });
+        let sql = format!(
+            "SELECT m.lane_id, {} FROM json_each(?1) AS l, messages AS m
+             WHERE m.id IN (SELECT id FROM messages WHERE lane_id = l.value AND state = 'pending'
+                            ORDER BY send_time, id LIMIT {limit})",
+            *COLUMNS
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(lane_ids)
@@ -1370,33 +1363,15 @@ impl Store {
         updates: &[MessageUpdate],
         lane: &LaneUpdate,
     ) -> Result<(), StoreError> {
-        self.record_and_claim(lane_id, updates, lane, None)
-            .await
-            .map(|_| ())
-    }
-
-    /// [`Store::record`], then, in the same transaction, [`Store::claim_batch`] of the lane's next
-    /// batch (`next`: the lane with its new checkpoint, the batch size, cut at ties): one commit
-    /// per request instead of two.
-    pub async fn record_and_claim(
-        &self,
-        lane_id: i64,
-        updates: &[MessageUpdate],
-        lane: &LaneUpdate,
-        next: Option<(&Lane, usize, bool)>,
-    ) -> Result<Vec<QueuedMessage>, StoreError> {
         let record = Record {
             lane_id,
             updates: updates.to_vec(),
             lane: lane.clone(),
-            next: next.map(|(l, max, cut_at_tie)| Claim {
-                lane: l.clone(),
-                max,
-                cut_at_tie,
-            }),
+            next: None,
         };
-        let mut out = self.record_many(std::slice::from_ref(&record)).await?;
-        Ok(out.pop().unwrap_or_default())
+        self.record_many(std::slice::from_ref(&record))
+            .await
+            .map(|_| ())
     }
 
     /// Records the answers of several lanes and claims their next batches, all in one
