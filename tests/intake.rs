@@ -631,7 +631,7 @@ fn nix_is_root() -> bool {
 }
 
 #[tokio::test]
-async fn foreign_keys_are_enforced_again_after_a_bulk_job() {
+async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     let env = Env::new().await;
     let out = queue(&env, "a.ndjson", &format!("{}\n", line("g", "a", T0, "1"))).await;
     assert!(matches!(out, FileOutcome::Accepted { .. }));
@@ -645,6 +645,27 @@ async fn foreign_keys_are_enforced_again_after_a_bulk_job() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("FOREIGN KEY"), "{e}");
+    drop(tx);
+    // CHECK constraints, off for the bulk insert too, hold again for every later write.
+    let mut tx = env.store.begin().await.unwrap();
+    let e = sqlx::query("UPDATE messages SET state = 'done'")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CHECK constraint failed"), "{e}");
+    let e = sqlx::query("UPDATE messages SET random = 4294967296")
+        .execute(&mut *tx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CHECK constraint failed"), "{e}");
+    drop(tx);
+    let states: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT state FROM messages")
+        .fetch_all(env.store.reader())
+        .await
+        .unwrap();
+    assert_eq!(states, vec![("pending".to_string(),)]);
     let orphans: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
         .fetch_all(env.store.reader())
         .await
