@@ -635,31 +635,24 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     let env = Env::new().await;
     let out = queue(&env, "a.ndjson", &format!("{}\n", line("g", "a", T0, "1"))).await;
     assert!(matches!(out, FileOutcome::Accepted { .. }));
+    // Both are off for the bulk insert; every later write is checked again.
     let mut tx = env.store.begin().await.unwrap();
-    let e = sqlx::query(
-        "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random, body)
-         VALUES (999999, 999999, 1, 'a', 1, 1, '[]')",
-    )
-    .execute(&mut *tx)
-    .await
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("FOREIGN KEY"), "{e}");
-    drop(tx);
-    // CHECK constraints, off for the bulk insert too, hold again for every later write.
-    let mut tx = env.store.begin().await.unwrap();
-    let e = sqlx::query("UPDATE messages SET state = 'done'")
-        .execute(&mut *tx)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("CHECK constraint failed"), "{e}");
-    let e = sqlx::query("UPDATE messages SET random = 4294967296")
-        .execute(&mut *tx)
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("CHECK constraint failed"), "{e}");
+    for (bad, refused_by) in [
+        (
+            "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random, body)
+             VALUES (999999, 999999, 1, 'a', 1, 1, '[]')",
+            "FOREIGN KEY",
+        ),
+        ("UPDATE messages SET state = 'done'", "CHECK constraint failed"),
+        ("UPDATE messages SET random = 4294967296", "CHECK constraint failed"),
+    ] {
+        let e = sqlx::query(bad)
+            .execute(&mut *tx)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(refused_by), "{bad}: {e}");
+    }
     drop(tx);
     let states: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT state FROM messages")
         .fetch_all(env.store.reader())
