@@ -13,6 +13,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+
+/// A HashMap for keys looked up per message (group and lane names from the job's own file).
+pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -388,9 +391,10 @@ pub struct JobWriter {
     store: Store,
     tx: Transaction<'static, Sqlite>,
     job_id: i64,
-    /// group → topic → lane (nested so a lookup borrows, not allocates).
-    lanes: HashMap<String, HashMap<String, LaneAcc>>,
-    groups: HashMap<String, GroupAcc>,
+    /// group → topic → lane (nested so a lookup borrows, not allocates). Looked up for every
+    /// message: foldhash, not the standard library's SipHash (3% of all ingest instructions).
+    lanes: FastMap<String, FastMap<String, LaneAcc>>,
+    groups: FastMap<String, GroupAcc>,
     buf: Vec<(i64, NewMessage, u32, bool)>,
     count: i64,
 }
@@ -468,8 +472,8 @@ impl Store {
             store: self.clone(),
             tx,
             job_id,
-            lanes: HashMap::new(),
-            groups: HashMap::new(),
+            lanes: FastMap::default(),
+            groups: FastMap::default(),
             buf: Vec::with_capacity(SORT_CHUNK),
             count: 0,
         })

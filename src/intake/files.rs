@@ -8,7 +8,6 @@
 //! (committed; a later run recognises its content hash) or not at all (uncommitted; the file is
 //! still in the spool and is taken again). Cancellation rolls back the same way.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -332,7 +331,7 @@ struct Collector<'a> {
     problem_count: u64,
     messages: i64,
     /// The first (smallest) SendTime of each group seen.
-    groups: HashMap<String, i64>,
+    groups: crate::store::FastMap<String, i64>,
     whole: WholeGroups,
     next_index: u64,
     /// False once the receiver is gone (cancelled): stop parsing.
@@ -347,7 +346,7 @@ impl<'a> Collector<'a> {
             problems: Vec::new(),
             problem_count: 0,
             messages: 0,
-            groups: HashMap::new(),
+            groups: crate::store::FastMap::default(),
             whole: WholeGroups::default(),
             next_index: 0,
             open: true,
