@@ -622,20 +622,21 @@ impl JobWriter {
             return Ok(());
         }
         self.buf.sort_by_key(|r| r.0);
-        for chunk in self.buf.chunks(INSERT_CHUNK) {
+        for chunk in self.buf.chunks_mut(INSERT_CHUNK) {
             let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
             for (lane_id, m, random, assigned) in chunk {
+                // The strings move into the arguments; a borrowed one would be copied.
                 q = q
                     .bind(*lane_id)
                     .bind(self.job_id)
                     .bind(m.source_line)
                     .bind(m.source_index)
-                    .bind(m.from_account.as_str())
+                    .bind(std::mem::take(&mut m.from_account))
                     .bind(m.send_time)
                     .bind(i64::from(*random))
                     .bind(i64::from(*assigned))
                     .bind(i64::from(m.recent_contact))
-                    .bind(m.body.as_str());
+                    .bind(std::mem::take(&mut m.body));
             }
             q.execute(&mut *self.tx)
                 .await
