@@ -579,49 +579,46 @@ fn fast_body_ok(raw: &RawValue) -> bool {
 /// assert_eq!(minify("[ {\"Text\": \"a b\"} ]\n"), r#"[{"Text":"a b"}]"#);
 /// ```
 pub fn minify(raw: &str) -> Cow<'_, str> {
+    // Strings are skipped whole (memchr finds their end), so only the few bytes between them are
+    // looked at one by one. Whitespace outside strings is ASCII in any JSON, so every cut below
+    // falls on a character boundary.
     let bytes = raw.as_bytes();
-    let mut in_string = false;
-    let mut escaped = false;
-    let needs = bytes.iter().any(|&b| {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut out: Option<String> = None;
+    let (mut i, mut run) = (0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => i = string_end(bytes, i),
+            b if b.is_ascii_whitespace() => {
+                out.get_or_insert_with(|| String::with_capacity(raw.len()))
+                    .push_str(&raw[run..i]);
+                i += 1;
+                run = i;
             }
-            false
-        } else if b == b'"' {
-            in_string = true;
-            false
-        } else {
-            b.is_ascii_whitespace()
-        }
-    });
-    if !needs {
-        return Cow::Borrowed(raw);
-    }
-    let mut out = String::with_capacity(raw.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for ch in raw.chars() {
-        if in_string {
-            out.push(ch);
-            if escaped {
-                escaped = false;
-            } else if ch == '\\' {
-                escaped = true;
-            } else if ch == '"' {
-                in_string = false;
-            }
-        } else if ch == '"' {
-            in_string = true;
-            out.push(ch);
-        } else if !ch.is_ascii_whitespace() {
-            out.push(ch);
+            _ => i += 1,
         }
     }
-    Cow::Owned(out)
+    match out {
+        None => Cow::Borrowed(raw),
+        Some(mut out) => {
+            out.push_str(&raw[run..]);
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// Where the JSON string opening at `bytes[start]` ends: just past its closing quote, or the end
+/// of the text when it has none.
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < bytes.len() {
+        match memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+            Some(k) if bytes[i + k] == b'"' => return i + k + 1,
+            // A backslash escapes the byte after it.
+            Some(k) => i += k + 2,
+            None => break,
+        }
+    }
+    bytes.len()
 }
 
 /// Accepts a well-formed, valid message in one typed pass; `None` means "look closer" (the
@@ -698,6 +695,53 @@ mod fast_tests {
             minify("[ {\"a\" : \"b \\\" c\" } ]\n"),
             r#"[{"a":"b \" c"}]"#
         );
+    }
+
+    /// Byte by byte, the obvious way: what `minify` must agree with.
+    fn minify_by_bytes(raw: &str) -> String {
+        let (mut out, mut in_string, mut escaped) = (String::new(), false, false);
+        for ch in raw.chars() {
+            if in_string {
+                out.push(ch);
+                if escaped {
+                    escaped = false;
+                } else if ch == '\\' {
+                    escaped = true;
+                } else if ch == '"' {
+                    in_string = false;
+                }
+            } else if ch == '"' {
+                in_string = true;
+                out.push(ch);
+            } else if !ch.is_ascii_whitespace() {
+                out.push(ch);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn minify_agrees_with_a_byte_by_byte_copy() {
+        let cases = [
+            "",
+            "[]",
+            " [ ] ",
+            r#"[{"a":"b c"}]"#,
+            "[ {\"a\" : \"b \\\" c\" } ]\n",
+            "[\"\\\\\", \"x y\"]",
+            "[\"\\\\\\\"\" ,1]",
+            "{\"é ü\" :\t\"中 文\"\r\n}",
+            "[\"unterminated \\",
+            "[\"ends in a backslash\\",
+            "[ 1 , 2 ,\n\n 3 ]",
+            "[\"\\é x\" , 1]",
+            r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"a \" \\ b"}}]"#,
+        ];
+        for raw in cases {
+            assert_eq!(minify(raw), minify_by_bytes(raw), "{raw:?}");
+            let borrowed = matches!(minify(raw), Cow::Borrowed(_));
+            assert_eq!(borrowed, minify_by_bytes(raw) == raw, "{raw:?}");
+        }
     }
 
     /// Every line the fast path accepts, the careful path accepts with the same fields.
