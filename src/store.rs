@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+use sqlx::{Arguments, AssertSqlSafe, Row, Sqlite, Transaction};
 
 use crate::settings::Synchronous;
 
@@ -376,6 +377,24 @@ fn insert_sql(n: usize) -> Cow<'static, str> {
     }
 }
 
+/// Adds one message row's ten values, in the order of [`INSERT_COLUMNS`].
+fn add_row(
+    args: &mut SqliteArguments,
+    head: [i64; 4],
+    from_account: String,
+    tail: [i64; 4],
+    body: String,
+) -> Result<(), sqlx::error::BoxDynError> {
+    for v in head {
+        args.add(v)?;
+    }
+    args.add(from_account)?;
+    for v in tail {
+        args.add(v)?;
+    }
+    args.add(body)
+}
+
 struct LaneAcc {
     id: i64,
     added: i64,
@@ -623,22 +642,28 @@ impl JobWriter {
         }
         self.buf.sort_by_key(|r| r.0);
         for chunk in self.buf.chunks_mut(INSERT_CHUNK) {
-            let mut q = sqlx::query(AssertSqlSafe(insert_sql(chunk.len())));
+            // Arguments added straight into one buffer (`Query::bind` moves the whole query for
+            // every value). The strings move in; a borrowed one would be copied.
+            let rows = chunk.len();
+            let mut args = SqliteArguments::default();
+            args.reserve(rows * 10, 0);
             for (lane_id, m, random, assigned) in chunk {
-                // The strings move into the arguments; a borrowed one would be copied.
-                q = q
-                    .bind(*lane_id)
-                    .bind(self.job_id)
-                    .bind(m.source_line)
-                    .bind(m.source_index)
-                    .bind(std::mem::take(&mut m.from_account))
-                    .bind(m.send_time)
-                    .bind(i64::from(*random))
-                    .bind(i64::from(*assigned))
-                    .bind(i64::from(m.recent_contact))
-                    .bind(std::mem::take(&mut m.body));
+                add_row(
+                    &mut args,
+                    [*lane_id, self.job_id, m.source_line, m.source_index],
+                    std::mem::take(&mut m.from_account),
+                    [
+                        m.send_time,
+                        i64::from(*random),
+                        i64::from(*assigned),
+                        i64::from(m.recent_contact),
+                    ],
+                    std::mem::take(&mut m.body),
+                )
+                .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
             }
-            q.execute(&mut *self.tx)
+            sqlx::query_with(AssertSqlSafe(insert_sql(rows)), args)
+                .execute(&mut *self.tx)
                 .await
                 .map_err(|e| self.store.err(e))?;
         }
