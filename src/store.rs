@@ -13,9 +13,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-
-/// A HashMap for keys looked up per message (group and lane names from the job's own file).
-pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +29,9 @@ use sqlx::sqlite::{
 use sqlx::{Arguments, AssertSqlSafe, Row, Sqlite, Transaction};
 
 use crate::settings::Synchronous;
+
+/// A HashMap for keys looked up per message (group and lane names from the job's own file).
+pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
 
 /// The embedded migrations (`migrations/`), run at every start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -377,22 +377,26 @@ fn insert_sql(n: usize) -> Cow<'static, str> {
     }
 }
 
-/// Adds one message row's ten values, in the order of [`INSERT_COLUMNS`].
+/// A buffered message: its lane, itself, its Random and whether that was assigned.
+type Buffered = (i64, NewMessage, u32, bool);
+
+/// Adds a buffered message's ten values, in the order of [`INSERT_COLUMNS`]. Its strings move
+/// into the arguments (a borrowed one would be copied).
 fn add_row(
     args: &mut SqliteArguments,
-    head: [i64; 4],
-    from_account: String,
-    tail: [i64; 4],
-    body: String,
+    job_id: i64,
+    (lane_id, m, random, assigned): &mut Buffered,
 ) -> Result<(), sqlx::error::BoxDynError> {
-    for v in head {
-        args.add(v)?;
-    }
-    args.add(from_account)?;
-    for v in tail {
-        args.add(v)?;
-    }
-    args.add(body)
+    args.add(*lane_id)?;
+    args.add(job_id)?;
+    args.add(m.source_line)?;
+    args.add(m.source_index)?;
+    args.add(std::mem::take(&mut m.from_account))?;
+    args.add(m.send_time)?;
+    args.add(i64::from(*random))?;
+    args.add(i64::from(*assigned))?;
+    args.add(i64::from(m.recent_contact))?;
+    args.add(std::mem::take(&mut m.body))
 }
 
 struct LaneAcc {
@@ -414,7 +418,7 @@ pub struct JobWriter {
     /// message: foldhash, not the standard library's SipHash (3% of all ingest instructions).
     lanes: FastMap<String, FastMap<String, LaneAcc>>,
     groups: FastMap<String, GroupAcc>,
-    buf: Vec<(i64, NewMessage, u32, bool)>,
+    buf: Vec<Buffered>,
     count: i64,
 }
 
@@ -643,24 +647,13 @@ impl JobWriter {
         self.buf.sort_by_key(|r| r.0);
         for chunk in self.buf.chunks_mut(INSERT_CHUNK) {
             // Arguments added straight into one buffer (`Query::bind` moves the whole query for
-            // every value). The strings move in; a borrowed one would be copied.
+            // every value).
             let rows = chunk.len();
             let mut args = SqliteArguments::default();
             args.reserve(rows * 10, 0);
-            for (lane_id, m, random, assigned) in chunk {
-                add_row(
-                    &mut args,
-                    [*lane_id, self.job_id, m.source_line, m.source_index],
-                    std::mem::take(&mut m.from_account),
-                    [
-                        m.send_time,
-                        i64::from(*random),
-                        i64::from(*assigned),
-                        i64::from(m.recent_contact),
-                    ],
-                    std::mem::take(&mut m.body),
-                )
-                .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
+            for row in chunk {
+                add_row(&mut args, self.job_id, row)
+                    .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
             }
             sqlx::query_with(AssertSqlSafe(insert_sql(rows)), args)
                 .execute(&mut *self.tx)
