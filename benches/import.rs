@@ -264,7 +264,7 @@ async fn naive(duration: Duration) -> (i64, f64) {
                     from_account: "user".into(),
                     send_time: T0 + i * 7 + k,
                     random: None,
-                    msg_body: serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "naive"}}]),
+                    msg_body: serde_json::value::to_raw_value(&serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": "naive"}}])).expect("serializes"),
                 })
                 .collect(),
         };
@@ -404,7 +404,7 @@ fn http_floor(bin: &Path, groups: i64, per_group: i64) {
                                         from_account: format!("user-{}", i % 13),
                                         send_time: T0 + i,
                                         random: Some((g * 100_000 + i) as u32),
-                                        msg_body: serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": format!("message {i} of group {g}")}}]),
+                                        msg_body: serde_json::value::to_raw_value(&serde_json::json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": format!("message {i} of group {g}")}}])).expect("serializes"),
                                     })
                                     .collect(),
                             };

@@ -1089,6 +1089,10 @@ pub struct Lane {
     pub last_send_time: i64,
     pub last_msg_seq: i64,
     pub tie_nudge: bool,
+    /// The newest message id already looked for on the server by a catch-up.
+    pub checked_id: i64,
+    /// `timport retry` said: take the server's history as it is (see the catch-up).
+    pub catch_up_waived: bool,
 }
 
 /// A queued message as the engine sends it.
@@ -1129,6 +1133,13 @@ pub enum MessageUpdate {
     Pending { id: i64, refund: bool },
     /// Stays in flight, outcome unknown; `note` says why (the engine reconciles before resending).
     Unknown { id: i64, note: String },
+    /// A pending (or in-flight) message found on the server by a catch-up: imported.
+    Adopted {
+        id: i64,
+        msg_seq: i64,
+        msg_time: i64,
+        note: String,
+    },
 }
 
 /// Lane fields to change with the message updates, in the same transaction.
@@ -1142,6 +1153,8 @@ pub struct LaneUpdate {
     pub block: Option<(Option<i64>, String)>,
     pub tie_nudge: bool,
     pub last_error: Option<String>,
+    /// A catch-up looked for every message up to this id (and consumed a retry's waiver).
+    pub checked_id: Option<i64>,
 }
 
 /// One lane's next batch to claim: up to `max` messages, cut at ties when `cut_at_tie`.
@@ -1186,6 +1199,8 @@ fn lane_row(r: &sqlx::sqlite::SqliteRow) -> Lane {
         last_send_time: r.get("last_send_time"),
         last_msg_seq: r.get("last_msg_seq"),
         tie_nudge: r.get::<i64, _>("tie_nudge") != 0,
+        checked_id: r.get("checked_id"),
+        catch_up_waived: r.get::<i64, _>("catch_up_waived") != 0,
     }
 }
 
@@ -1194,7 +1209,8 @@ impl Store {
     pub async fn runnable_lanes(&self, now_ms: i64, limit: i64) -> Result<Vec<Lane>, StoreError> {
         // Polled every tick: LIMIT as a literal (a bound LIMIT re-prepares the statement).
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes
+            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge, checked_id,
+                    catch_up_waived FROM lanes
              WHERE state = 'active' AND (pending > 0 OR in_flight > 0) AND retry_at <= ?
                AND NOT EXISTS (SELECT 1 FROM groups g WHERE g.group_id = lanes.group_id
                                AND g.create_state IN ('pending', 'blocked'))
@@ -1220,7 +1236,8 @@ impl Store {
     /// One lane by id.
     pub async fn lane(&self, id: i64) -> Result<Lane, StoreError> {
         let r = sqlx::query(
-            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge FROM lanes WHERE id = ?",
+            "SELECT id, group_id, topic_id, last_send_time, last_msg_seq, tie_nudge, checked_id,
+                    catch_up_waived FROM lanes WHERE id = ?",
         )
         .bind(id)
         .fetch_one(&self.reader)
@@ -1241,6 +1258,57 @@ impl Store {
             .await
             .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(queued_message).collect())
+    }
+
+    /// Pending messages of the lane with a SendTime up to `upto`, in queue order, at most
+    /// `limit` (those a catch-up looks for on the server).
+    pub async fn pending_upto(
+        &self,
+        lane_id: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'pending'
+             AND send_time <= ? ORDER BY send_time, id LIMIT {limit}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(lane_id)
+            .bind(upto)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(queued_message).collect())
+    }
+
+    /// The lane's oldest pending SendTime; the newest message id in the whole queue (an upper
+    /// bound of the lane's, read in the same snapshot); and whether a pending message with an id
+    /// above `checked_id` has a SendTime up to `upto` (queued after the lane imported messages as
+    /// new as it).
+    pub async fn pending_span(
+        &self,
+        lane_id: i64,
+        checked_id: i64,
+        upto: i64,
+    ) -> Result<(Option<i64>, i64, bool), StoreError> {
+        let r = sqlx::query(
+            "SELECT MIN(send_time) AS oldest,
+                    (SELECT COALESCE(MAX(id), 0) FROM messages) AS newest,
+                    EXISTS (SELECT 1 FROM messages WHERE lane_id = ?1 AND state = 'pending'
+                            AND send_time <= ?3 AND id > ?2) AS stale
+             FROM messages WHERE lane_id = ?1 AND state = 'pending'",
+        )
+        .bind(lane_id)
+        .bind(checked_id)
+        .bind(upto)
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok((
+            r.get("oldest"),
+            r.get("newest"),
+            r.get::<i64, _>("stale") != 0,
+        ))
     }
 
     /// Takes the head of the lane: up to `max` pending messages in (SendTime, queue order) that
@@ -1485,11 +1553,26 @@ impl Store {
                 .bind(note.as_str())
                 .bind(now)
                 .bind(*id),
+                MessageUpdate::Adopted {
+                    id,
+                    msg_seq,
+                    msg_time,
+                    note,
+                } => sqlx::query(
+                    "UPDATE messages SET state = 'imported', msg_seq = ?, msg_time = ?,
+                     result_code = 0, result_text = ?, updated_at = ?
+                     WHERE id = ? AND state IN ('pending', 'in_flight')",
+                )
+                .bind(*msg_seq)
+                .bind(*msg_time)
+                .bind(note.as_str())
+                .bind(now)
+                .bind(*id),
             };
             q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         }
         // Every lane's checkpoint in one statement: [id, seen SendTime, seen MsgSeq, retry_at,
-        // block code, block reason, tie_nudge, last_error].
+        // block code, block reason, tie_nudge, last_error, checked_id].
         let lanes: Vec<_> = records
             .iter()
             .map(|r| {
@@ -1506,6 +1589,7 @@ impl Store {
                     block_reason,
                     i64::from(r.lane.tie_nudge),
                     r.lane.last_error.as_deref(),
+                    r.lane.checked_id,
                 )
             })
             .collect();
@@ -1520,6 +1604,9 @@ impl Store {
                 blocked_reason = COALESCE(v.value ->> 5, blocked_reason),
                 tie_nudge = MAX(tie_nudge, v.value ->> 6),
                 last_error = COALESCE(v.value ->> 7, last_error),
+                checked_id = MAX(checked_id, COALESCE(v.value ->> 8, 0)),
+                catch_up_waived = CASE WHEN v.value ->> 8 IS NOT NULL THEN 0
+                                       ELSE catch_up_waived END,
                 updated_at = ?1
              FROM json_each(?2) AS v
              WHERE lanes.id = v.value ->> 0",
@@ -1602,7 +1689,11 @@ impl Store {
         let l = bind(
             sqlx::query(AssertSqlSafe(format!(
                 "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
-                 retry_at = 0, updated_at = ?1 WHERE state = 'blocked' AND {lanes_where}"
+                 retry_at = 0, updated_at = ?1,
+                 -- Blocked by the engine itself (a history it could not read conclusively): the
+                 -- operator has looked, so the next catch-up takes the history as it is.
+                 catch_up_waived = CASE WHEN blocked_code IS NULL THEN 1 ELSE catch_up_waived END
+                 WHERE state = 'blocked' AND {lanes_where}"
             )))
             .bind(now),
         )

@@ -53,6 +53,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         p_drop_response_after_apply: 0.08,
         p_error_10002: 0.04,
         p_rate_limit: 0.0,
+        ..Faults::default()
     };
     let sim = start_sim(cfg).await;
     // In the spool, so a daemon killed before the ingest committed takes it again next start.

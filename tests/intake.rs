@@ -481,7 +481,7 @@ async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_re
             .2
             .as_deref()
             .unwrap()
-            .contains("msg_body is not valid JSON")
+            .contains("MsgBody is not valid JSON")
     );
     assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 2);
     assert_eq!(

@@ -51,7 +51,7 @@ async fn oversized_body_is_80002_for_that_message_only() {
     let sim = sim().await;
     let t = now() - 100;
     let big = ImportMsg {
-        msg_body: text(&"x".repeat(12_001)),
+        msg_body: raw(&text(&"x".repeat(12_001))),
         ..msg("a", t + 1, 2)
     };
     let r = client(&sim)
@@ -111,14 +111,14 @@ async fn element_rules_are_request_level_10004() {
     let c = client(&sim);
     let t = now() - 100;
     let image = ImportMsg {
-        msg_body: json!([{"MsgType": "TIMImageElem", "MsgContent": {"UUID": "x"}}]),
+        msg_body: raw(&json!([{"MsgType": "TIMImageElem", "MsgContent": {"UUID": "x"}}])),
         ..msg("a", t, 1)
     };
     let two_custom = ImportMsg {
-        msg_body: json!([
+        msg_body: raw(&json!([
             {"MsgType": "TIMCustomElem", "MsgContent": {"Data": "1"}},
             {"MsgType": "TIMCustomElem", "MsgContent": {"Data": "2"}}
-        ]),
+        ])),
         ..msg("a", t, 2)
     };
     for bad in [image, two_custom] {

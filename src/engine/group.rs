@@ -100,7 +100,10 @@ async fn create(sh: &Shared, g: &GroupToCreate) -> Result<(), StoreError> {
         }
     };
     sh.store.count_create_attempt(&g.group_id).await?;
-    match sh.client.import_group(&req).await {
+    let Some(answer) = call(sh, sh.client.import_group(&req)).await else {
+        return Ok(());
+    };
+    match answer {
         Ok(_) => {
             tracing::info!(group = %g.group_id, "group created");
             sh.store.group_created(&g.group_id, None).await
@@ -153,7 +156,10 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
                 })
                 .collect(),
         };
-        let updates: Vec<MemberUpdate> = match sh.client.import_group_member(&req).await {
+        let Some(answer) = call(sh, sh.client.import_group_member(&req)).await else {
+            return Ok(());
+        };
+        let updates: Vec<MemberUpdate> = match answer {
             Ok(resp) => batch
                 .iter()
                 .map(|m| {
@@ -227,7 +233,10 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
                 .and_then(|n| u64::try_from(n).ok())
                 .unwrap_or(0),
         };
-        let update = match sh.client.set_unread_msg_num(&req).await {
+        let Some(answer) = call(sh, sh.client.set_unread_msg_num(&req)).await else {
+            return Ok(());
+        };
+        let update = match answer {
             Ok(_) => MemberUpdate::UnreadSet { id: m.id },
             Err(e) => match next_after(sh, &e, 1) {
                 Next::Later(d) => return later(sh, group, d, &e).await,
@@ -241,6 +250,20 @@ async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
         sh.store.record_members(&[update]).await?;
     }
     Ok(())
+}
+
+/// Sends one request once the outage gate lets it go, and reports its result to the gate;
+/// `None` when the engine stops first.
+async fn call<T>(
+    sh: &Shared,
+    request: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Option<Result<T, ApiError>> {
+    if !sh.admitted().await {
+        return None;
+    }
+    let r = request.await;
+    sh.outage.observe(&r);
+    Some(r)
 }
 
 /// Parks the group's steps for `d` after `e`.

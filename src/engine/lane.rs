@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use serde_json::value::RawValue;
+
 use super::commit::Outstanding;
 use super::{EngineError, Shared, reconcile};
 use crate::store::{Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record, unix_now_ms};
@@ -41,7 +43,7 @@ fn bisectable(code: i64) -> bool {
 }
 
 /// Codes that concern the app or its credentials, not a group: stop every lane.
-fn app_level(code: i64) -> Option<&'static str> {
+pub(super) fn app_level(code: i64) -> Option<&'static str> {
     match code {
         70001 | 70002 | 70003 | 70005 | 20002 | 60004 | 60005 => {
             Some("tencent.secret_key (the UserSig is refused)")
@@ -62,8 +64,9 @@ fn app_level(code: i64) -> Option<&'static str> {
 pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
     let mut max_batch = sh.cfg.batch_size;
     // Messages can be left in flight only by an earlier task or process (a step that leaves some
-    // ends the task), so they are looked for once, when the task starts.
-    let mut check_in_flight = true;
+    // ends the task), so they are looked for when the task starts, and then the server is asked
+    // whether it holds what is pending (see `reconcile::catch_up`).
+    let mut starting = true;
     // The next batch, claimed in the same transaction that recorded the previous answer.
     let mut prefetched: Option<Vec<QueuedMessage>> = None;
     loop {
@@ -80,11 +83,10 @@ pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
             &sh,
             &mut lane,
             &mut max_batch,
-            check_in_flight,
+            &mut starting,
             &mut prefetched,
         )
         .await;
-        check_in_flight = false;
         match result {
             Ok(Step::Progress) => continue,
             Ok(Step::Idle | Step::Backoff | Step::Blocked | Step::Stop) => return,
@@ -102,14 +104,20 @@ pub async fn step(
     sh: &Shared,
     lane: &mut Lane,
     max_batch: &mut usize,
-    check_in_flight: bool,
+    starting: &mut bool,
     prefetched: &mut Option<Vec<QueuedMessage>>,
 ) -> Result<Step, EngineError> {
-    if check_in_flight {
+    if *starting {
         let in_flight = sh.store.in_flight(lane.id).await?;
         if !in_flight.is_empty() {
             let since = lane.last_msg_seq;
             return reconcile::run(sh, lane, in_flight, &HashSet::new(), since).await;
+        }
+        // Nothing in doubt: before the first send, make sure the server holds nothing of what
+        // is pending (a database put back to an older copy, a job file dropped in again).
+        *starting = false;
+        if let Some(step) = reconcile::catch_up(sh, lane).await? {
+            return Ok(step);
         }
     }
     let batch = match prefetched.take() {
@@ -122,10 +130,48 @@ pub async fn step(
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
-    let req = request(lane, &batch);
+    if batch[0].effective_time() < lane.last_send_time && batch[0].id > lane.checked_id {
+        // Queued while the lane ran, older than what it imported: looked for first.
+        release(sh, lane, &batch).await?;
+        return Ok(reconcile::catch_up(sh, lane)
+            .await?
+            .unwrap_or(Step::Progress));
+    }
+    if !sh.admitted().await {
+        // Stopped while Tencent was down: the batch goes back untouched.
+        release(sh, lane, &batch).await?;
+        return Ok(Step::Stop);
+    }
+    let req = match request(lane, &batch) {
+        Ok(req) => req,
+        Err((id, reason)) => {
+            // Never sent altered or empty: that message fails, the rest goes back to pending.
+            tracing::warn!(group = %lane.group_id, message = id, reason = %reason, "message failed");
+            sh.failed.fetch_add(1, Ordering::Relaxed);
+            let updates: Vec<_> = batch
+                .iter()
+                .map(|m| match m.id == id {
+                    true => MessageUpdate::Failed {
+                        id,
+                        code: None,
+                        reason: reason.clone(),
+                    },
+                    false => MessageUpdate::Pending {
+                        id: m.id,
+                        refund: true,
+                    },
+                })
+                .collect();
+            sh.store
+                .record(lane.id, &updates, &LaneUpdate::default())
+                .await?;
+            return Ok(Step::Progress);
+        }
+    };
     let started = std::time::Instant::now();
     let out = sh.committer.outstanding();
     let answer = sh.client.import_group_msg(&req).await;
+    sh.outage.observe(&answer);
     tracing::debug!(group = %lane.group_id, messages = batch.len(), elapsed_ms = started.elapsed().as_millis() as u64, ok = answer.is_ok(), "import_group_msg");
     match answer {
         Ok(resp) => {
@@ -142,23 +188,27 @@ pub async fn step(
     }
 }
 
-fn request(lane: &Lane, batch: &[QueuedMessage]) -> ImportGroupMsgRequest {
-    ImportGroupMsgRequest {
+/// The request for `batch`. Each body goes out as the text that was queued (validated and
+/// minified at intake), not re-serialized. Err names a message whose stored body is not JSON at
+/// all, which only a hand-edited database could cause.
+fn request(lane: &Lane, batch: &[QueuedMessage]) -> Result<ImportGroupMsgRequest, (i64, String)> {
+    let mut msg_list = Vec::with_capacity(batch.len());
+    for m in batch {
+        let body = RawValue::from_string(m.body.clone())
+            .map_err(|e| (m.id, format!("the queued MsgBody is not JSON ({e})")))?;
+        msg_list.push(ImportMsg {
+            from_account: m.from_account.clone(),
+            send_time: m.effective_time(),
+            random: Some(m.random),
+            msg_body: body,
+        });
+    }
+    Ok(ImportGroupMsgRequest {
         group_id: lane.group_id.clone(),
         topic_id: (!lane.topic_id.is_empty()).then(|| lane.topic_id.clone()),
         recent_contact_flag: batch.first().and_then(|m| m.recent_contact.then_some(1)),
-        msg_list: batch
-            .iter()
-            .map(|m| ImportMsg {
-                from_account: m.from_account.clone(),
-                send_time: m.effective_time(),
-                random: Some(m.random),
-                // Stored as validated compact JSON; a parse failure cannot happen for rows we
-                // wrote, and would be caught by the server as a bad body.
-                msg_body: serde_json::from_str(&m.body).unwrap_or(serde_json::Value::Null),
-            })
-            .collect(),
-    }
+        msg_list,
+    })
 }
 
 /// Pairs each message with its result: by MsgTime where that is unambiguous, else by position.
@@ -205,14 +255,32 @@ async fn on_results(
     let mut imported = 0u64;
     let mut prev = lane.last_send_time;
     let mut tie_taken = false;
+    let mut last_seq = since_seq;
     for (m, r) in batch.iter().zip(match_results(batch, results)) {
         let is_tie = m.effective_time() == prev;
         prev = m.effective_time();
         match r {
             Some(r) if r.result == 0 => {
-                tie_taken |= is_tie;
                 let seq = r.msg_seq.and_then(|s| i64::try_from(s).ok()).unwrap_or(0);
                 let time = r.msg_time.unwrap_or(m.effective_time());
+                if seq <= last_seq {
+                    // Not a new MsgSeq: the server may have taken it as a repeat of another
+                    // message's Random and answered with that message's MsgSeq.
+                    match duplicate_on_random(sh, lane, m, seq).await {
+                        Some(update) => {
+                            if matches!(update, MessageUpdate::Failed { .. }) {
+                                sh.failed.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                imported += 1;
+                            }
+                            updates.push(update);
+                        }
+                        None => unresolved.push(m.clone()),
+                    }
+                    continue;
+                }
+                last_seq = seq;
+                tie_taken |= is_tie;
                 updates.push(MessageUpdate::Imported {
                     id: m.id,
                     msg_seq: seq,
@@ -293,6 +361,44 @@ async fn on_results(
     })
 }
 
+/// A Result 0 whose MsgSeq (`seq`) cannot be `m`'s: it is not above the lane's checkpoint or
+/// the MsgSeq before it. What the server holds there decides: `m` itself (imported), another
+/// message (failed: the server dropped `m` as a repeat of that message's Random), or `None` when
+/// that cannot be read now (reconciled like an unknown outcome).
+async fn duplicate_on_random(
+    sh: &Shared,
+    lane: &Lane,
+    m: &QueuedMessage,
+    seq: i64,
+) -> Option<MessageUpdate> {
+    let holder = match reconcile::seq_holder(sh, lane, seq).await {
+        Ok(Some(h)) => h,
+        Ok(None) | Err(_) => return None,
+    };
+    let ours = holder.from_account == m.from_account
+        && holder.msg_time_stamp == m.effective_time()
+        && holder.random_u32() == Some(m.random);
+    if ours {
+        return Some(MessageUpdate::Imported {
+            id: m.id,
+            msg_seq: seq,
+            msg_time: holder.msg_time_stamp,
+            note: None,
+        });
+    }
+    let reason = format!(
+        "server-side duplicate on the Random: Tencent answered Result 0 with MsgSeq {seq}, which holds another message (From_Account {:?}, SendTime {}, Random {}); it dropped this message as a repeat of that message's Random {} and stored nothing of it. `timport retry` sends it again (after the server's dedup window has passed)",
+        holder.from_account, holder.msg_time_stamp, holder.msg_random, m.random
+    );
+    tracing::warn!(group = %lane.group_id, message = m.id, seq, reason = %reason, "message failed");
+    metrics::counter!("timport_messages_failed_total", "code" => "duplicate_random").increment(1);
+    Some(MessageUpdate::Failed {
+        id: m.id,
+        code: None,
+        reason,
+    })
+}
+
 pub(super) fn count_imported(sh: &Shared, n: u64) {
     if n > 0 {
         sh.imported.fetch_add(n, Ordering::Relaxed);
@@ -301,6 +407,10 @@ pub(super) fn count_imported(sh: &Shared, n: u64) {
 }
 
 pub(super) fn apply_checkpoint(lane: &mut Lane, up: &LaneUpdate) {
+    if let Some(id) = up.checked_id {
+        lane.checked_id = lane.checked_id.max(id);
+        lane.catch_up_waived = false;
+    }
     if let Some(t) = up.seen_send_time {
         lane.last_send_time = lane.last_send_time.max(t);
     }
@@ -381,24 +491,24 @@ async fn on_error(
             back_off(sh, lane, &updates, sh.backoff(attempt.min(3)), note).await
         }
         ErrorClass::Retryable => {
+            // Nothing was applied and nothing is wrong with the messages: they go back to the
+            // head of the lane and wait, however long it takes (a message fails only for a
+            // reason of its own). The wait is capped by `import.backoff_max`.
             let attempt = batch.iter().map(|m| m.attempts).max().unwrap_or(1);
             let reason = format!("{e}");
-            let give_up = attempt >= i64::from(sh.cfg.max_attempts);
-            let updates: Vec<_> = if give_up {
-                sh.failed.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                batch
-                    .iter()
-                    .map(|m| MessageUpdate::Failed {
-                        id: m.id,
-                        code,
-                        reason: format!("gave up after {attempt} attempts: {reason}"),
-                    })
-                    .collect()
+            if attempt == i64::from(sh.cfg.max_attempts) {
+                tracing::warn!(group = %lane.group_id, attempt, code, error = %e, "the lane's head has failed transiently {attempt} times; it keeps waiting and retrying (no message is failed for it)");
             } else {
-                back_to_pending(batch, false)
-            };
-            tracing::info!(group = %lane.group_id, attempt, code, error = %e, give_up, "retryable answer; backing off");
-            back_off(sh, lane, &updates, sh.backoff(attempt), reason).await
+                tracing::info!(group = %lane.group_id, attempt, code, error = %e, "retryable answer; backing off");
+            }
+            back_off(
+                sh,
+                lane,
+                &back_to_pending(batch, false),
+                sh.backoff(attempt),
+                reason,
+            )
+            .await
         }
         ErrorClass::Permanent | ErrorClass::PerMessage => {
             let c = code.unwrap_or_default();

@@ -19,6 +19,7 @@
 pub mod commit;
 pub mod group;
 pub mod lane;
+pub mod outage;
 pub mod reconcile;
 
 use std::collections::{HashMap, HashSet};
@@ -114,6 +115,10 @@ pub struct Shared {
     pub ties_ok: AtomicBool,
     /// Records answers (and claims next batches) for several lanes per transaction.
     pub committer: commit::Committer,
+    /// Whether Tencent is reachable; while it is not, every lane waits.
+    pub outage: outage::Outage,
+    /// Batched get_group_info for the lanes' catch-up.
+    pub group_infos: reconcile::GroupInfos,
 }
 
 impl Shared {
@@ -124,6 +129,15 @@ impl Shared {
             *f = Some(e);
         }
         self.stop.cancel();
+    }
+
+    /// Waits until a request may go out (see [`outage::Outage::admit`]); false when the engine
+    /// stops first.
+    pub async fn admitted(&self) -> bool {
+        tokio::select! {
+            _ = self.outage.admit() => !self.stop.is_cancelled(),
+            _ = self.stop.cancelled() => false,
+        }
     }
 
     fn fatal(&self) -> Option<EngineError> {
@@ -150,6 +164,9 @@ pub struct Progress {
     pub pacing_rate: f64,
     pub active_lanes: usize,
     pub stopped_reason: Option<String>,
+    /// While every lane waits for Tencent to answer again.
+    #[serde(default)]
+    pub waiting_for_tencent: Option<outage::Waiting>,
 }
 
 pub const PROGRESS_KEY: &str = "progress";
@@ -171,8 +188,11 @@ pub async fn run(
         cfg.commit_window,
         committer_done.clone(),
     );
+    let (group_infos, info_requests) = reconcile::GroupInfos::new();
     let shared = Arc::new(Shared {
         committer,
+        outage: outage::Outage::new(),
+        group_infos,
         store: store.clone(),
         client,
         cfg: cfg.clone(),
@@ -204,6 +224,7 @@ pub async fn run(
         "import engine started"
     );
     let group_task = tokio::spawn(group::work(shared.clone()));
+    let info_task = tokio::spawn(reconcile::GroupInfos::work(shared.clone(), info_requests));
     let exit = loop {
         on_tick();
         if shared.stop.is_cancelled() {
@@ -247,6 +268,7 @@ pub async fn run(
                     .unwrap_or(0.0),
                 active_lanes: running.len(),
                 stopped_reason: None,
+                waiting_for_tencent: shared.outage.waiting(),
             };
             // Written off the loop: a long ingest transaction holding the writer must not stop
             // the loop (and its watchdog pings).
@@ -258,7 +280,7 @@ pub async fn run(
                 export_gauges(&t, running.len());
                 if last_progress_log.elapsed() >= cfg.progress_interval {
                     last_progress_log = Instant::now();
-                    log_progress(&t, current);
+                    log_progress(&t, current, shared.outage.waiting().as_ref());
                 }
             }
         }
@@ -311,6 +333,7 @@ pub async fn run(
             }
         }
     }
+    info_task.abort();
     // The lanes are done: the committer records what is still queued, then ends.
     committer_done.cancel();
     if let Err(e) = committer_task.await {
@@ -323,11 +346,12 @@ pub async fn run(
         pacing_rate: 0.0,
         active_lanes: 0,
         stopped_reason: fatal.as_ref().map(|e| e.to_string()),
+        waiting_for_tencent: None,
     };
     write_progress(&store, &p).await;
     if let Ok(t) = store.totals(None).await {
         export_gauges(&t, 0);
-        log_progress(&t, 0.0);
+        log_progress(&t, 0.0, None);
     }
     match fatal {
         Some(e) => Err(e),
@@ -360,20 +384,38 @@ pub fn eta_seconds(t: &Totals, rate: f64) -> Option<u64> {
     (rate > 0.01).then(|| (remaining / rate).ceil() as u64)
 }
 
-fn log_progress(t: &Totals, rate: f64) {
-    let eta = eta_seconds(t, rate)
-        .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
-        .unwrap_or_else(|| "unknown".into());
-    tracing::info!(
-        imported = t.imported,
-        pending = t.pending,
-        in_flight = t.in_flight,
-        failed = t.failed,
-        blocked = t.blocked,
-        rate = format!("{rate:.1}/s"),
-        eta = %eta,
-        "progress"
-    );
+fn log_progress(t: &Totals, rate: f64, waiting: Option<&outage::Waiting>) {
+    let eta = match waiting {
+        Some(_) => "unknown (waiting for Tencent)".to_string(),
+        None => eta_seconds(t, rate)
+            .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    match waiting {
+        Some(w) => tracing::warn!(
+            imported = t.imported,
+            pending = t.pending,
+            in_flight = t.in_flight,
+            failed = t.failed,
+            blocked = t.blocked,
+            waiting_since = w.since,
+            waiting_for = %humantime::format_duration(Duration::from_secs(
+                u64::try_from(unix_now() - w.since).unwrap_or(0)
+            )),
+            reason = %w.reason,
+            "progress: waiting for Tencent"
+        ),
+        None => tracing::info!(
+            imported = t.imported,
+            pending = t.pending,
+            in_flight = t.in_flight,
+            failed = t.failed,
+            blocked = t.blocked,
+            rate = format!("{rate:.1}/s"),
+            eta = %eta,
+            "progress"
+        ),
+    }
 }
 
 /// Recent import rate: an exponentially weighted average over one-second samples.

@@ -134,16 +134,32 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// MsgBody: a non-empty array of the four element types with their documented fields, at most
-/// one TIMCustomElem, at most [`MAX_BODY_BYTES`] as compact JSON. Returns the compact JSON.
-pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
-    let Some(v) = v else {
+/// The MsgContent fields each element type may carry (D-FMT); any other key is refused, so
+/// nothing is sent that Tencent's docs do not name.
+fn content_fields(kind: &str) -> Option<&'static [&'static str]> {
+    Some(match kind {
+        "TIMTextElem" => &["Text"],
+        "TIMFaceElem" => &["Index", "Data"],
+        "TIMLocationElem" => &["Desc", "Latitude", "Longitude"],
+        "TIMCustomElem" => &["Data", "Desc", "Ext", "Sound"],
+        _ => return None,
+    })
+}
+
+/// MsgBody: a non-empty array of the four element types with their documented fields (and no
+/// others), at most one TIMCustomElem, text that can be carried unaltered (see [`strict_value`]),
+/// at most [`MAX_BODY_BYTES`] as sent. `text` is the body as the caller wrote it; the result is
+/// that text minified ([`minify`]: whitespace outside strings removed, nothing else changed),
+/// which is exactly what is sent.
+pub fn msg_body(text: Option<&str>) -> Result<String, Vec<String>> {
+    let Some(text) = text else {
         return Err(vec!["MsgBody is missing".into()]);
     };
-    let Value::Array(elems) = v else {
+    let v = strict_value(text).map_err(|e| vec![format!("MsgBody {e}")])?;
+    let Value::Array(elems) = &v else {
         return Err(vec![format!(
             "MsgBody must be an array, got {}",
-            type_name(v)
+            type_name(&v)
         )]);
     };
     if elems.is_empty() {
@@ -181,6 +197,21 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
                 continue;
             }
         };
+        let Some(allowed) = content_fields(kind) else {
+            problems.push(format!(
+                "MsgBody[{i}].MsgType {kind:?} is not importable into a group; one of {}",
+                ELEMENT_TYPES.join(", ")
+            ));
+            continue;
+        };
+        for k in content.keys() {
+            if !allowed.contains(&k.as_str()) {
+                problems.push(format!(
+                    "MsgBody[{i}] ({kind}).MsgContent has an unknown field {k:?}; {kind} takes {}",
+                    allowed.join(", ")
+                ));
+            }
+        }
         let mut need =
             |field: &str, want: fn(&Value) -> bool, what: &str, required: bool| match content
                 .get(field)
@@ -204,17 +235,13 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
                 need("Latitude", Value::is_number, "a number", true);
                 need("Longitude", Value::is_number, "a number", true);
             }
-            "TIMCustomElem" => {
+            _ => {
                 customs += 1;
                 need("Data", Value::is_string, "a string", true);
                 need("Desc", Value::is_string, "a string", false);
                 need("Ext", Value::is_string, "a string", false);
                 need("Sound", Value::is_string, "a string", false);
             }
-            other => problems.push(format!(
-                "MsgBody[{i}].MsgType {other:?} is not importable into a group; one of {}",
-                ELEMENT_TYPES.join(", ")
-            )),
         }
     }
     if customs > 1 {
@@ -225,14 +252,125 @@ pub fn msg_body(v: Option<&Value>) -> Result<String, Vec<String>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    let compact = v.to_string();
+    let compact = minify(text.trim()).into_owned();
     if compact.len() > MAX_BODY_BYTES {
         return Err(vec![format!(
-            "MsgBody is {} bytes as JSON; Tencent takes at most {MAX_BODY_BYTES}",
+            "MsgBody is {} bytes as sent (minified); Tencent takes at most {MAX_BODY_BYTES}",
             compact.len()
         )]);
     }
     Ok(compact)
+}
+
+/// Parses JSON text for validation, refusing what could not be carried unaltered or would be
+/// read differently by another parser: a key repeated in one object (at any depth; serde_json
+/// would keep the last silently), a number outside the range of a 64-bit float, a `\u` escape
+/// that is a lone surrogate (not a Unicode character), and anything that is not JSON. The value
+/// is for checks only: the text itself is what is sent.
+///
+/// ```
+/// use timport::intake::validate::strict_value;
+/// assert!(strict_value(r#"{"a":{"b":1,"b":2}}"#).unwrap_err().contains("\"b\" twice"));
+/// assert!(strict_value("[1e400]").unwrap_err().contains("64-bit float"));
+/// assert!(strict_value(r#"["\ud800"]"#).unwrap_err().contains("lone surrogate"));
+/// assert!(strict_value(r#"[-0, 1E+1, "\ud83d\ude00"]"#).is_ok());
+/// ```
+pub fn strict_value(text: &str) -> Result<Value, String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = StrictSeed.deserialize(&mut de).and_then(|v| {
+        de.end()?;
+        Ok(v)
+    });
+    parsed.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("surrogate") || msg.contains("hex escape") {
+            format!(
+                "has a \\u escape that is a lone surrogate, not a Unicode character ({msg}); it cannot be carried unaltered"
+            )
+        } else if msg.contains("number out of range") {
+            format!(
+                "has a number outside the range of a 64-bit float ({msg}); it cannot be carried unaltered"
+            )
+        } else {
+            format!("is not valid JSON: {msg}")
+        }
+    })
+}
+
+/// Builds a [`Value`] like serde_json does, but refuses a key repeated within one object.
+struct StrictSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictSeed {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictSeed {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictSeed)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "has the key {k:?} twice in one object; which one counts is up to each reader, so it is refused"
+                )));
+            }
+            let v = map.next_value_seed(StrictSeed)?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 fn is_integer(v: &Value) -> bool {
@@ -248,7 +386,9 @@ pub struct Fields {
     pub from_account: Option<Value>,
     pub send_time: Option<Value>,
     pub random: Option<Value>,
-    pub msg_body: Option<Value>,
+    /// The MsgBody as the caller wrote it (JSON text; `None` when absent or null): it is
+    /// validated as a value and sent as this text, minified.
+    pub msg_body: Option<String>,
 }
 
 impl Fields {
@@ -269,7 +409,11 @@ impl Fields {
             from_account: take("From_Account", raw.from_account),
             send_time: take("SendTime", raw.send_time),
             random: take("Random", raw.random),
-            msg_body: take("MsgBody", raw.msg_body),
+            msg_body: raw
+                .msg_body
+                .map(|r| r.get().trim())
+                .filter(|t| *t != "null")
+                .map(str::to_owned),
         };
         if problems.is_empty() {
             Ok(f)
@@ -329,7 +473,7 @@ pub fn message(
         .map_err(|e| problems.push(e))
         .ok();
     let rnd = random(f.random.as_ref()).map_err(|e| problems.push(e)).ok();
-    let body = msg_body(f.msg_body.as_ref())
+    let body = msg_body(f.msg_body.as_deref())
         .map_err(|e| problems.extend(e))
         .ok();
     match (group_id, from, time, rnd, body) {
@@ -523,7 +667,10 @@ struct FastElem<'a> {
     content: FastContent<'a>,
 }
 
+/// Every documented MsgContent field; an unknown one (whose value serde would skip unchecked)
+/// sends the message to the careful path, which refuses it.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FastContent<'a> {
     #[serde(rename = "Text", borrow, default)]
     text: Option<Cow<'a, str>>,
@@ -553,18 +700,29 @@ fn fast_body_ok(raw: &RawValue) -> bool {
     let mut customs = 0;
     for e in &elems {
         let c = &e.content;
+        let (text, index, data, desc) = (
+            c.text.is_some(),
+            c.index.is_some(),
+            c.data.is_some(),
+            c.desc.is_some(),
+        );
+        let (lat, lon, ext, sound) = (
+            c.latitude.is_some(),
+            c.longitude.is_some(),
+            c.ext.is_some(),
+            c.sound.is_some(),
+        );
+        // Required fields there, and no field of another element type.
         let ok = match e.msg_type.as_ref() {
-            "TIMTextElem" => c.text.is_some(),
-            "TIMFaceElem" => c.index.is_some(),
-            "TIMLocationElem" => c.desc.is_some() && c.latitude.is_some() && c.longitude.is_some(),
+            "TIMTextElem" => text && !(index || data || desc || lat || lon || ext || sound),
+            "TIMFaceElem" => index && !(text || desc || lat || lon || ext || sound),
+            "TIMLocationElem" => desc && lat && lon && !(text || index || data || ext || sound),
             "TIMCustomElem" => {
                 customs += 1;
-                c.data.is_some()
+                data && !(text || index || lat || lon)
             }
             _ => false,
         };
-        // Explicit nulls never get here (see `fast_message`); ext and sound need no value.
-        let _ = (&c.ext, &c.sound);
         if !ok {
             return false;
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::engine::outage::Waiting;
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
 use crate::store::{
     FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
@@ -27,6 +28,8 @@ pub struct StatusReport {
     pub daemon_running: bool,
     /// Why the engine stopped on its own, if it did.
     pub stopped_reason: Option<String>,
+    /// While the daemon waits out an outage of Tencent: since when (Unix seconds) and why.
+    pub waiting_for_tencent: Option<Waiting>,
     pub blocked_lanes: Vec<LaneStatus>,
     pub failure_reasons: Vec<FailureReason>,
     pub groups: Vec<LaneStatus>,
@@ -48,18 +51,23 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
     } else {
         0.0
     };
+    let waiting = progress
+        .as_ref()
+        .filter(|_| fresh)
+        .and_then(|p| p.waiting_for_tencent.clone());
     Ok(StatusReport {
         database: store.path().display().to_string(),
         totals,
         members: store.member_totals(group).await?,
         rate,
-        eta_seconds: if fresh {
+        eta_seconds: if fresh && waiting.is_none() {
             eta_seconds(&totals, rate)
         } else {
             None
         },
         daemon_running: fresh,
         stopped_reason: progress.and_then(|p| p.stopped_reason),
+        waiting_for_tencent: waiting,
         blocked_lanes: store.blocked_lanes(50).await?,
         failure_reasons: store.failure_reasons(group, 5).await?,
         groups: store
@@ -96,6 +104,19 @@ pub fn render(r: &StatusReport) -> String {
     }
     if let Some(reason) = &r.stopped_reason {
         let _ = writeln!(s, "STOPPED    {reason}");
+    }
+    if let Some(w) = &r.waiting_for_tencent {
+        let _ = writeln!(
+            s,
+            "WAITING    for Tencent since {} ({} ago): {}; no message is failed for it",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(w.since).unwrap_or(0))
+            ),
+            humantime::format_duration(Duration::from_secs(
+                u64::try_from(unix_now() - w.since).unwrap_or(0)
+            )),
+            w.reason
+        );
     }
     let _ = writeln!(s, "lanes      {} ({} blocked)", t.lanes, t.lanes_blocked);
     let m = &r.members;

@@ -79,6 +79,8 @@ pub struct Faults {
     pub p_drop_response_after_apply: f64,
     pub p_error_10002: f64,
     pub p_rate_limit: f64,
+    /// The commands the probabilities apply to (e.g. `["import_group_msg"]`); empty: all.
+    pub endpoints: Vec<String>,
 }
 
 impl Faults {
@@ -264,6 +266,7 @@ impl From<SimulateArgs> for SimConfig {
                 p_drop_response_after_apply: a.p_drop_response,
                 p_error_10002: a.p_10002,
                 p_rate_limit: a.p_rate_limit,
+                endpoints: Vec::new(),
             },
             auto_create_groups: a.auto_create_groups,
             history_retention: a.retention,

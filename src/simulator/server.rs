@@ -246,7 +246,14 @@ async fn v4(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
-    let faults = shared.faults();
+    let mut faults = shared.faults();
+    if !faults.endpoints.is_empty() && !faults.endpoints.contains(&command) {
+        // Latency applies everywhere; the failures only where they were asked for.
+        faults = Faults {
+            latency: faults.latency,
+            ..Faults::default()
+        };
+    }
     if !faults.latency.is_zero() {
         tokio::time::sleep(faults.latency).await;
     }
@@ -303,7 +310,7 @@ async fn v4(
             Answer::fail(60009, format!("unknown service {service}"))
         } else {
             match serde_json::from_slice::<Value>(&body) {
-                Ok(v) if v.is_object() => world.handle(&command, &v, now, mono),
+                Ok(v) if v.is_object() => world.handle(&command, &body, &v, now, mono),
                 _ => Answer::fail(60003, "request body is not a JSON object"),
             }
         };

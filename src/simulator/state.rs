@@ -45,8 +45,13 @@ pub struct StoredMessage {
     pub send_time: i64,
     #[serde(rename = "Random")]
     pub random: u32,
+    /// The body parsed (what group_msg_get_simple answers: re-formatted, keys sorted, as the
+    /// strict reading of Tencent's read-back has it).
     #[serde(rename = "MsgBody")]
     pub msg_body: Value,
+    /// The body exactly as it arrived, byte for byte, so tests can compare what was sent.
+    #[serde(rename = "MsgBodyBytes", default)]
+    pub msg_body_bytes: String,
 }
 
 /// One member.
@@ -251,7 +256,9 @@ fn check_message(m: &ImportMsg) -> Result<(), String> {
     if m.from_account.is_empty() {
         return Err("From_Account is empty".into());
     }
-    let elems = m.msg_body.as_array().ok_or("MsgBody is not an array")?;
+    let body: Value =
+        serde_json::from_str(m.msg_body.get()).map_err(|e| format!("MsgBody: {e}"))?;
+    let elems = body.as_array().ok_or("MsgBody is not an array")?;
     if elems.is_empty() {
         return Err("MsgBody is empty".into());
     }
@@ -352,10 +359,18 @@ impl World {
         }
     }
 
-    /// Dispatch one command of `group_open_http_svc`.
-    pub fn handle(&mut self, command: &str, body: &Value, now: i64, mono: Instant) -> Answer {
+    /// Dispatch one command of `group_open_http_svc`. `raw` is the request body as received
+    /// (import_group_msg keeps each MsgBody's exact bytes from it), `body` the same parsed.
+    pub fn handle(
+        &mut self,
+        command: &str,
+        raw: &[u8],
+        body: &Value,
+        now: i64,
+        mono: Instant,
+    ) -> Answer {
         let result = match command {
-            "import_group_msg" => self.import_group_msg(body, now, mono),
+            "import_group_msg" => self.import_group_msg(raw, now, mono),
             "group_msg_get_simple" => self.group_msg_get_simple(body, now),
             "get_group_info" => self.get_group_info(body),
             "import_group" => self.import_group(body, now),
@@ -366,13 +381,9 @@ impl World {
         result.unwrap_or_else(|a| a)
     }
 
-    fn import_group_msg(
-        &mut self,
-        body: &Value,
-        now: i64,
-        mono: Instant,
-    ) -> Result<Answer, Answer> {
-        let req: ImportGroupMsgRequest = parse(body)?;
+    fn import_group_msg(&mut self, raw: &[u8], now: i64, mono: Instant) -> Result<Answer, Answer> {
+        let req: ImportGroupMsgRequest = serde_json::from_slice(raw)
+            .map_err(|e| Answer::fail(10004, format!("invalid parameter: {e}")))?;
         if !self.groups.contains_key(&req.group_id) {
             if self.rules.auto_create_groups && !req.group_id.is_empty() {
                 self.add_group(&req.group_id, 0, "Public");
@@ -414,7 +425,8 @@ impl World {
                     continue;
                 }
             }
-            let size = serde_json::to_vec(&m.msg_body).map_or(usize::MAX, |v| v.len());
+            // Measured on the bytes received, as the strictest reading of "12K bytes" has it.
+            let size = m.msg_body.get().len();
             let latest = history.latest_time();
             let time_ok = m.send_time < now
                 && m.send_time > create_time
@@ -445,7 +457,8 @@ impl World {
                     from_account: m.from_account,
                     send_time: m.send_time,
                     random,
-                    msg_body: m.msg_body,
+                    msg_body: serde_json::from_str(m.msg_body.get()).unwrap_or(Value::Null),
+                    msg_body_bytes: m.msg_body.get().to_owned(),
                 },
                 arrived: mono,
             });

@@ -17,6 +17,7 @@
 //! error text (reqwest errors are stripped of their URL). Redirects are not followed, so the
 //! signed URL is never sent to another host.
 
+pub mod body;
 pub mod client;
 pub mod error;
 pub mod types;

@@ -6,9 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// `import_group_msg` request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImportGroupMsgRequest {
     #[serde(rename = "GroupId")]
     pub group_id: String,
@@ -28,7 +29,7 @@ pub struct ImportGroupMsgRequest {
 }
 
 /// One message of an import.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImportMsg {
     #[serde(rename = "From_Account")]
     pub from_account: String,
@@ -37,9 +38,10 @@ pub struct ImportMsg {
     pub send_time: i64,
     #[serde(rename = "Random", default, skip_serializing_if = "Option::is_none")]
     pub random: Option<u32>,
-    /// Array of `{MsgType, MsgContent}` elements.
+    /// Array of `{MsgType, MsgContent}` elements, as JSON text: serialized as it is, byte for
+    /// byte (the queued, minified text of the caller's body), never rebuilt from a parsed value.
     #[serde(rename = "MsgBody")]
-    pub msg_body: Value,
+    pub msg_body: Box<RawValue>,
 }
 
 /// `import_group_msg` response body (envelope fields are handled by the client).

@@ -59,12 +59,17 @@ pub fn text(s: &str) -> Value {
     json!([{"MsgType": "TIMTextElem", "MsgContent": {"Text": s}}])
 }
 
+/// A MsgBody value as the raw text a request carries.
+pub fn raw(v: &Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(v).expect("a value serializes")
+}
+
 pub fn msg(from: &str, send_time: i64, random: u32) -> ImportMsg {
     ImportMsg {
         from_account: from.into(),
         send_time,
         random: Some(random),
-        msg_body: text(&format!("{from} at {send_time}")),
+        msg_body: raw(&text(&format!("{from} at {send_time}"))),
     }
 }
 
