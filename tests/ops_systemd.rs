@@ -2,7 +2,11 @@
 //! the built-in simulator, with
 //! - a real `NOTIFY_SOCKET` (a Unix datagram socket in a temp folder): `READY=1`, then
 //!   `WATCHDOG=1` pings from the engine loop, then `STOPPING=1` on SIGTERM and exit 0;
-//! - the HTTP listener: `/healthz`, `/readyz` and `/metrics` after a job file was imported.
+//! - the HTTP listener: `/healthz`, `/readyz` and `/metrics` after a job file was imported;
+//! - the single-instance lock: a second `timport run` on the same database file, however spelled,
+//!   exits 2 naming the holder, before it opens (or creates) the database;
+//! - `timport status` read-only: on a read-only copy in a read-only folder it changes nothing, and
+//!   on a missing database it exits 2 and creates nothing.
 //!
 //! Timeouts here only bound a hung test; they assert nothing about speed.
 
