@@ -1084,3 +1084,36 @@ async fn an_intake_row_taken_by_another_process_is_not_queued_twice() {
     );
     assert_eq!(env.store.totals(None).await.unwrap().pending, 2);
 }
+
+#[tokio::test]
+async fn repeats_are_found_and_named_across_many_lookups_in_a_large_file() {
+    let env = Env::new().await;
+    let mut first = String::new();
+    for i in 0..1_000u32 {
+        first.push_str(&line_with_random("big", None, T0, 10_000 + i, "first"));
+        first.push('\n');
+    }
+    assert!(matches!(
+        queue(&env, "first.ndjson", &first).await,
+        FileOutcome::Accepted { messages: 1000, .. }
+    ));
+    // 1,000 new values, except line 777, which repeats the value of first.ndjson's line 300.
+    let mut second = String::new();
+    for i in 0..1_000u32 {
+        let r = if i == 776 { 10_299 } else { 20_000 + i };
+        second.push_str(&line_with_random("big", Some("t"), T0, r, "second"));
+        second.push('\n');
+    }
+    let p = problems(&queue(&env, "second.ndjson", &second).await);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, 777);
+    assert!(
+        p[0].1.contains("Random 10299") && p[0].1.contains("(first.ndjson) line 300"),
+        "{p:?}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1000);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM caller_randoms").await,
+        1000
+    );
+}
