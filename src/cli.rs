@@ -1,10 +1,12 @@
 //! The commands of the `timport` binary: `run`, `ingest`, `status`, `retry`, `simulate`.
 //!
 //! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
-//! the key), installs telemetry, opens the store, and wires intake, engine, simulator and the ops
+//! the key), installs telemetry, opens the store (`run` takes the single-instance lock first; see
+//! [`lock_daemon`]; `status` opens it read-only), and wires intake, engine, simulator and the ops
 //! listener together under one shutdown token fired by SIGTERM or SIGINT. Errors here carry
 //! anyhow context; the modules below return typed errors.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -223,7 +225,21 @@ async fn show_status(
     json: bool,
     group: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let store = open_store(settings).await?;
+    // Read-only: no migration, no write, nothing created (works on a copy or a read-only mount).
+    let db = &settings.queue.database;
+    if !db.exists() {
+        eprintln!(
+            "timport: database {} does not exist (queue.database); nothing to report",
+            db.display()
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let opts = StoreOptions {
+        synchronous: settings.queue.synchronous,
+        busy_timeout: settings.queue.busy_timeout,
+        readers: 2,
+    };
+    let store = Store::open_read_only(db, &opts).await?;
     let r = status::report(&store, group).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -304,8 +320,16 @@ async fn run(
     until_idle: bool,
     pre_ingest: Vec<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
+    // The lock first: a second daemon must not even migrate the database under the first.
+    let _lock = match lock_daemon(&settings.queue.database) {
+        Ok(f) => f,
+        Err(e @ LockError::Held { .. }) => {
+            eprintln!("timport: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let store = open_store(&settings).await?;
-    let _lock = lock_daemon(&settings.queue.database)?;
     let shutdown = CancellationToken::new();
     // Signals first: a SIGTERM during the initial scan stops cleanly too.
     let signal_token = shutdown.clone();
@@ -506,26 +530,107 @@ fn job_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
 }
 
-/// One daemon per database: an exclusive lock on `DATABASE.lock`, held for the process's life.
-fn lock_daemon(db: &Path) -> anyhow::Result<std::fs::File> {
-    let mut name = db.as_os_str().to_owned();
+/// The single-instance lock of `timport run` could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "another `timport run` is using database {database}: lock {lock} is held by {holder}; stop it first (one daemon per database)"
+    )]
+    Held {
+        database: PathBuf,
+        lock: PathBuf,
+        /// What the holder wrote: `pid N on HOST`, or why that is unknown.
+        holder: String,
+    },
+    #[error("lock {lock} for database {database}: {source}")]
+    Io {
+        database: PathBuf,
+        lock: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The database file as the lock knows it: symlinks resolved and the path made canonical, so
+/// every spelling of one file (a symlink, `dir/../dir/q.db`, a relative path) gives the same
+/// name. A file not created yet is named by its canonical folder (created if missing, as the store
+/// would) and its file name.
+pub fn canonical_database(db: &Path) -> std::io::Result<PathBuf> {
+    match std::fs::canonicalize(db) {
+        Ok(p) => Ok(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = db.file_name().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name")
+            })?;
+            let dir = match db.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(d) => d.to_path_buf(),
+                None => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&dir)?;
+            let dir = std::fs::canonicalize(&dir)?;
+            // A dangling symlink: lock the file it will create.
+            let joined = dir.join(name);
+            match std::fs::read_link(&joined) {
+                Ok(target) => Ok(dir.join(target)),
+                Err(_) => Ok(joined),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One daemon per database: an exclusive `flock` on `<canonical database>.lock`, taken before the
+/// database is opened or migrated and held for the process's life (the kernel drops it when the
+/// process ends, however it ends). The holder writes its pid and host into the file, so a second
+/// daemon names it.
+pub fn lock_daemon(db: &Path) -> Result<std::fs::File, LockError> {
+    use std::io::{Read, Seek, Write};
+    let canonical = canonical_database(db).map_err(|source| LockError::Io {
+        database: db.to_path_buf(),
+        lock: PathBuf::from(format!("{}.lock", db.display())),
+        source,
+    })?;
+    let mut name = canonical.as_os_str().to_owned();
     name.push(".lock");
-    let path = PathBuf::from(name);
-    let f = std::fs::OpenOptions::new()
+    let lock = PathBuf::from(name);
+    let io = |source| LockError::Io {
+        database: canonical.clone(),
+        lock: lock.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .mode(0o600)
+        .open(&lock)
+        .map_err(io)?;
     match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another `timport run` is using {} (lock {} is held)",
-            db.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
+        Ok(()) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let text = format!("pid {} on {}\n", std::process::id(), host.trim());
+            f.set_len(0).map_err(io)?;
+            f.rewind().map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.flush().map_err(io)?;
+            Ok(f)
         }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            let text = text.trim();
+            let holder = if text.is_empty() {
+                "a process that has not written its pid yet".to_string()
+            } else {
+                text.to_string()
+            };
+            Err(LockError::Held {
+                database: canonical.clone(),
+                lock: lock.clone(),
+                holder,
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }

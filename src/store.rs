@@ -5,7 +5,15 @@
 //! once with the file named. Writes go through a single-connection pool (one writer per process)
 //! and every write transaction starts with `BEGIN IMMEDIATE`, so a second process (`timport
 //! ingest`, `timport retry`) waits for the lock instead of failing on an upgrade. Transactions are
-//! short and never span an HTTP call.
+//! short and never span an HTTP call. [`Store::open_read_only`] (for `timport status`) migrates
+//! and writes nothing.
+//!
+//! Randoms: a message without a caller's value is assigned one from its group's counter through
+//! a permutation keyed by the database's own secret ([`RandomKey`], drawn by migration 0004), so
+//! values never repeat within a group and two databases collide no more often than chance.
+//! Caller-given values are recorded per group (`caller_randoms`): a message repeating a value
+//! already queued in its group, given or assigned, is not queued ([`RandomConflict`]), and
+//! assignment skips the counters whose values callers took.
 //!
 //! Recovery: SQLite's WAL makes every committed transaction durable across a process crash; an
 //! uncommitted one (an ingest killed half-way) leaves no trace. Nothing here keeps state outside
@@ -106,6 +114,8 @@ pub struct Store {
     /// Set while a job is queued with foreign-key and CHECK constraints off on the writer (see
     /// [`Store::job_writer`]); the next ordinary transaction turns them back on.
     relaxed: Arc<AtomicBool>,
+    /// The secret behind assigned Randoms (`meta.random_key`); `None` when opened read-only.
+    random_key: Option<RandomKey>,
 }
 
 /// Current Unix time in seconds.
@@ -183,14 +193,139 @@ impl Store {
             .connect_with(base)
             .await
             .map_err(wrap)?;
-        let store = Store {
+        let mut store = Store {
             writer,
             reader,
             path: path.to_path_buf(),
             relaxed: Arc::new(AtomicBool::new(false)),
+            random_key: None,
         };
         store.write_probe().await?;
+        store.random_key = Some(store.load_random_key().await?);
+        store.count_caller_randoms().await?;
         Ok(store)
+    }
+
+    /// Opens an existing database for reading only (`timport status`): no migration, no write
+    /// probe, nothing created, so it works on a copy, a read-only file or a read-only mount, and
+    /// changes nothing. A missing file is an error naming it. A WAL database alone in a folder it
+    /// cannot write (no -wal, no -shm: a copy, a read-only mount) is read as immutable.
+    pub async fn open_read_only(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other("not a regular file"),
+                });
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(opts.busy_timeout);
+        let connect = |o: SqliteConnectOptions| async move {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(opts.readers.max(1))
+                .test_before_acquire(false)
+                .connect_with(o)
+                .await?;
+            // The first read opens the WAL index (-shm), where a read-only folder shows.
+            sqlx::query("SELECT count(*) FROM sqlite_schema")
+                .execute(&pool)
+                .await?;
+            Ok::<_, sqlx::Error>(pool)
+        };
+        let reader = match connect(base.clone()).await {
+            Ok(pool) => pool,
+            // A WAL database in a folder we cannot write, with no -shm to share: SQLite cannot
+            // build the WAL index. With no -wal either, nobody is writing it (a writer would have
+            // to create both there), so the file alone is the whole database: read it as
+            // immutable.
+            Err(e) if cannot_build_wal_index(&e) && !sidecar(path, "-wal").exists() => {
+                connect(base.immutable(true))
+                    .await
+                    .map_err(|source| classify(path, source))?
+            }
+            Err(source) => return Err(classify(path, source)),
+        };
+        Ok(Store {
+            // Every write fails with SQLite's read-only error (there is no writer).
+            writer: reader.clone(),
+            reader,
+            path: path.to_path_buf(),
+            relaxed: Arc::new(AtomicBool::new(false)),
+            random_key: None,
+        })
+    }
+
+    /// Reads `meta.random_key` (migration 0004 writes it).
+    async fn load_random_key(&self) -> Result<RandomKey, StoreError> {
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'random_key'")
+                .fetch_optional(&self.writer)
+                .await
+                .map_err(|e| self.err(e))?;
+        value
+            .as_deref()
+            .and_then(RandomKey::parse)
+            .ok_or_else(|| StoreError::Sql {
+                path: self.path.clone(),
+                source: sqlx::Error::Protocol(
+                    "meta random_key is missing or not 32 hex digits or 'legacy'".into(),
+                ),
+            })
+    }
+
+    /// Fills `caller_randoms.counter` where it is NULL (rows migration 0004 copied from messages
+    /// queued before it): the inverse of the group's sequence needs the key, which SQL has not.
+    async fn count_caller_randoms(&self) -> Result<(), StoreError> {
+        let Some(key) = &self.random_key else {
+            return Ok(());
+        };
+        loop {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT group_id, random FROM caller_randoms WHERE counter IS NULL LIMIT 10000",
+            )
+            .fetch_all(&self.writer)
+            .await
+            .map_err(|e| self.err(e))?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let mut seqs: FastMap<&str, RandomSequence> = FastMap::default();
+            let counted: Vec<(&str, i64, i64)> = rows
+                .iter()
+                .map(|(g, r)| {
+                    let seq = *seqs.entry(g.as_str()).or_insert_with(|| key.sequence(g));
+                    let value = u32::try_from(*r).unwrap_or_default();
+                    (g.as_str(), *r, i64::from(seq.counter_of(value)))
+                })
+                .collect();
+            let mut tx = self.begin().await?;
+            sqlx::query(
+                "UPDATE caller_randoms SET counter = v.value ->> 2 FROM json_each(?) AS v
+                 WHERE caller_randoms.group_id = v.value ->> 0
+                   AND caller_randoms.random = v.value ->> 1",
+            )
+            .bind(serde_json::to_string(&counted).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            tx.commit().await.map_err(|e| self.err(e))?;
+        }
+    }
+
+    /// The secret behind this database's assigned Randoms (`None` when opened read-only).
+    pub fn random_key(&self) -> Option<&RandomKey> {
+        self.random_key.as_ref()
     }
 
     /// The database file.
@@ -267,6 +402,22 @@ impl Store {
     }
 }
 
+/// SQLite's "read-only folder" (SQLITE_READONLY_DIRECTORY) or "cannot open" (the -shm).
+fn cannot_build_wal_index(e: &sqlx::Error) -> bool {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| i64::from_str(&c).ok());
+    matches!(code, Some(1544)) || code.is_some_and(|c| c & 0xff == 14)
+}
+
+/// `path` with `suffix` appended to its file name (`-wal`, `-shm`).
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 fn classify(path: &Path, e: sqlx::Error) -> StoreError {
     let path = path.to_path_buf();
     let code = e
@@ -313,7 +464,9 @@ pub struct NewMember {
     pub unread_msg_num: Option<i64>,
 }
 
-/// The Random assigned to the `counter`-th message of a group without a caller's value.
+/// The Random assigned to the `counter`-th message of a group without a caller's value, in a
+/// database whose key is `legacy` (one that assigned Randoms before keys existed; see
+/// [`RandomKey`]). Every newer database derives its values from its own secret instead.
 ///
 /// A bijection of the counter (offset by a per-group seed, then murmur3's fmix32 finaliser, which
 /// is invertible), so two messages of one group never get the same value until 2^32 assignments,
@@ -321,27 +474,171 @@ pub struct NewMember {
 /// groups over the space so values do not look alike across groups.
 ///
 /// ```
-/// use timport::store::assigned_random;
+/// use timport::store::{RandomKey, assigned_random};
 /// let a: Vec<u32> = (0..1000).map(|c| assigned_random("team-general", c)).collect();
 /// let distinct: std::collections::HashSet<_> = a.iter().collect();
 /// assert_eq!(distinct.len(), 1000);
 /// assert_eq!(assigned_random("team-general", 7), a[7], "the same counter gives the same value");
+/// assert_eq!(RandomKey::Legacy.sequence("team-general").at(7), a[7]);
 /// ```
 pub fn assigned_random(group_id: &str, counter: u64) -> u32 {
-    // FNV-1a of the group id as the seed.
-    let mut seed: u32 = 0x811c_9dc5;
-    for b in group_id.as_bytes() {
-        seed ^= u32::from(*b);
-        seed = seed.wrapping_mul(0x0100_0193);
-    }
     // Truncation is the point: the counter wraps modulo 2^32.
-    let mut h = seed.wrapping_add((counter & 0xffff_ffff) as u32);
+    RandomKey::Legacy
+        .sequence(group_id)
+        .at((counter & 0xffff_ffff) as u32)
+}
+
+/// murmur3's 32-bit finaliser: a bijection of u32.
+const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
+    h = h.wrapping_mul(FMIX_M1);
     h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
+    h = h.wrapping_mul(FMIX_M2);
     h ^= h >> 16;
     h
+}
+
+/// The inverse of [`fmix32`].
+const fn unfmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(inverse_mod_2_32(FMIX_M2));
+    h ^= (h >> 13) ^ (h >> 26);
+    h = h.wrapping_mul(inverse_mod_2_32(FMIX_M1));
+    h ^= h >> 16;
+    h
+}
+
+const FMIX_M1: u32 = 0x85eb_ca6b;
+const FMIX_M2: u32 = 0xc2b2_ae35;
+
+/// The multiplicative inverse of an odd number modulo 2^32 (Newton's iteration: each step doubles
+/// the correct low bits, from the 3 that `a` itself gets right).
+const fn inverse_mod_2_32(a: u32) -> u32 {
+    let mut x = a;
+    let mut i = 0;
+    while i < 5 {
+        x = x.wrapping_mul(2u32.wrapping_sub(a.wrapping_mul(x)));
+        i += 1;
+    }
+    x
+}
+
+/// The secret behind a database's assigned Randoms, stored in `meta` as `random_key`.
+///
+/// Migration 0004 draws 128 random bits when a database is created, so two databases (a fresh one
+/// after a lost disk, a second team's) importing into the same group assign unrelated sequences
+/// and collide no more often than chance. A database that had assigned Randoms before keys existed
+/// keeps `legacy`, the sequence it started ([`assigned_random`]), so that no value repeats within
+/// a group across the upgrade. The key is never printed: its `Debug` says only which kind it is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RandomKey {
+    Legacy,
+    Keyed([u8; 16]),
+}
+
+impl std::fmt::Debug for RandomKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RandomKey::Legacy => f.write_str("RandomKey::Legacy"),
+            RandomKey::Keyed(_) => f.write_str("RandomKey::Keyed(<redacted>)"),
+        }
+    }
+}
+
+impl RandomKey {
+    /// Parses the `meta` value: `legacy`, or 32 hex digits.
+    pub fn parse(value: &str) -> Option<RandomKey> {
+        if value == "legacy" {
+            return Some(RandomKey::Legacy);
+        }
+        let mut key = [0u8; 16];
+        hex::decode_to_slice(value, &mut key).ok()?;
+        Some(RandomKey::Keyed(key))
+    }
+
+    /// The group's sequence of assigned values under this key.
+    ///
+    /// Keyed: three rounds of (add a round key, fmix32, xor a round key), the six round keys taken
+    /// from HMAC-SHA256(key, group). Each round is invertible, so the sequence is a permutation of
+    /// u32 (no repeat within 2^32 assignments) with an inverse ([`RandomSequence::counter_of`]),
+    /// and without the key two groups' or two databases' sequences look unrelated.
+    ///
+    /// ```
+    /// use timport::store::RandomKey;
+    /// let a = RandomKey::parse("000102030405060708090a0b0c0d0e0f").unwrap().sequence("g");
+    /// let b = RandomKey::parse("ff0102030405060708090a0b0c0d0e0f").unwrap().sequence("g");
+    /// let va: Vec<u32> = (0..1000).map(|c| a.at(c)).collect();
+    /// let vb: std::collections::HashSet<u32> = (0..1000).map(|c| b.at(c)).collect();
+    /// assert_eq!(va.iter().collect::<std::collections::HashSet<_>>().len(), 1000);
+    /// assert!(va.iter().filter(|v| vb.contains(v)).count() < 3, "two keys, unrelated values");
+    /// assert_eq!(a.counter_of(va[123]), 123);
+    /// ```
+    pub fn sequence(&self, group_id: &str) -> RandomSequence {
+        match self {
+            RandomKey::Legacy => {
+                // FNV-1a of the group id as the seed.
+                let mut seed: u32 = 0x811c_9dc5;
+                for b in group_id.as_bytes() {
+                    seed ^= u32::from(*b);
+                    seed = seed.wrapping_mul(0x0100_0193);
+                }
+                RandomSequence {
+                    rounds: [(seed, 0), (0, 0), (0, 0)],
+                    count: 1,
+                }
+            }
+            RandomKey::Keyed(key) => {
+                use hmac::{KeyInit, Mac};
+                let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
+                    .expect("HMAC takes a key of any length");
+                mac.update(b"timport assigned Random v1\0");
+                mac.update(group_id.as_bytes());
+                let out = mac.finalize().into_bytes();
+                let word = |i: usize| {
+                    u32::from_le_bytes([out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]])
+                };
+                RandomSequence {
+                    rounds: [(word(0), word(1)), (word(2), word(3)), (word(4), word(5))],
+                    count: 3,
+                }
+            }
+        }
+    }
+}
+
+/// One group's assigned Randoms: a permutation of the u32 counter, and its inverse.
+#[derive(Clone, Copy)]
+pub struct RandomSequence {
+    /// (added before, xored after) fmix32, per round.
+    rounds: [(u32, u32); 3],
+    count: usize,
+}
+
+impl std::fmt::Debug for RandomSequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RandomSequence(<redacted>)")
+    }
+}
+
+impl RandomSequence {
+    /// The value assigned at `counter`.
+    pub fn at(&self, counter: u32) -> u32 {
+        let mut x = counter;
+        for (add, xor) in &self.rounds[..self.count] {
+            x = fmix32(x.wrapping_add(*add)) ^ xor;
+        }
+        x
+    }
+
+    /// The counter at which `value` is (or would be) assigned: a caller's value X repeats an
+    /// assigned one exactly when `counter_of(X)` is below the group's counter.
+    pub fn counter_of(&self, value: u32) -> u32 {
+        let mut x = value;
+        for (add, xor) in self.rounds[..self.count].iter().rev() {
+            x = unfmix32(x ^ xor).wrapping_sub(*add);
+        }
+        x
+    }
 }
 
 // OR FAIL: a multi-row INSERT that may abort needs a statement journal (a copy of every page it
@@ -377,6 +674,21 @@ fn insert_sql(n: usize) -> Cow<'static, str> {
     }
 }
 
+/// The multi-row INSERT of `n` caller-given Randoms (OR FAIL: no statement journal, as above).
+fn caller_insert_sql(n: usize) -> String {
+    let mut s = String::from(
+        "INSERT OR FAIL INTO caller_randoms(group_id, random, counter, job_id, source_line, \
+         source_index) VALUES ",
+    );
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str("(?,?,?,?,?,?)");
+    }
+    s
+}
+
 /// A buffered message: its lane, itself, its Random and whether that was assigned.
 type Buffered = (i64, NewMessage, u32, bool);
 
@@ -407,6 +719,89 @@ struct LaneAcc {
 struct GroupAcc {
     counter: i64,
     start: i64,
+    seq: RandomSequence,
+    /// The smallest counter at or above `counter` whose value a caller gave (as far as known):
+    /// assignment skips it.
+    next_taken: Option<i64>,
+}
+
+/// A buffered message's caller-given Random, checked against the group's earlier ones when the
+/// buffer is written.
+struct CallerRandom {
+    /// Position of the message in the buffer (before it is sorted).
+    pos: usize,
+    random: u32,
+    /// Its position in the group's assigned sequence.
+    counter: i64,
+    /// The counter was already passed when the message came: an assigned value may equal it.
+    below: bool,
+}
+
+/// Where a Random was given or assigned before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EarlierRandom {
+    pub job_id: i64,
+    /// `file` or `intake`.
+    pub kind: String,
+    /// The job's file name.
+    pub source: String,
+    /// Line in the job file, or intake row id.
+    pub source_line: i64,
+    pub source_index: i64,
+    /// True when timport assigned the value (the earlier message had no Random of its own).
+    pub assigned: bool,
+}
+
+/// A caller-given Random that repeats one already queued in its group. Tencent drops the later of
+/// two messages with the same Random within its window (which may count on arrival) and may still
+/// answer it as imported, so such a message is refused at intake instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RandomConflict {
+    pub group_id: String,
+    pub random: u32,
+    /// Line (or intake row id) and MsgList index of the refused message.
+    pub source_line: i64,
+    pub source_index: i64,
+    pub earlier: EarlierRandom,
+}
+
+impl RandomConflict {
+    /// The problem as a report names it; `this_job` is the job being queued.
+    pub fn describe(&self, this_job: i64) -> String {
+        let e = &self.earlier;
+        let index = if e.source_index > 0 {
+            format!(" (MsgList index {})", e.source_index)
+        } else {
+            String::new()
+        };
+        let at = match (e.kind.as_str(), e.job_id == this_job) {
+            ("intake", _) => format!("intake row {}", e.source_line),
+            (_, true) => format!("line {}{index} of this file", e.source_line),
+            _ => format!(
+                "job {} ({}) line {}{index}",
+                e.job_id, e.source, e.source_line
+            ),
+        };
+        format!(
+            "Random {} repeats the Random {} {at} in group {}: Tencent would drop one of the two as a duplicate; give another Random or none",
+            self.random,
+            if e.assigned {
+                "assigned to"
+            } else {
+                "given at"
+            },
+            self.group_id
+        )
+    }
+}
+
+/// What [`JobWriter::push_returning_id`] did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued as this message id.
+    Queued(i64),
+    /// Not queued: its Random repeats one queued before in the group.
+    Refused(RandomConflict),
 }
 
 /// One job being queued, inside one `BEGIN IMMEDIATE` transaction: all of it commits, or nothing.
@@ -419,7 +814,14 @@ pub struct JobWriter {
     lanes: FastMap<String, FastMap<String, LaneAcc>>,
     groups: FastMap<String, GroupAcc>,
     buf: Vec<Buffered>,
+    /// Caller-given Randoms of the buffered messages (empty for files without Random).
+    callers: Vec<CallerRandom>,
+    /// Messages refused for a repeated Random (not written), in the order found.
+    conflicts: Vec<RandomConflict>,
     count: i64,
+    /// The job's kind and file name, to name an earlier message of the same job.
+    kind: String,
+    source: String,
 }
 
 /// What became of a job.
@@ -448,6 +850,12 @@ impl Store {
         //   like by their defaults, random from a u32, kind checked below). SQLite evaluates
         //   `state IN (...)` by building a temporary table for every row it checks: that was more
         //   than half of SQLite's work per queued message.
+        if self.random_key.is_none() {
+            return Err(StoreError::Sql {
+                path: self.path.clone(),
+                source: sqlx::Error::Protocol("the database was opened read-only".into()),
+            });
+        }
         if !matches!(kind, "file" | "intake") {
             return Err(StoreError::Sql {
                 path: self.path.clone(),
@@ -498,7 +906,15 @@ impl Store {
             lanes: FastMap::default(),
             groups: FastMap::default(),
             buf: Vec::with_capacity(SORT_CHUNK),
+            callers: Vec::new(),
+            conflicts: Vec::new(),
             count: 0,
+            kind: kind.to_string(),
+            source: if kind == "intake" {
+                "intake table".to_string()
+            } else {
+                source.to_string()
+            },
         })
     }
 }
@@ -510,22 +926,29 @@ impl JobWriter {
     }
 
     /// Queues one message (buffered; written in multi-row INSERTs). Returns the Random it gets.
+    ///
+    /// A caller-given Random is checked against the group's earlier ones when the buffer is
+    /// written: a message repeating one is not written and is reported by [`Self::take_conflicts`].
+    /// An assigned Random skips every counter whose value a caller already gave in the group.
     pub async fn push(&mut self, msg: NewMessage) -> Result<u32, StoreError> {
         let lane_id = self.lane_id(&msg.group_id, &msg.topic_id).await?;
         let (random, assigned) = match msg.random {
-            Some(r) => (r, false),
-            None => {
-                let g = self
-                    .groups
-                    .get_mut(&msg.group_id)
-                    .ok_or_else(|| StoreError::Sql {
-                        path: self.store.path.clone(),
-                        source: sqlx::Error::Protocol("group not loaded".into()),
-                    })?;
-                let r = assigned_random(&msg.group_id, g.counter as u64);
-                g.counter += 1;
-                (r, true)
+            Some(r) => {
+                let g = self.group_acc(&msg.group_id)?;
+                let counter = i64::from(g.seq.counter_of(r));
+                let below = counter < g.counter;
+                if !below {
+                    g.next_taken = Some(g.next_taken.map_or(counter, |n| n.min(counter)));
+                }
+                self.callers.push(CallerRandom {
+                    pos: self.buf.len(),
+                    random: r,
+                    counter,
+                    below,
+                });
+                (r, false)
             }
+            None => (self.assign(&msg.group_id).await?, true),
         };
         self.buf.push((lane_id, msg, random, assigned));
         self.count += 1;
@@ -535,15 +958,86 @@ impl JobWriter {
         Ok(random)
     }
 
-    /// Queues one message and returns its id (for the intake table, which records it).
-    pub async fn push_returning_id(&mut self, msg: NewMessage) -> Result<i64, StoreError> {
+    fn group_acc(&mut self, group: &str) -> Result<&mut GroupAcc, StoreError> {
+        let path = &self.store.path;
+        self.groups.get_mut(group).ok_or_else(|| StoreError::Sql {
+            path: path.clone(),
+            source: sqlx::Error::Protocol("group not loaded".into()),
+        })
+    }
+
+    /// The group's next assigned Random: the next counter that no caller's value occupies.
+    async fn assign(&mut self, group: &str) -> Result<u32, StoreError> {
+        loop {
+            let g = self.group_acc(group)?;
+            let counter = g.counter;
+            let Ok(c) = u32::try_from(counter) else {
+                return Err(StoreError::Sql {
+                    path: self.store.path.clone(),
+                    source: sqlx::Error::Protocol(format!(
+                        "group {group} has used all 2^32 Random values"
+                    )),
+                });
+            };
+            if g.next_taken != Some(counter) {
+                g.counter += 1;
+                return Ok(g.seq.at(c));
+            }
+            // A caller gave this counter's value: skip it, and find the next one taken.
+            let next = self.next_taken_after(group, counter).await?;
+            let g = self.group_acc(group)?;
+            g.counter = counter + 1;
+            g.next_taken = next;
+        }
+    }
+
+    /// The smallest counter above `counter` that a caller's value occupies in the group: queued
+    /// before (or written by this job), or still in the buffer.
+    async fn next_taken_after(
+        &mut self,
+        group: &str,
+        counter: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(counter) FROM caller_randoms WHERE group_id = ? AND counter > ?",
+        )
+        .bind(group)
+        .bind(counter)
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(|e| self.store.err(e))?;
+        let buffered = self
+            .callers
+            .iter()
+            .filter(|c| c.counter > counter && self.buf[c.pos].1.group_id == group)
+            .map(|c| c.counter)
+            .min();
+        Ok(match (stored, buffered) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Queues one message at once and returns its id (for the intake table, which records it),
+    /// or the earlier message whose Random it repeats (then nothing is queued).
+    pub async fn push_returning_id(&mut self, msg: NewMessage) -> Result<Pushed, StoreError> {
         self.push(msg).await?;
         self.flush().await?;
+        if let Some(c) = self.conflicts.pop() {
+            return Ok(Pushed::Refused(c));
+        }
         let id: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
             .fetch_one(&mut *self.tx)
             .await
             .map_err(|e| self.store.err(e))?;
-        Ok(id)
+        Ok(Pushed::Queued(id))
+    }
+
+    /// Writes what is buffered and returns the messages refused so far for a repeated Random
+    /// (none of them is written). A job file with any is to be rejected.
+    pub async fn take_conflicts(&mut self) -> Result<Vec<RandomConflict>, StoreError> {
+        self.flush().await?;
+        Ok(std::mem::take(&mut self.conflicts))
     }
 
     async fn lane_id(&mut self, group: &str, topic: &str) -> Result<i64, StoreError> {
@@ -571,11 +1065,30 @@ impl JobWriter {
                     .fetch_one(&mut *self.tx)
                     .await
                     .map_err(|e| self.store.err(e))?;
+            let next_taken: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(counter) FROM caller_randoms WHERE group_id = ? AND counter >= ?",
+            )
+            .bind(group)
+            .bind(counter)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(|e| self.store.err(e))?;
+            let seq = match &self.store.random_key {
+                Some(key) => key.sequence(group),
+                None => {
+                    return Err(StoreError::Sql {
+                        path: self.store.path.clone(),
+                        source: sqlx::Error::Protocol("the database was opened read-only".into()),
+                    });
+                }
+            };
             self.groups.insert(
                 group.to_string(),
                 GroupAcc {
                     counter,
                     start: counter,
+                    seq,
+                    next_taken,
                 },
             );
         }
@@ -644,6 +1157,12 @@ impl JobWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
+        if !self.callers.is_empty() {
+            self.check_callers().await?;
+            if self.buf.is_empty() {
+                return Ok(());
+            }
+        }
         self.buf.sort_by_key(|r| r.0);
         for chunk in self.buf.chunks_mut(INSERT_CHUNK) {
             // Arguments added straight into one buffer (`Query::bind` moves the whole query for
@@ -664,6 +1183,208 @@ impl JobWriter {
         Ok(())
     }
 
+    /// Checks the buffered caller-given Randoms against the group's earlier ones (given, in one
+    /// statement for the whole buffer, or assigned), records the new ones in `caller_randoms`, and
+    /// takes every message that repeats one out of the buffer, as a conflict.
+    async fn check_callers(&mut self) -> Result<(), StoreError> {
+        let callers = std::mem::take(&mut self.callers);
+        let keys: Vec<(&str, u32)> = callers
+            .iter()
+            .map(|c| (self.buf[c.pos].1.group_id.as_str(), c.random))
+            .collect();
+        // One lookup per chunk of keys, with bound values (json_each parses each value again).
+        let mut earlier: Vec<Option<EarlierRandom>> = vec![None; callers.len()];
+        for (n, chunk) in keys.chunks(INSERT_CHUNK).enumerate() {
+            let mut sql = String::from("WITH v(i, g, r) AS (VALUES ");
+            let mut args = SqliteArguments::default();
+            args.reserve(chunk.len() * 3, 0);
+            for (k, (g, r)) in chunk.iter().enumerate() {
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("(?,?,?)");
+                let i = i64::try_from(n * INSERT_CHUNK + k).unwrap_or(i64::MAX);
+                (|| {
+                    args.add(i)?;
+                    args.add(*g)?;
+                    args.add(i64::from(*r))
+                })()
+                .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
+            }
+            sql.push_str(
+                ") SELECT v.i, c.job_id, c.source_line, c.source_index,
+                    COALESCE(j.kind, 'file') AS kind, COALESCE(j.source, '') AS source
+                 FROM v JOIN caller_randoms c ON c.group_id = v.g AND c.random = v.r
+                 LEFT JOIN jobs j ON j.id = c.job_id",
+            );
+            let rows = sqlx::query_with(AssertSqlSafe(sql), args)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?;
+            for r in &rows {
+                let i: i64 = r.get("i");
+                if let Some(slot) = usize::try_from(i).ok().and_then(|i| earlier.get_mut(i)) {
+                    *slot = Some(EarlierRandom {
+                        job_id: r.get("job_id"),
+                        kind: r.get("kind"),
+                        source: r.get("source"),
+                        source_line: r.get("source_line"),
+                        source_index: r.get("source_index"),
+                        assigned: false,
+                    });
+                }
+            }
+        }
+        let (kind, source) = (self.kind.clone(), self.source.clone());
+        // Repeats within the buffer: the first one stands.
+        let mut first: FastMap<(&str, u32), usize> = FastMap::default();
+        for (i, key) in keys.iter().enumerate() {
+            if earlier[i].is_some() {
+                continue;
+            }
+            match first.get(key) {
+                Some(&f) => {
+                    let m = &self.buf[callers[f].pos].1;
+                    earlier[i] = Some(EarlierRandom {
+                        job_id: self.job_id,
+                        kind: kind.clone(),
+                        source: source.clone(),
+                        source_line: m.source_line,
+                        source_index: m.source_index,
+                        assigned: false,
+                    });
+                }
+                None => {
+                    first.insert(*key, i);
+                }
+            }
+        }
+        drop(first);
+        drop(keys);
+        // Values whose counter was passed: an assigned message may hold them.
+        for (i, c) in callers.iter().enumerate() {
+            if earlier[i].is_some() || !c.below {
+                continue;
+            }
+            let group = self.buf[c.pos].1.group_id.clone();
+            earlier[i] = self
+                .assigned_holder(&group, c.random, &kind, &source)
+                .await?;
+        }
+        // Record the new values; take the repeating messages out.
+        let mut refused = vec![false; self.buf.len()];
+        let mut new_rows: Vec<(&str, u32, i64, i64, i64, i64)> = Vec::new();
+        for (c, e) in callers.iter().zip(earlier.iter()) {
+            let m = &self.buf[c.pos].1;
+            match e {
+                None => new_rows.push((
+                    m.group_id.as_str(),
+                    c.random,
+                    c.counter,
+                    self.job_id,
+                    m.source_line,
+                    m.source_index,
+                )),
+                Some(e) => {
+                    refused[c.pos] = true;
+                    self.conflicts.push(RandomConflict {
+                        group_id: m.group_id.clone(),
+                        random: c.random,
+                        source_line: m.source_line,
+                        source_index: m.source_index,
+                        earlier: e.clone(),
+                    });
+                }
+            }
+        }
+        // In key order (fewer pages touched), in multi-row INSERTs with bound values: through
+        // json_each the same rows cost several times more (each value parsed out again).
+        new_rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for chunk in new_rows.chunks(INSERT_CHUNK) {
+            let mut args = SqliteArguments::default();
+            args.reserve(chunk.len() * 6, 0);
+            for (g, r, c, j, l, i) in chunk {
+                (|| {
+                    args.add(*g)?;
+                    args.add(i64::from(*r))?;
+                    args.add(*c)?;
+                    args.add(*j)?;
+                    args.add(*l)?;
+                    args.add(*i)
+                })()
+                .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
+            }
+            sqlx::query_with(AssertSqlSafe(caller_insert_sql(chunk.len())), args)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?;
+        }
+        if refused.iter().any(|r| *r) {
+            let buf = std::mem::take(&mut self.buf);
+            for (pos, row) in buf.into_iter().enumerate() {
+                if refused[pos] {
+                    let m = &row.1;
+                    if let Some(l) = self
+                        .lanes
+                        .get_mut(&m.group_id)
+                        .and_then(|t| t.get_mut(&m.topic_id))
+                    {
+                        l.added -= 1;
+                    }
+                    self.count -= 1;
+                } else {
+                    self.buf.push(row);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The message of the group that was assigned `random`: still in the buffer, or queued
+    /// before. Rare (a caller's value at a counter already passed), so a scan of the group's
+    /// messages is fine.
+    async fn assigned_holder(
+        &mut self,
+        group: &str,
+        random: u32,
+        kind: &str,
+        source: &str,
+    ) -> Result<Option<EarlierRandom>, StoreError> {
+        if let Some((_, m, _, _)) = self
+            .buf
+            .iter()
+            .find(|(_, m, r, assigned)| *assigned && *r == random && m.group_id == group)
+        {
+            return Ok(Some(EarlierRandom {
+                job_id: self.job_id,
+                kind: kind.to_string(),
+                source: source.to_string(),
+                source_line: m.source_line,
+                source_index: m.source_index,
+                assigned: true,
+            }));
+        }
+        let row = sqlx::query(
+            "SELECT m.job_id, m.source_line, m.source_index, j.kind, j.source
+             FROM messages m JOIN lanes l ON l.id = m.lane_id JOIN jobs j ON j.id = m.job_id
+             WHERE l.group_id = ? AND m.random = ? AND m.random_assigned = 1
+             ORDER BY m.id LIMIT 1",
+        )
+        .bind(group)
+        .bind(i64::from(random))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(|e| self.store.err(e))?;
+        Ok(row.map(|r| EarlierRandom {
+            job_id: r.get("job_id"),
+            kind: r.get("kind"),
+            source: r.get("source"),
+            source_line: r.get("source_line"),
+            source_index: r.get("source_index"),
+            assigned: true,
+        }))
+    }
+
     /// Writes the counters and commits. With a `content_hash` already known to the store, rolls
     /// back and reports the earlier job instead.
     pub async fn commit(mut self, content_hash: Option<&str>) -> Result<JobOutcome, StoreError> {
@@ -680,6 +1401,16 @@ impl JobWriter {
             }
         }
         self.flush().await?;
+        if !self.conflicts.is_empty() {
+            self.tx.rollback().await.map_err(|e| self.store.err(e))?;
+            return Err(StoreError::Sql {
+                path: self.store.path.clone(),
+                source: sqlx::Error::Protocol(format!(
+                    "{} message(s) repeat a Random queued before; the job was not committed",
+                    self.conflicts.len()
+                )),
+            });
+        }
         let store = self.store.clone();
         let err = |e| store.err(e);
         let mut tx = self.tx;
@@ -753,7 +1484,23 @@ impl JobWriter {
         self.tx.rollback().await.map_err(|e| self.store.err(e))
     }
 
-    /// Marks intake rows inside this same transaction.
+    /// Takes an intake row for this job: marks it `queued`, only if it is still `new`, inside this
+    /// same transaction. False when another process took it since it was read: it must then not
+    /// be queued again.
+    pub async fn take_intake_row(&mut self, row_id: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE intake SET status = 'queued', processed_at = ? WHERE id = ? AND status = 'new'",
+        )
+        .bind(unix_now())
+        .bind(row_id)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| self.store.err(e))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records what became of an intake row taken by [`Self::take_intake_row`] in this
+    /// transaction: `queued` with its message, or `rejected` with the reason.
     pub async fn mark_intake_row(
         &mut self,
         row_id: i64,
@@ -2009,5 +2756,115 @@ impl Store {
             failed: r.get("failed"),
             unread_pending: r.get("unread_pending"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// `assigned_random` exactly as it was before keys existed (the legacy sequence).
+    fn before_keys(group_id: &str, counter: u64) -> u32 {
+        let mut seed: u32 = 0x811c_9dc5;
+        for b in group_id.as_bytes() {
+            seed ^= u32::from(*b);
+            seed = seed.wrapping_mul(0x0100_0193);
+        }
+        let mut h = seed.wrapping_add((counter & 0xffff_ffff) as u32);
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
+
+    fn key(byte: u8) -> RandomKey {
+        let mut k = [0u8; 16];
+        k[0] = byte;
+        k[15] = 0x5a;
+        RandomKey::Keyed(k)
+    }
+
+    #[test]
+    fn the_legacy_key_reproduces_the_values_assigned_before_keys_existed() {
+        for g in ["", "g", "team-general", "@TGS#2ABCDEF", "群组"] {
+            let seq = RandomKey::Legacy.sequence(g);
+            for c in (0..50_000u64).chain([u64::from(u32::MAX) - 1, u64::from(u32::MAX)]) {
+                let want = before_keys(g, c);
+                assert_eq!(assigned_random(g, c), want, "{g} {c}");
+                assert_eq!(seq.at(c as u32), want, "{g} {c}");
+            }
+        }
+        // Pinned values, in case both copies drift together.
+        assert_eq!(
+            assigned_random("team-general", 0),
+            before_keys("team-general", 0)
+        );
+        assert_eq!(
+            [assigned_random("g", 0), assigned_random("g", 1)],
+            [1_377_171_301, 1_297_577_406]
+        );
+    }
+
+    #[test]
+    fn each_key_gives_a_bijection_with_an_inverse() {
+        for k in [RandomKey::Legacy, key(1), key(2)] {
+            let seq = k.sequence("busy-group");
+            let mut seen = HashSet::new();
+            for c in 0..300_000u32 {
+                let v = seq.at(c);
+                assert!(seen.insert(v), "{k:?}: repeat at {c}");
+                assert_eq!(seq.counter_of(v), c, "{k:?}: inverse of {c}");
+            }
+            // The other way round, over values spread across u32.
+            for v in (0..u32::MAX).step_by(65_521) {
+                assert_eq!(seq.at(seq.counter_of(v)), v, "{k:?}: value {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn two_keys_give_unrelated_sequences() {
+        let n = 100_000u32;
+        let a: HashSet<u32> = (0..n).map(|c| key(1).sequence("g").at(c)).collect();
+        let b: Vec<u32> = (0..n).map(|c| key(2).sequence("g").at(c)).collect();
+        // By chance, two samples of 100,000 from 2^32 share about n^2 / 2^32 = 2.3 values.
+        let shared = b.iter().filter(|v| a.contains(v)).count();
+        assert!(shared < 20, "{shared} values shared by two keys");
+        let same_position = (0..n as usize)
+            .filter(|&i| key(1).sequence("g").at(i as u32) == b[i])
+            .count();
+        assert!(same_position < 3, "{same_position}");
+        // And two groups under one key.
+        let c: Vec<u32> = (0..n).map(|c| key(1).sequence("h").at(c)).collect();
+        assert!(c.iter().filter(|v| a.contains(v)).count() < 20);
+    }
+
+    #[test]
+    fn keys_parse_and_never_show() {
+        assert_eq!(RandomKey::parse("legacy"), Some(RandomKey::Legacy));
+        let k = RandomKey::parse("00112233445566778899aabbccddeeff").unwrap();
+        assert!(matches!(k, RandomKey::Keyed(b) if b[1] == 0x11 && b[15] == 0xff));
+        for bad in ["", "0011", "zz112233445566778899aabbccddeeff", "Legacy"] {
+            assert_eq!(RandomKey::parse(bad), None, "{bad}");
+        }
+        let shown = format!("{k:?} {:?}", k.sequence("g"));
+        assert!(
+            !shown.contains("0011") && !shown.contains("aabb"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn inverses_modulo_2_32() {
+        for a in [FMIX_M1, FMIX_M2, 1, 3, u32::MAX] {
+            assert_eq!(a.wrapping_mul(inverse_mod_2_32(a)), 1, "{a:#x}");
+        }
+        for h in (0..u32::MAX).step_by(4_099) {
+            assert_eq!(unfmix32(fmix32(h)), h);
+        }
     }
 }

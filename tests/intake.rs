@@ -12,7 +12,7 @@ use common::*;
 use serde_json::json;
 use timport::intake::files::{FileOutcome, ingest_file};
 use timport::intake::{spool, table};
-use timport::store::assigned_random;
+use timport::store::{RandomKey, assigned_random};
 use tokio_util::sync::CancellationToken;
 
 async fn count(env: &Env, sql: &str) -> i64 {
@@ -90,10 +90,12 @@ async fn ndjson_is_queued_with_randoms_fixed_once() {
     .fetch_all(env.store.reader())
     .await
     .unwrap();
-    let mut counters: HashMap<String, u64> = HashMap::new();
+    let key = env.store.random_key().unwrap();
+    assert_ne!(key, &RandomKey::Legacy, "a new database draws its own key");
+    let mut counters: HashMap<String, u32> = HashMap::new();
     for (r, g) in rows {
         let c = counters.entry(g.clone()).or_default();
-        assert_eq!(r, i64::from(assigned_random(&g, *c)));
+        assert_eq!(r, i64::from(key.sequence(&g).at(*c)));
         *c += 1;
     }
 }
@@ -709,4 +711,409 @@ async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_tog
         let runs = 1 + rows.windows(2).filter(|w| w[1].0 != w[0].0 + 1).count();
         assert!(runs <= 8, "group {g}: {runs} runs of consecutive ids");
     }
+}
+
+/// One NDJSON line with a caller-given Random (and an optional topic).
+fn line_with_random(group: &str, topic: Option<&str>, t: i64, random: u32, text: &str) -> String {
+    let mut v = json!({"GroupId": group, "From_Account": "a", "SendTime": t, "Random": random,
+                       "MsgBody": text_body(text)});
+    if let Some(topic) = topic {
+        v["TopicId"] = json!(topic);
+    }
+    v.to_string()
+}
+
+async fn randoms_of(env: &Env, group: &str) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT m.random FROM messages m JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?
+         ORDER BY m.id",
+    )
+    .bind(group)
+    .fetch_all(env.store.reader())
+    .await
+    .unwrap()
+}
+
+fn problems(out: &FileOutcome) -> Vec<(u64, String)> {
+    match out {
+        FileOutcome::Rejected { problems, .. } => problems
+            .iter()
+            .map(|p| (p.line, p.problem.clone()))
+            .collect(),
+        other => panic!("not rejected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn two_databases_assign_unrelated_randoms_to_the_same_group() {
+    let (a, b) = (Env::new().await, Env::new().await);
+    let mut text = String::new();
+    for i in 0..5_000 {
+        text.push_str(&line("shared", "alice", T0 + i / 10, &format!("{i}")));
+        text.push('\n');
+    }
+    for env in [&a, &b] {
+        assert!(matches!(
+            queue(env, "same.ndjson", &text).await,
+            FileOutcome::Accepted { .. }
+        ));
+    }
+    let ra: HashSet<i64> = randoms_of(&a, "shared").await.into_iter().collect();
+    let rb = randoms_of(&b, "shared").await;
+    assert_eq!((ra.len(), rb.len()), (5_000, 5_000));
+    // Chance alone shares about 5000^2 / 2^32 = 0.006 values.
+    let shared = rb.iter().filter(|r| ra.contains(r)).count();
+    assert!(shared <= 2, "{shared} Randoms shared by two databases");
+    // Each key is the database's own, drawn at creation and kept across opens.
+    let key = a.store.random_key().unwrap().clone();
+    assert_ne!(&key, b.store.random_key().unwrap());
+    a.store.close().await;
+    let again = timport::store::Store::open(&a.db_path(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(again.random_key(), Some(&key));
+}
+
+#[tokio::test]
+async fn a_database_upgraded_with_assigned_randoms_keeps_its_sequence_and_skips_caller_values() {
+    // A database as the previous release left it: migrations 0001-0003 only, five Randoms
+    // assigned in group g, and a caller's value equal to the one at counter 7.
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < "0004" {
+            std::fs::copy(&f, old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("q.db");
+    {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&db)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        let mut sql = String::from(
+            "INSERT INTO jobs(id, kind, source, created_at) VALUES (1, 'file', 'old.ndjson', 0);
+             INSERT INTO groups(group_id, random_counter) VALUES ('g', 5);
+             INSERT INTO lanes(id, group_id) VALUES (1, 'g');",
+        );
+        for c in 0..5u64 {
+            sql.push_str(&format!(
+                "INSERT INTO messages(lane_id, job_id, source_line, from_account, send_time, random,
+                    random_assigned, body) VALUES (1, 1, {}, 'a', {T0}, {}, 1, '[]');",
+                c + 1,
+                assigned_random("g", c)
+            ));
+        }
+        sql.push_str(&format!(
+            "INSERT INTO messages(lane_id, job_id, source_line, from_account, send_time, random,
+                random_assigned, body) VALUES (1, 1, 6, 'a', {T0}, {}, 0, '[]');",
+            assigned_random("g", 7)
+        ));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let store = timport::store::Store::open(&db, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(store.random_key(), Some(&RandomKey::Legacy));
+    let env = Env { dir, store };
+    let mut text = String::new();
+    for i in 0..5 {
+        text.push_str(&line("g", "a", T0 + i, "new"));
+        text.push('\n');
+    }
+    assert!(matches!(
+        queue(&env, "new.ndjson", &text).await,
+        FileOutcome::Accepted { .. }
+    ));
+    let values = randoms_of(&env, "g").await;
+    let want: Vec<i64> = [5u64, 6, 8, 9, 10]
+        .iter()
+        .map(|c| i64::from(assigned_random("g", *c)))
+        .collect();
+    assert_eq!(
+        &values[6..],
+        &want[..],
+        "counters 5, 6, then 8 on: 7 is the caller's"
+    );
+    let distinct: HashSet<&i64> = values.iter().collect();
+    assert_eq!(distinct.len(), values.len());
+    // The caller's value from before the upgrade is known: repeating it is refused.
+    let again = format!(
+        "{}\n",
+        line_with_random("g", None, T0, assigned_random("g", 7), "x")
+    );
+    let p = problems(&queue(&env, "again.ndjson", &again).await);
+    assert!(p[0].1.contains("job 1 (old.ndjson) line 6"), "{p:?}");
+}
+
+#[tokio::test]
+async fn a_caller_random_repeating_one_of_the_group_is_rejected_naming_both_lines() {
+    let env = Env::new().await;
+    let first = format!(
+        "{}\n{}\n",
+        line_with_random("g", None, T0, 42, "first"),
+        line_with_random("other", None, T0, 42, "another group may")
+    );
+    assert!(matches!(
+        queue(&env, "a.ndjson", &first).await,
+        FileOutcome::Accepted { messages: 2, .. }
+    ));
+    let before = count(&env, "SELECT count(*) FROM messages").await;
+
+    // Queued before by another job, in another topic of the group.
+    let text = format!(
+        "{}\n{}\n",
+        line("g", "a", T0 + 1, "fine"),
+        line_with_random("g", Some("t"), T0 + 2, 42, "repeat")
+    );
+    let p = problems(&queue(&env, "b.ndjson", &text).await);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, 2, "{p:?}");
+    assert!(
+        p[0].1.contains("Random 42") && p[0].1.contains("job 1 (a.ndjson) line 1"),
+        "{p:?}"
+    );
+
+    // Twice in one file: found while parsing (also in a dry run), both lines named.
+    let text = format!(
+        "{}\n{}\n{}\n",
+        line_with_random("h", None, T0, 7, "one"),
+        line("h", "a", T0, "between"),
+        line_with_random("h", Some("t"), T0 + 1, 7, "two")
+    );
+    let p = problems(&queue(&env, "c.ndjson", &text).await);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, 3);
+    assert!(p[0].1.contains("line 1 of this file"), "{p:?}");
+    let path = env.write("c2.ndjson", &text);
+    let dry = ingest_file(None, &path, true, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(problems(&dry), p);
+
+    // A .json body: the MsgList entry's line.
+    let body = json!({"GroupId": "j", "MsgList": [
+        {"From_Account": "a", "SendTime": T0, "Random": 9, "MsgBody": text_body("1")},
+        {"From_Account": "a", "SendTime": T0 + 1, "Random": 9, "MsgBody": text_body("2")}]});
+    let p = problems(
+        &queue(
+            &env,
+            "d.json",
+            &serde_json::to_string_pretty(&body).unwrap(),
+        )
+        .await,
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].1.contains("Random 9 repeats"), "{p:?}");
+
+    // A value timport assigned before.
+    let assigned = randoms_of(&env, "g").await;
+    assert_eq!(assigned.len(), 1, "only a.ndjson's message");
+    let mut text = String::new();
+    for i in 0..3 {
+        text.push_str(&line("g", "a", T0 + i, "assigned"));
+        text.push('\n');
+    }
+    assert!(matches!(
+        queue(&env, "e.ndjson", &text).await,
+        FileOutcome::Accepted { .. }
+    ));
+    let taken = randoms_of(&env, "g").await[2];
+    let text = format!(
+        "{}\n",
+        line_with_random("g", None, T0, u32::try_from(taken).unwrap(), "x")
+    );
+    let p = problems(&queue(&env, "f.ndjson", &text).await);
+    assert!(
+        p[0].1.contains("assigned to job") && p[0].1.contains("(e.ndjson) line 2"),
+        "{p:?}"
+    );
+    // Nothing of the rejected files was queued.
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM messages").await,
+        before + 3
+    );
+}
+
+#[tokio::test]
+async fn assignment_skips_the_values_callers_gave() {
+    let env = Env::new().await;
+    let seq = env.store.random_key().unwrap().sequence("g");
+    // The caller takes the values at counters 1 and 4, ahead of the assignment.
+    let text = format!(
+        "{}\n{}\n",
+        line_with_random("g", None, T0, seq.at(1), "caller"),
+        line_with_random("g", None, T0, seq.at(4), "caller")
+    );
+    assert!(matches!(
+        queue(&env, "a.ndjson", &text).await,
+        FileOutcome::Accepted { .. }
+    ));
+    let mut text = String::new();
+    for i in 0..3 {
+        text.push_str(&line("g", "a", T0 + i, "assigned"));
+        text.push('\n');
+    }
+    // In the same file as assigned ones, ahead of them: counter 6 is taken on line 4.
+    text.push_str(&line_with_random("g", None, T0, seq.at(6), "caller"));
+    text.push('\n');
+    for i in 0..3 {
+        text.push_str(&line("g", "a", T0 + i, "assigned"));
+        text.push('\n');
+    }
+    assert!(matches!(
+        queue(&env, "b.ndjson", &text).await,
+        FileOutcome::Accepted { .. }
+    ));
+    let values = randoms_of(&env, "g").await;
+    let want: Vec<i64> = [1u32, 4, 0, 2, 3, 6, 5, 7, 8]
+        .iter()
+        .map(|c| i64::from(seq.at(*c)))
+        .collect();
+    assert_eq!(values, want);
+}
+
+#[tokio::test]
+async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
+    let env = Env::new().await;
+    assert!(matches!(
+        queue(
+            &env,
+            "a.ndjson",
+            &format!("{}\n", line_with_random("g", None, T0, 500, "file"))
+        )
+        .await,
+        FileOutcome::Accepted { .. }
+    ));
+    let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"row"}}]"#;
+    sqlite3(
+        &env.db_path(),
+        &format!(
+            "INSERT INTO intake(group_id, from_account, send_time, random, msg_body) VALUES ('g', 'a', {T0}, 5, '{body}');
+             INSERT INTO intake(group_id, topic_id, from_account, send_time, random, msg_body) VALUES ('g', 't', 'a', {T0}, 5, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, random, msg_body) VALUES ('h', 'a', {T0}, 5, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, random, msg_body) VALUES ('g', 'a', {T0}, 500, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '{body}');"
+        ),
+    );
+    let out = table::poll_once(&env.store).await.unwrap();
+    assert_eq!((out.queued, out.rejected), (3, 2), "{out:?}");
+    let rows: Vec<(i64, String, Option<String>)> =
+        sqlx::query_as("SELECT id, status, error FROM intake ORDER BY id")
+            .fetch_all(env.store.reader())
+            .await
+            .unwrap();
+    assert_eq!(rows[0].1, "queued");
+    assert_eq!(rows[1].1, "rejected");
+    assert!(
+        rows[1].2.as_deref().unwrap().contains("intake row 1"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[2].1, "queued", "another group may use the value");
+    assert_eq!(rows[3].1, "rejected");
+    assert!(
+        rows[3]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("job 1 (a.ndjson) line 1"),
+        "{rows:?}"
+    );
+    assert_eq!(rows[4].1, "queued");
+    let g = randoms_of(&env, "g").await;
+    assert_eq!(g.len(), 3);
+    assert_eq!(g.iter().collect::<HashSet<_>>().len(), 3);
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!(
+        t.pending, 4,
+        "the rejected rows left no message and no count"
+    );
+}
+
+#[tokio::test]
+async fn an_intake_row_taken_by_another_process_is_not_queued_twice() {
+    let env = Env::new().await;
+    let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"row"}}]"#;
+    sqlite3(
+        &env.db_path(),
+        &format!(
+            "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {}, '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {}, '{body}');",
+            T0 + 1,
+            T0 + 2
+        ),
+    );
+    // Two takers read the same new rows; another process takes row 2 before either writes.
+    let rows = env.store.new_intake_rows(100).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    sqlite3(
+        &env.db_path(),
+        "UPDATE intake SET status = 'queued', error = 'taken elsewhere' WHERE id = 2",
+    );
+    let out = table::take_rows(&env.store, rows.clone()).await.unwrap();
+    assert_eq!((out.queued, out.rejected, out.skipped), (2, 0, 1));
+    let out = table::take_rows(&env.store, rows).await.unwrap();
+    assert_eq!((out.queued, out.rejected, out.skipped), (0, 0, 3));
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 2);
+    assert_eq!(
+        count(
+            &env,
+            "SELECT count(*) FROM intake WHERE error = 'taken elsewhere'"
+        )
+        .await,
+        1,
+        "the other process's mark stands"
+    );
+    assert_eq!(env.store.totals(None).await.unwrap().pending, 2);
+}
+
+#[tokio::test]
+async fn repeats_are_found_and_named_across_many_lookups_in_a_large_file() {
+    let env = Env::new().await;
+    let mut first = String::new();
+    for i in 0..1_000u32 {
+        first.push_str(&line_with_random("big", None, T0, 10_000 + i, "first"));
+        first.push('\n');
+    }
+    assert!(matches!(
+        queue(&env, "first.ndjson", &first).await,
+        FileOutcome::Accepted { messages: 1000, .. }
+    ));
+    // 1,000 new values, except line 777, which repeats the value of first.ndjson's line 300.
+    let mut second = String::new();
+    for i in 0..1_000u32 {
+        let r = if i == 776 { 10_299 } else { 20_000 + i };
+        second.push_str(&line_with_random("big", Some("t"), T0, r, "second"));
+        second.push('\n');
+    }
+    let p = problems(&queue(&env, "second.ndjson", &second).await);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, 777);
+    assert!(
+        p[0].1.contains("Random 10299") && p[0].1.contains("(first.ndjson) line 300"),
+        "{p:?}"
+    );
+    assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1000);
+    assert_eq!(
+        count(&env, "SELECT count(*) FROM caller_randoms").await,
+        1000
+    );
 }

@@ -2,7 +2,11 @@
 //! the built-in simulator, with
 //! - a real `NOTIFY_SOCKET` (a Unix datagram socket in a temp folder): `READY=1`, then
 //!   `WATCHDOG=1` pings from the engine loop, then `STOPPING=1` on SIGTERM and exit 0;
-//! - the HTTP listener: `/healthz`, `/readyz` and `/metrics` after a job file was imported.
+//! - the HTTP listener: `/healthz`, `/readyz` and `/metrics` after a job file was imported;
+//! - the single-instance lock: a second `timport run` on the same database file, however spelled,
+//!   exits 2 naming the holder, before it opens (or creates) the database;
+//! - `timport status` read-only: on a read-only copy in a read-only folder it changes nothing, and
+//!   on a missing database it exits 2 and creates nothing.
 //!
 //! Timeouts here only bound a hung test; they assert nothing about speed.
 
@@ -359,4 +363,266 @@ fn health_ready_and_metrics_after_an_import() {
     d.sigterm();
     let status = d.wait();
     assert!(status.success(), "exit {status:?}; stderr:\n{}", d.stderr());
+}
+
+/// `timport` with `args`, the database (and the rest of the settings) from a config file written
+/// next to `db`, nothing taken from the caller's environment.
+fn timport_with_database(args: &[&str], db: &Path, workdir: &Path) -> std::process::Output {
+    let cfg = workdir.join(format!(
+        "second-{}.toml",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[tencent]
+sdkappid = 1400000000
+identifier = "administrator"
+[queue]
+database = "{}"
+spool_dir = "{}"
+[log]
+format = "text"
+level = "warn"
+[http]
+listen = ""
+[simulator]
+enabled = true
+listen = "127.0.0.1:0"
+"#,
+            db.display(),
+            workdir.join("spool-second").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_timport"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(&cfg)
+        .current_dir(workdir)
+        .stdin(Stdio::null())
+        .env("NO_COLOR", "1");
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("TIMPORT") || k == "NOTIFY_SOCKET" || k.starts_with("WATCHDOG_") {
+            cmd.env_remove(&*k);
+        }
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_second_daemon_on_the_same_database_file_exits_2_naming_the_holder() {
+    let mut d = Daemon::start("", &[]);
+    let db = d.path().join("timport.db");
+    let lock = std::fs::canonicalize(d.path())
+        .unwrap()
+        .join("timport.db.lock");
+    // The holder writes its pid once it holds the lock.
+    let wanted = format!("pid {}", d.pid());
+    let deadline = Instant::now() + BOUND;
+    while !std::fs::read_to_string(&lock).is_ok_and(|t| t.starts_with(&wanted)) {
+        assert!(
+            Instant::now() < deadline,
+            "no lock; stderr:\n{}",
+            d.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let other = tempfile::tempdir().unwrap();
+    let link = other.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    let dir_name = d.path().file_name().unwrap().to_string_lossy().into_owned();
+    let respelled = d
+        .path()
+        .join("..")
+        .join(&dir_name)
+        .join(".")
+        .join("timport.db");
+    for path in [link, respelled] {
+        let out = timport_with_database(&["run"], &path, other.path());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains(&wanted) && stderr.contains(&lock.display().to_string()),
+            "{}: {stderr}",
+            path.display()
+        );
+    }
+    // status is read-only: it works beside the running daemon, through any spelling.
+    let out = timport_with_database(
+        &["status", "--json"],
+        &other.path().join("link.db"),
+        other.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The holder is untouched and still running.
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the first daemon stopped; stderr:\n{}",
+        d.stderr()
+    );
+}
+
+#[test]
+fn the_lock_is_taken_before_the_database_is_created_or_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = std::fs::canonicalize(dir.path()).unwrap();
+    let db = dir_path.join("fresh.db");
+    // Another holder (this test) of the lock of a database that does not exist yet.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(dir_path.join("fresh.db.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(dir_path.join("fresh.db.lock"), "pid 4242 on elsewhere\n").unwrap();
+    let out = timport_with_database(&["run", "--until-idle"], &db, &dir_path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("pid 4242 on elsewhere"), "{stderr}");
+    assert!(!db.exists(), "the database was created before the lock");
+    drop(lock);
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Every file of a folder with its bytes and modification time.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, SystemTime)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let m = std::fs::metadata(&p).unwrap();
+            let bytes = if m.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                bytes,
+                m.modified().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn status_reads_a_copy_in_a_read_only_folder_and_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("queue.db");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let job = work.path().join("job.ndjson");
+    std::fs::write(
+        &job,
+        format!(
+            "{{\"GroupId\":\"g\",\"From_Account\":\"a\",\"SendTime\":{},\"MsgBody\":[{{\"MsgType\":\"TIMTextElem\",\"MsgContent\":{{\"Text\":\"x\"}}}}]}}\n",
+            now - 60
+        ),
+    )
+    .unwrap();
+    let out = timport_with_database(&["ingest", &job.to_string_lossy()], &db, work.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A copy of the file alone (no -wal, no -shm), read-only, in a read-only folder.
+    let ro = work.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::copy(&db, ro.join("copy.db")).unwrap();
+    std::fs::set_permissions(ro.join("copy.db"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = snapshot(&ro);
+    // Root writes through any mode: run it as nobody there, so the read-only folder is real.
+    let output = |args: &[&str]| {
+        let cfg_dir = work.path();
+        if is_root() {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_timport"))
+                .args(args)
+                .arg("--config")
+                .arg(write_config(cfg_dir, &ro.join("copy.db")))
+                .current_dir("/")
+                .env_remove("TIMPORT_CONFIG")
+                .env("NO_COLOR", "1");
+            cmd.output().unwrap()
+        } else {
+            timport_with_database(args, &ro.join("copy.db"), cfg_dir)
+        }
+    };
+    let out = output(&["status", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["totals"]["pending"], 1, "{v}");
+    let out = output(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot(&ro), before, "status changed the folder");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A config for `timport status` naming `db` (readable by anyone).
+fn write_config(dir: &Path, db: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("status.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[tencent]\nsdkappid = 1400000000\nidentifier = \"administrator\"\n[queue]\ndatabase = \"{}\"\n[log]\nformat = \"text\"\nlevel = \"warn\"\n[http]\nlisten = \"\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+#[test]
+fn status_on_a_missing_database_exits_2_and_creates_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("missing").join("queue.db");
+    let out = timport_with_database(&["status"], &db, work.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&db.display().to_string()), "{stderr}");
+    assert!(
+        !work.path().join("missing").exists(),
+        "status created a folder"
+    );
 }

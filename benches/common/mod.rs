@@ -31,7 +31,11 @@ pub fn release_binary() -> PathBuf {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "cargo build --release failed");
-    root.join("target/release/timport")
+    // Where that build put it: CARGO_TARGET_DIR (relative to the package) if set.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"));
+    target.join("release/timport")
 }
 
 pub fn cpu_model() -> String {

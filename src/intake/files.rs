@@ -7,6 +7,11 @@
 //! transaction is rolled back. A crash (SIGKILL) at any instant leaves the file either queued once
 //! (committed; a later run recognises its content hash) or not at all (uncommitted; the file is
 //! still in the spool and is taken again). Cancellation rolls back the same way.
+//!
+//! A caller-given Random may appear once per group: a second message of the group with the same
+//! value, in the same file or queued before by any job (given or assigned), is a problem naming
+//! both lines, since Tencent would drop one of the two as a duplicate. Repeats within the file are
+//! found while parsing; repeats of earlier jobs when the messages are written.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
@@ -210,12 +215,30 @@ pub async fn ingest_file(
             source,
         });
     }
-    let Some((hash, problems, problem_count, messages, groups)) = verdict else {
+    let Some((hash, mut problems, mut problem_count, messages, groups)) = verdict else {
         return Err(IngestError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other("parser ended without a verdict"),
         });
     };
+    // Randoms repeating those of earlier jobs (found as the messages were written).
+    if let Some(w) = writer.as_mut() {
+        let conflicts = w.take_conflicts().await?;
+        if !conflicts.is_empty() {
+            problem_count += conflicts.len() as u64;
+            for c in &conflicts {
+                if problems.len() < MAX_REPORTED_PROBLEMS {
+                    problems.push(Problem {
+                        line: u64::try_from(c.source_line).unwrap_or(0),
+                        message_index: None,
+                        body_index: None,
+                        problem: c.describe(w.job_id()),
+                    });
+                }
+            }
+            problems.sort_by_key(|p| p.line);
+        }
+    }
     if problem_count > 0 {
         if let Some(w) = writer {
             w.rollback().await?;
@@ -334,6 +357,11 @@ struct Collector<'a> {
     groups: crate::store::FastMap<String, i64>,
     whole: WholeGroups,
     next_index: u64,
+    /// Caller-given Randoms seen, per group: the line and MsgList index that gave each (empty for
+    /// files without Random).
+    randoms: crate::store::FastMap<String, crate::store::FastMap<u32, (i64, i64)>>,
+    /// The request body being parsed (.json arrays), for problems found per message.
+    body_index: Option<u64>,
     /// False once the receiver is gone (cancelled): stop parsing.
     open: bool,
 }
@@ -349,6 +377,8 @@ impl<'a> Collector<'a> {
             groups: crate::store::FastMap::default(),
             whole: WholeGroups::default(),
             next_index: 0,
+            randoms: crate::store::FastMap::default(),
+            body_index: None,
             open: true,
         }
     }
@@ -366,6 +396,14 @@ impl<'a> Collector<'a> {
     }
 
     fn message(&mut self, m: NewMessage) {
+        if let Some(r) = m.random
+            && let Some(problem) = self.repeated_random(&m, r)
+        {
+            let line = u64::try_from(m.source_line).unwrap_or(0);
+            let index = self.next_index.checked_sub(1);
+            self.problem(line, index, self.body_index, problem);
+            return;
+        }
         self.messages += 1;
         match self.groups.get_mut(&m.group_id) {
             Some(t) => *t = (*t).min(m.send_time),
@@ -377,6 +415,32 @@ impl<'a> Collector<'a> {
             self.batch.push(m);
             if self.batch.len() >= BATCH {
                 self.flush();
+            }
+        }
+    }
+
+    /// The problem when `r` repeats a Random given earlier in the file for the same group.
+    fn repeated_random(&mut self, m: &NewMessage, r: u32) -> Option<String> {
+        let seen = match self.randoms.get_mut(&m.group_id) {
+            Some(s) => s,
+            None => self.randoms.entry(m.group_id.clone()).or_default(),
+        };
+        match seen.entry(r) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((m.source_line, m.source_index));
+                None
+            }
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let (line, index) = *o.get();
+                let index = if index > 0 {
+                    format!(" (MsgList index {index})")
+                } else {
+                    String::new()
+                };
+                Some(format!(
+                    "Random {r} repeats the Random given at line {line}{index} of this file in group {}: Tencent would drop one of the two as a duplicate; give another Random or none",
+                    m.group_id
+                ))
             }
         }
     }
@@ -556,6 +620,7 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
         vec![(top, None)]
     };
     for (raw_body, body_index) in bodies {
+        c.body_index = body_index;
         let body_line = lines.line_of(text, raw_body.get());
         let body: RawBody<'_> = match serde_json::from_str(raw_body.get()) {
             Ok(b) => b,
