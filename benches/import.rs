@@ -1,9 +1,12 @@
 //! Benchmark (not a test): import throughput of the release daemon against the simulator.
 //!
-//! 1. steady: 40 ms added latency, 60 groups pending; steady-state messages/s against the
-//!    1,400 messages/s ceiling (200 requests/s × 7), share of requests rate-limited, and the
-//!    daemon's CPU seconds per 10,000 messages.
-//! 2. lossy: the same while the simulator applies but drops 5% of responses.
+//! 1. limiters (issue 11): 40 ms added latency, 60 groups pending, the daemon configured for
+//!    200 requests/s, side by side against the simulator's three limiters (`sliding`, `fixed`,
+//!    `bucket`) at a server quota of 200/s, then again at a real quota of 150/s. Steady-state
+//!    messages/s against the ceiling (min(server quota, configured) × 7 messages/s), the share
+//!    of all requests rate-limited (learning included), and the daemon's CPU seconds per 10,000
+//!    messages. "steady" is the sliding limiter at 200/s.
+//! 2. lossy: the steady scenario while the simulator applies but drops 5% of responses.
 //! 3. naive: side by side, a sequential importer (one request of 7 at a time, as a hand-written
 //!    script would) on the same simulator for a fixed time.
 //! 4. scale: 2,000,000 queued messages in 20,000 groups: time from start to the first request,
@@ -13,7 +16,8 @@
 //!    simulator in a child process: the CPU that HTTP alone costs per 10,000 messages here.
 //!
 //! Run: `cargo bench --bench import`. Sizes: `TIMPORT_BENCH_STEADY` (messages per group in 1–2,
-//! default 500), `TIMPORT_BENCH_SCALE` (messages in 4, default 2000000; 0 skips it).
+//! default 1000: about 34 s of steady state at 200/s, 46 s at 150/s), `TIMPORT_BENCH_SCALE`
+//! (messages in 4, default 2000000; 0 skips it). `TIMPORT_BENCH_LIMITERS_ONLY=1` runs only 1.
 //! Results are written up in docs/BENCHMARKS.md.
 
 use std::io::Write;
@@ -25,7 +29,7 @@ use common::{cpu_model, release_binary, wait_with_usage};
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
-use timport::simulator::{self, Faults, SimConfig, SimHandle};
+use timport::simulator::{self, Faults, Limiter, SimConfig, SimHandle};
 use timport::store::{Store, StoreOptions};
 use timport::tencent::{ClientConfig, ImportGroupMsgRequest, ImportMsg, Region, TencentClient};
 
@@ -46,30 +50,55 @@ fn main() {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             cpu_model()
         );
-        let per_group: i64 = env_num("TIMPORT_BENCH_STEADY", 500);
-        let steady = scenario(&bin, "steady", 60, per_group, 0.0).await;
-        let lossy = scenario(&bin, "lossy (5% responses dropped)", 60, per_group, 0.05).await;
-        let naive = naive(Duration::from_secs(15)).await;
-        println!("\n| scenario | messages | steady msg/s | % of 1,400 | rate-limited requests | daemon CPU s / 10k msgs |");
-        println!("| --- | --- | --- | --- | --- | --- |");
-        for r in [&steady, &lossy] {
+        let per_group: i64 = env_num("TIMPORT_BENCH_STEADY", 1000);
+        let only_limiters = env_num("TIMPORT_BENCH_LIMITERS_ONLY", 0) == 1;
+        let mut rows = Vec::new();
+        for quota in [200, 150] {
+            for limiter in [Limiter::Sliding, Limiter::Fixed, Limiter::Bucket] {
+                let name = format!("{} {quota}/s", limiter_name(limiter));
+                let server = Server {
+                    quota,
+                    limiter,
+                    p_drop: 0.0,
+                };
+                rows.push(scenario(&bin, &name, 60, per_group, server).await);
+            }
+        }
+        if !only_limiters {
+            let server = Server {
+                quota: 200,
+                limiter: Limiter::Sliding,
+                p_drop: 0.05,
+            };
+            rows.push(scenario(&bin, "lossy (5% responses dropped)", 60, per_group, server).await);
+        }
+        println!("\n| scenario (server limiter, real quota; daemon configured 200/s) | messages | steady msg/s | ceiling msg/s | % of ceiling | rate-limited requests | daemon CPU s / 10k msgs |");
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for r in &rows {
             println!(
-                "| {} | {} | {:.0} | {:.1}% | {:.2}% | {:.3} |",
+                "| {} | {} | {:.0} | {:.0} | {:.1}% | {:.2}% ({} of {}) | {:.3} |",
                 r.name,
                 r.messages,
                 r.rate,
-                r.rate / 14.0,
+                r.ceiling,
+                r.rate * 100.0 / r.ceiling,
                 r.rate_limited_pct,
+                r.limited,
+                r.requests,
                 r.cpu_per_10k
             );
         }
+        if only_limiters {
+            return;
+        }
+        let naive = naive(Duration::from_secs(15)).await;
         println!(
-            "| naive sequential | {} | {:.0} | {:.1}% | - | - |",
+            "| naive sequential | {} | {:.0} | 1400 | {:.1}% | - | - |",
             naive.0,
             naive.1,
             naive.1 / 14.0
         );
-        println!("timport / naive: {:.1}x", steady.rate / naive.1.max(0.001));
+        println!("timport / naive: {:.1}x", rows[0].rate / naive.1.max(0.001));
         http_floor(&bin, 60, per_group);
         let scale_n: i64 = env_num("TIMPORT_BENCH_SCALE", 2_000_000);
         if scale_n > 0 {
@@ -82,8 +111,30 @@ struct Outcome {
     name: String,
     messages: i64,
     rate: f64,
+    ceiling: f64,
     rate_limited_pct: f64,
+    limited: usize,
+    requests: usize,
     cpu_per_10k: f64,
+}
+
+/// The simulator's side of a scenario.
+#[derive(Clone, Copy)]
+struct Server {
+    /// The real quota, requests/s (the daemon is always configured for 200).
+    quota: u32,
+    limiter: Limiter,
+    p_drop: f64,
+}
+
+const CONFIGURED_RPS: u32 = 200;
+
+fn limiter_name(l: Limiter) -> &'static str {
+    match l {
+        Limiter::Sliding => "sliding",
+        Limiter::Fixed => "fixed",
+        Limiter::Bucket => "bucket",
+    }
 }
 
 fn env_num(name: &str, default: i64) -> i64 {
@@ -94,8 +145,23 @@ fn env_num(name: &str, default: i64) -> i64 {
 }
 
 async fn start_sim(latency: Duration, p_drop: f64) -> SimHandle {
+    start_sim_with(
+        latency,
+        Server {
+            quota: 200,
+            limiter: Limiter::Sliding,
+            p_drop,
+        },
+    )
+    .await
+}
+
+async fn start_sim_with(latency: Duration, server: Server) -> SimHandle {
+    let p_drop = server.p_drop;
     let mut cfg = SimConfig::new(APP, "administrator", SecretString::from(KEY.to_string()));
     cfg.auto_create_groups = true;
+    cfg.requests_per_second = server.quota;
+    cfg.limiter = server.limiter;
     cfg.faults = Faults {
         latency,
         p_drop_response_after_apply: p_drop,
@@ -167,12 +233,16 @@ fn ingest(bin: &Path, cfg: &Path, job: &Path) {
     clippy::zombie_processes,
     reason = "reaped by wait_with_usage (wait4) to read its rusage"
 )]
-async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f64) -> Outcome {
+async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, server: Server) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sim = start_sim(Duration::from_millis(40), p_drop).await;
+    let sim = start_sim_with(Duration::from_millis(40), server).await;
     let job = dir.path().join("job.ndjson");
     write_job(&job, groups, per_group, "bench");
-    let cfg = config(dir.path(), &sim.base_url(), "");
+    let cfg = config(
+        dir.path(),
+        &sim.base_url(),
+        &format!("[import]\nrequests_per_second = {CONFIGURED_RPS}\n"),
+    );
     // Queue first, so the import measurement is the import alone.
     ingest(bin, &cfg, &job);
     let store = Store::open(&dir.path().join("timport.db"), &StoreOptions::default())
@@ -223,14 +293,18 @@ async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, p_drop: f
     );
     store.close().await;
     sim.shutdown().await;
+    let steady_secs = b.duration_since(a).as_secs_f64();
     println!(
-        "{name}: {total} messages, steady {rate:.0} msg/s, {requests} requests, {limited} rate-limited, daemon CPU {cpu:.2} s"
+        "{name}: {total} messages, steady {rate:.0} msg/s over {steady_secs:.1} s, {requests} requests, {limited} rate-limited, daemon CPU {cpu:.2} s"
     );
     Outcome {
         name: name.into(),
         messages: total,
         rate,
+        ceiling: f64::from(server.quota.min(CONFIGURED_RPS)) * 7.0,
         rate_limited_pct: limited as f64 * 100.0 / requests as f64,
+        limited,
+        requests,
         cpu_per_10k: cpu * 10_000.0 / total as f64,
     }
 }

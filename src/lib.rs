@@ -6,7 +6,7 @@
 //! - [`store`]: every SQL statement: the SQLite queue, lanes, jobs, the intake table.
 //! - [`intake`]: job files in the spool folder and rows of the intake table, validated and queued.
 //! - [`tencent`]: the REST client for Tencent Cloud Chat, UserSig, outcome classification.
-//! - [`pacing`]: the app-wide request pacer (governor) with adaptive slow-down on rate limits.
+//! - [`pacing`]: the app-wide request pacer: evenly spaced starts, learns a lower real quota.
 //! - [`engine`]: ordered lanes, checkpoints, reconciliation, exactly-once resume.
 //! - [`simulator`]: a local stand-in for Tencent's endpoints with fault injection.
 //! - [`ops`]: health, readiness and metrics over HTTP, systemd notify and watchdog.

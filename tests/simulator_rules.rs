@@ -566,3 +566,100 @@ async fn admin_routes_create_groups_dump_state_and_set_faults() {
     );
     sim.shutdown().await;
 }
+
+mod limiters {
+    use std::time::{Duration, Instant};
+
+    use timport::simulator::Limiter;
+    use timport::simulator::state::QuotaLimiter;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn admit_all(q: &mut QuotaLimiter, t0: Instant, at_ms: &[u64]) -> Vec<bool> {
+        at_ms.iter().map(|m| q.admit(t0 + ms(*m))).collect()
+    }
+
+    #[test]
+    fn sliding_passes_exactly_the_quota_per_second_of_arrivals() {
+        let t0 = Instant::now();
+        let mut q = QuotaLimiter::new(Limiter::Sliding, 200, t0);
+        // Evenly at the quota: every window (t − 1 s, t] holds 200.
+        for i in 0..1000 {
+            assert!(q.admit(t0 + ms(5 * i)), "arrival {i}");
+        }
+        // One more in between is the 201st of its second.
+        assert!(!q.admit(t0 + ms(4997)));
+    }
+
+    #[test]
+    fn sliding_counts_refused_arrivals() {
+        let t0 = Instant::now();
+        let mut q = QuotaLimiter::new(Limiter::Sliding, 3, t0);
+        assert_eq!(
+            admit_all(&mut q, t0, &[0, 100, 200, 300]),
+            [true, true, true, false],
+            "quota + 1 refused"
+        );
+        // 0 has left the window, but the refused arrival at 300 still counts.
+        assert!(!q.admit(t0 + ms(1000)));
+        assert!(!q.admit(t0 + ms(1100)));
+        // 100, 200 and 300 have left; 1000 and 1100 remain.
+        assert!(q.admit(t0 + ms(1300)));
+        assert!(!q.admit(t0 + ms(1301)));
+    }
+
+    #[test]
+    fn fixed_counts_per_aligned_second() {
+        let epoch = Instant::now();
+        let mut q = QuotaLimiter::new(Limiter::Fixed, 3, epoch);
+        assert_eq!(
+            admit_all(&mut q, epoch, &[100, 200, 300, 400, 999]),
+            [true, true, true, false, false]
+        );
+        // A new window: the quota again at once, so up to twice the quota within a short time
+        // across the boundary (the kind reading).
+        assert_eq!(
+            admit_all(&mut q, epoch, &[1000, 1001, 1002, 1003]),
+            [true, true, true, false]
+        );
+        let mut q = QuotaLimiter::new(Limiter::Fixed, 3, epoch);
+        assert_eq!(
+            admit_all(&mut q, epoch, &[900, 950, 990, 1000, 1010, 1020, 1030]),
+            [true, true, true, true, true, true, false]
+        );
+    }
+
+    #[test]
+    fn bucket_starts_full_and_refills_continuously() {
+        let t0 = Instant::now();
+        let mut q = QuotaLimiter::new(Limiter::Bucket, 4, t0);
+        assert_eq!(
+            admit_all(&mut q, t0, &[0, 0, 0, 0, 0]),
+            [true, true, true, true, false],
+            "a full second's worth at once, then refused"
+        );
+        // One token every 250 ms; refused arrivals take none.
+        assert_eq!(
+            admit_all(&mut q, t0, &[200, 260, 270, 520]),
+            [false, true, false, true]
+        );
+        // Never more than the bucket holds, however long idle.
+        let later: Vec<u64> = (0..5).map(|_| 60_000).collect();
+        assert_eq!(
+            admit_all(&mut q, t0, &later),
+            [true, true, true, true, false]
+        );
+    }
+
+    #[test]
+    fn zero_is_treated_as_one() {
+        let t0 = Instant::now();
+        for kind in [Limiter::Bucket, Limiter::Fixed, Limiter::Sliding] {
+            let mut q = QuotaLimiter::new(kind, 0, t0);
+            assert!(q.admit(t0), "{kind:?}");
+            assert!(!q.admit(t0 + ms(10)), "{kind:?}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use secrecy::SecretString;
 use sim_support::*;
-use timport::pacing::Pacer;
+use timport::pacing::{Pacer, Reaction};
 use timport::simulator::Faults;
 use timport::tencent::usersig::gen_usersig;
 use timport::tencent::{
@@ -195,7 +195,13 @@ async fn quota_exceeded_is_rate_limited_and_slows_the_pacer() {
         .expect_err("second exceeds it");
     assert_eq!(e.code(), Some(codes::APP_RATE_LIMIT));
     assert_eq!(e.class(), ErrorClass::RateLimited);
-    assert!(pacer.current_rate() < 1000.0);
+    assert_eq!(pacer.current_rate(), 1000.0, "one answer keeps the ceiling");
+    let e = c
+        .get_group_info(&info_req(&["g1"]))
+        .await
+        .expect_err("third exceeds it too");
+    assert_eq!(e.code(), Some(codes::APP_RATE_LIMIT));
+    assert!(pacer.current_rate() < 1000.0, "repeated answers lower it");
     sim.shutdown().await;
 }
 
@@ -427,16 +433,38 @@ fn client_config_validation() {
 }
 
 #[test]
-fn pacer_decreases_once_per_burst_and_recovers() {
+fn pacer_keeps_its_ceiling_on_one_answer_learns_on_repeated_and_probes_back() {
     let t0 = Instant::now();
-    let p = Pacer::new_at(100, t0);
-    assert!(p.on_rate_limited_at(t0));
-    assert!(!p.on_rate_limited_at(t0 + Duration::from_millis(10)));
-    assert!((p.current_rate() - 70.0).abs() < 1e-9);
-    // The second answer (+10 ms) restarted the recovery clock: 2 whole seconds at +3 s.
-    assert!((p.recover_at(t0 + Duration::from_secs(3)) - 80.0).abs() < 1e-9);
-    assert!((p.recover_at(t0 + Duration::from_millis(3010)) - 85.0).abs() < 1e-9);
-    assert!((p.recover_at(t0 + Duration::from_secs(100)) - 100.0).abs() < 1e-9);
+    let p = Pacer::new(100);
+    let mut starts = vec![];
+    let mut t = t0;
+    for _ in 0..150 {
+        let s = p
+            .try_start_at(t)
+            .unwrap_or_else(|due| p.try_start_at(due).expect("due"));
+        starts.push(s);
+        t = s;
+    }
+    let rl = Duration::from_millis(40);
+    assert_eq!(
+        p.on_rate_limited_at(starts[120] + rl, starts[120]),
+        Reaction::SkippedSlot
+    );
+    assert_eq!(p.current_rate(), 100.0);
+    // The second answer within a second: the ceiling becomes what was accepted in the second
+    // before the first refused start (99 starts at 99.5/s).
+    let learned = p.on_rate_limited_at(starts[121] + rl, starts[121]);
+    assert_eq!(learned, Reaction::Learned(99.0));
+    assert_eq!(p.current_rate(), 99.0);
+    // Quiet: probes back up to the maximum within seconds.
+    let quiet = starts[121] + rl;
+    assert_eq!(p.probe_at(quiet + Duration::from_secs(1)), 99.0);
+    assert_eq!(
+        p.probe_at(quiet + Duration::from_secs(2)),
+        100.0,
+        "+1% of the maximum"
+    );
+    assert_eq!(p.probe_at(quiet + Duration::from_secs(3)), 100.0, "kept");
 }
 
 #[tokio::test]

@@ -31,11 +31,12 @@ pub fn release_binary() -> PathBuf {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "cargo build --release failed");
-    // Where that build put it: CARGO_TARGET_DIR (relative to the package) if set.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| root.join(d))
-        .unwrap_or_else(|| root.join("target"));
-    target.join("release/timport")
+    // This benchmark runs from <target>/release/deps/, so CARGO_TARGET_DIR is honoured.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("timport")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| root.join("target/release/timport"))
 }
 
 pub fn cpu_model() -> String {

@@ -13,7 +13,11 @@
 //!   60004; `random` not a u32 or `contenttype` ≠ json: 60002*. UserSig: malformed 70003, bad
 //!   signature 70009, made for another app 70014, for another identifier 70013, expired 70001.
 //!   An identifier other than the configured admin: 70013*.
-//! - Quota: `requests_per_second` per app over all endpoints (fixed one-second windows), 60011.
+//! - Quota: `requests_per_second` per app over all endpoints, 60011, counted by the
+//!   [`Limiter`] (`--limiter`): `sliding` (default, the strict reading of `tencent-api.md` §9: at
+//!   most that many arrivals in any last second, refused arrivals included), `fixed` (a counter
+//!   per one-second window) or `bucket` (a token bucket of one second's worth, starting full).
+//!   The quota is the server's own, independent of what the daemon is configured with.
 //! - import_group_msg: group missing 10010 (or auto-created with CreateTime 0 when
 //!   `auto_create_groups`); empty or > 7 messages, an element type other than Text, Face,
 //!   Location, Custom, a missing MsgContent, more than one TIMCustomElem, or an empty
@@ -59,7 +63,9 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use state::{GroupSnapshot, MemberSnapshot, RequestRecord, SimSnapshot, StoredMessage};
+pub use state::{
+    GroupSnapshot, Limiter, MemberSnapshot, RequestRecord, SimSnapshot, StoredMessage,
+};
 
 use server::{ConnKill, KillableListener, Shared};
 use state::{Rules, World};
@@ -115,6 +121,8 @@ pub struct SimConfig {
     /// Groups that exist at start: ID and CreateTime (`None` = 0, so any SendTime is later).
     pub groups: Vec<(String, Option<i64>)>,
     pub requests_per_second: u32,
+    /// How the quota is counted.
+    pub limiter: Limiter,
     pub dedup_window: Duration,
     /// A SendTime equal to the newest one in the history is invalid (Result 10004).
     pub strict_equal_time: bool,
@@ -126,7 +134,8 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    /// Loopback on a free port, 200 requests/s, 300 s dedup window, no faults, no groups.
+    /// Loopback on a free port, 200 requests/s in a sliding window, 300 s dedup window, no
+    /// faults, no groups.
     pub fn new(sdkappid: u64, identifier: impl Into<String>, secret_key: SecretString) -> Self {
         SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -135,6 +144,7 @@ impl SimConfig {
             secret_key,
             groups: Vec::new(),
             requests_per_second: 200,
+            limiter: Limiter::default(),
             dedup_window: Duration::from_secs(300),
             strict_equal_time: false,
             faults: Faults::default(),
@@ -207,9 +217,15 @@ pub struct SimulateArgs {
     /// A group that exists at start, optionally with its CreateTime (Unix seconds). Repeatable.
     #[arg(long = "group", value_name = "ID[:CREATE_TIME]")]
     pub groups: Vec<GroupSpec>,
-    /// Per-app quota over all endpoints, requests/s.
+    /// Per-app quota over all endpoints, requests/s (the server's own, whatever the daemon is
+    /// configured with).
     #[arg(long, default_value_t = 200)]
     pub rps: u32,
+    /// How the quota is counted: `sliding` (the strict reading: any last second of arrivals,
+    /// refused ones included), `fixed` (one-second windows) or `bucket` (a token bucket of one
+    /// second's worth, starting full).
+    #[arg(long, value_enum, default_value_t = Limiter::Sliding)]
+    pub limiter: Limiter,
     /// How long a message's Random suppresses repeats (measured on arrival).
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub dedup_window: Duration,
@@ -257,6 +273,7 @@ impl From<SimulateArgs> for SimConfig {
                 .map(|g| (g.id, g.create_time))
                 .collect(),
             requests_per_second: a.rps,
+            limiter: a.limiter,
             dedup_window: a.dedup_window,
             strict_equal_time: a.strict_equal_time,
             faults: Faults {
@@ -333,6 +350,7 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<SimHandle> {
     anyhow::ensure!(!cfg.identifier.is_empty(), "identifier must not be empty");
     let mut world = World::new(Rules {
         requests_per_second: cfg.requests_per_second,
+        limiter: cfg.limiter,
         dedup_window: cfg.dedup_window,
         strict_equal_time: cfg.strict_equal_time,
         auto_create_groups: cfg.auto_create_groups,
@@ -427,6 +445,8 @@ mod tests {
             "40ms",
             "--dedup-window",
             "2s",
+            "--limiter",
+            "fixed",
         ])
         .expect("parses");
         let cfg = SimConfig::from(cli.args);
@@ -435,6 +455,9 @@ mod tests {
         assert_eq!(cfg.faults.latency, Duration::from_millis(40));
         assert_eq!(cfg.dedup_window, Duration::from_secs(2));
         assert_eq!(cfg.listen.port(), 8080);
+        assert_eq!(cfg.limiter, Limiter::Fixed);
+        let default = Cli::try_parse_from(["x", "--secret-key", "k"]).expect("parses");
+        assert_eq!(SimConfig::from(default.args).limiter, Limiter::Sliding);
         assert!(Cli::try_parse_from(["x", "--secret-key", "k", "--p-reset", "1.5"]).is_err());
     }
 }

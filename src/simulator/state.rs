@@ -194,6 +194,8 @@ impl Group {
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub requests_per_second: u32,
+    /// How `requests_per_second` is counted.
+    pub limiter: Limiter,
     pub dedup_window: Duration,
     pub strict_equal_time: bool,
     pub auto_create_groups: bool,
@@ -241,8 +243,8 @@ pub struct World {
     groups: BTreeMap<String, Group>,
     requests: VecDeque<RequestRecord>,
     next_request: u64,
-    /// Token bucket for the app quota: (tokens left, when last refilled).
-    quota_bucket: Option<(f64, Instant)>,
+    /// The app quota.
+    quota: QuotaLimiter,
     next_group_id: u64,
 }
 
@@ -287,11 +289,11 @@ fn check_message(m: &ImportMsg) -> Result<(), String> {
 impl World {
     pub fn new(rules: Rules) -> Self {
         World {
+            quota: QuotaLimiter::new(rules.limiter, rules.requests_per_second, Instant::now()),
             rules,
             groups: BTreeMap::new(),
             requests: VecDeque::new(),
             next_request: 1,
-            quota_bucket: None,
             next_group_id: 1,
         }
     }
@@ -308,21 +310,7 @@ impl World {
 
     /// Count one request against the per-app quota; false when over it.
     pub fn take_quota(&mut self, now: Instant) -> bool {
-        // A token bucket of one second's worth of requests, refilled continuously: any sequence
-        // whose average stays at the quota passes, bursts above one second's worth do not. (A
-        // fixed one-second window would refuse a perfectly even 200/s whenever a window happened
-        // to hold 201 starts.)
-        let rate = f64::from(self.rules.requests_per_second.max(1));
-        let (tokens, last) = self.quota_bucket.unwrap_or((rate, now));
-        let elapsed = now.saturating_duration_since(last).as_secs_f64();
-        let tokens = (tokens + elapsed * rate).min(rate);
-        if tokens >= 1.0 {
-            self.quota_bucket = Some((tokens - 1.0, now));
-            true
-        } else {
-            self.quota_bucket = Some((tokens, now));
-            false
-        }
+        self.quota.admit(now)
     }
 
     /// Append a request record.
@@ -644,5 +632,84 @@ impl World {
             .ok_or_else(|| Answer::fail(10007, "Member_Account is not a member of the group"))?;
         member.unread_msg_num = req.unread_msg_num.min(count);
         Ok(Answer::ok(json!({}), true))
+    }
+}
+
+/// How the app quota is counted (`tencent-api.md` §9: the docs do not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Limiter {
+    /// A token bucket of one second's worth, starting full and refilled continuously: any
+    /// sequence whose average stays at the quota passes, bursts above one second's worth do not.
+    Bucket,
+    /// A counter per one-second window, aligned to when the simulator started.
+    Fixed,
+    /// The strict reading (default): at most `quota` arrivals in any last second, counting the
+    /// refused arrivals too, so sending above the quota keeps being refused until it slows down.
+    #[default]
+    Sliding,
+}
+
+/// One app's quota under one [`Limiter`], on an injected clock.
+#[derive(Debug, Clone)]
+pub struct QuotaLimiter {
+    kind: Limiter,
+    quota: u32,
+    /// Where the fixed windows are aligned.
+    epoch: Instant,
+    /// Bucket: (tokens left, when last refilled).
+    bucket: Option<(f64, Instant)>,
+    /// Fixed: (window number, requests admitted in it).
+    fixed: (u64, u32),
+    /// Sliding: arrivals of the last second, refused ones included.
+    arrivals: VecDeque<Instant>,
+}
+
+impl QuotaLimiter {
+    /// `quota` requests per second (0 is treated as 1); fixed windows start at `epoch`.
+    pub fn new(kind: Limiter, quota: u32, epoch: Instant) -> Self {
+        QuotaLimiter {
+            kind,
+            quota: quota.max(1),
+            epoch,
+            bucket: None,
+            fixed: (0, 0),
+            arrivals: VecDeque::new(),
+        }
+    }
+
+    /// Count one arrival at `now`; false when it is over the quota.
+    pub fn admit(&mut self, now: Instant) -> bool {
+        match self.kind {
+            Limiter::Bucket => {
+                let rate = f64::from(self.quota);
+                let (tokens, last) = self.bucket.unwrap_or((rate, now));
+                let elapsed = now.saturating_duration_since(last).as_secs_f64();
+                let tokens = (tokens + elapsed * rate).min(rate);
+                let ok = tokens >= 1.0;
+                self.bucket = Some((if ok { tokens - 1.0 } else { tokens }, now.max(last)));
+                ok
+            }
+            Limiter::Fixed => {
+                let window = now.saturating_duration_since(self.epoch).as_secs();
+                if window != self.fixed.0 {
+                    self.fixed = (window, 0);
+                }
+                let ok = self.fixed.1 < self.quota;
+                if ok {
+                    self.fixed.1 += 1;
+                }
+                ok
+            }
+            Limiter::Sliding => {
+                let second = Duration::from_secs(1);
+                while self.arrivals.front().is_some_and(|a| *a + second <= now) {
+                    self.arrivals.pop_front();
+                }
+                let ok = self.arrivals.len() < self.quota as usize;
+                self.arrivals.push_back(now);
+                ok
+            }
+        }
     }
 }

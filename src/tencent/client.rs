@@ -316,9 +316,10 @@ impl TencentClient {
         body: &[u8],
         sig: &SecretString,
     ) -> Result<Value, ApiError> {
-        if let Some(p) = &self.inner.pacer {
-            p.acquire().await;
-        }
+        let slot = match &self.inner.pacer {
+            Some(p) => Some(p.acquire().await),
+            None => None,
+        };
         let started = Instant::now();
         let result = match self.url(command, sig) {
             Ok(url) => self.exchange(url, envelope, body, sig).await,
@@ -352,9 +353,11 @@ impl TencentClient {
             elapsed_ms = elapsed.as_millis() as u64,
             "tencent request"
         );
-        if let Some(p) = &self.inner.pacer {
+        if let (Some(p), Some(slot)) = (&self.inner.pacer, slot) {
             match &result {
-                Err(e) if e.class() == ErrorClass::RateLimited => p.on_rate_limited(),
+                Err(e) if e.class() == ErrorClass::RateLimited => {
+                    p.on_rate_limited(slot);
+                }
                 Ok(_) => p.on_success(),
                 Err(_) => {}
             }
