@@ -111,9 +111,12 @@ pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
     path: PathBuf,
-    /// Set while a job is queued with foreign-key and CHECK constraints off on the writer (see
-    /// [`Store::job_writer`]); the next ordinary transaction turns them back on.
+    /// Set while a job is queued with foreign-key and CHECK constraints off and
+    /// `synchronous = FULL` on the writer (see [`Store::job_writer`]); the next ordinary
+    /// transaction turns them back to normal.
     relaxed: Arc<AtomicBool>,
+    /// `queue.synchronous` as a pragma value, restored after a job's commit.
+    synchronous: &'static str,
     /// The secret behind assigned Randoms (`meta.random_key`); `None` when opened read-only.
     random_key: Option<RandomKey>,
 }
@@ -198,6 +201,10 @@ impl Store {
             reader,
             path: path.to_path_buf(),
             relaxed: Arc::new(AtomicBool::new(false)),
+            synchronous: match opts.synchronous {
+                Synchronous::Normal => "NORMAL",
+                Synchronous::Full => "FULL",
+            },
             random_key: None,
         };
         store.write_probe().await?;
@@ -262,6 +269,7 @@ impl Store {
             reader,
             path: path.to_path_buf(),
             relaxed: Arc::new(AtomicBool::new(false)),
+            synchronous: "FULL",
             random_key: None,
         })
     }
@@ -342,7 +350,11 @@ impl Store {
     /// Starts a write transaction with `BEGIN IMMEDIATE` on the single writer connection.
     pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         if self.relaxed.swap(false, Ordering::SeqCst) {
-            sqlx::query("PRAGMA foreign_keys = ON; PRAGMA ignore_check_constraints = OFF")
+            let sql = format!(
+                "PRAGMA foreign_keys = ON; PRAGMA ignore_check_constraints = OFF; PRAGMA synchronous = {}",
+                self.synchronous
+            );
+            sqlx::query(AssertSqlSafe(sql))
                 .execute(&self.writer)
                 .await
                 .map_err(|e| self.err(e))?;
@@ -862,16 +874,22 @@ impl Store {
                 source: sqlx::Error::Protocol(format!("unknown job kind {kind:?}")),
             });
         }
-        sqlx::query("PRAGMA foreign_keys = OFF; PRAGMA ignore_check_constraints = ON")
-            .execute(&self.writer)
-            .await
-            .map_err(|e| self.err(e))?;
+        // synchronous = FULL for the job's commit, whatever `queue.synchronous` says: its file
+        // leaves the spool only after this commit, so the commit must be on disk first (with
+        // NORMAL, a power cut could lose a committed job whose file was already moved).
+        sqlx::query(
+            "PRAGMA foreign_keys = OFF; PRAGMA ignore_check_constraints = ON; PRAGMA synchronous = FULL",
+        )
+        .execute(&self.writer)
+        .await
+        .map_err(|e| self.err(e))?;
+        // Marked before BEGIN, so even a failed BEGIN is followed by the restore.
+        self.relaxed.store(true, Ordering::SeqCst);
         let mut tx = self
             .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| self.err(e))?;
-        self.relaxed.store(true, Ordering::SeqCst);
         let job_id: i64 = if kind == "intake" {
             let existing: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'intake' LIMIT 1")

@@ -476,7 +476,10 @@ pub async fn catch_up(sh: &Shared, lane: &mut Lane) -> Result<Option<Step>, Engi
     if complete {
         // Every pending message the server could hold was looked for in all of its history
         // that could hold it.
+        // The checkpoint moves to the server's newest message, time included: a message queued
+        // later that is not newer than it is looked for again (it may be one of those there).
         lane_up.seen_msg_seq = lane_up.seen_msg_seq.max(Some(found.newest_seq));
+        lane_up.seen_send_time = lane_up.seen_send_time.max(Some(found.newest_time));
         lane_up.checked_id = Some(newest_id);
     }
     tracing::info!(

@@ -186,6 +186,11 @@ fn move_into(dir: &Path, from: &Path, name: &str) -> std::io::Result<PathBuf> {
         n += 1;
     }
     fs::rename(from, &to)?;
+    // The move is durable before anything else happens: both folders' entries on disk.
+    sync_dir(dir)?;
+    if let Some(parent) = from.parent() {
+        sync_dir(parent)?;
+    }
     // Best effort: a file dropped by another user cannot be chmod-ed by the service user; it is
     // moved all the same (its folder is 0700).
     if fs::symlink_metadata(&to)?.file_type().is_file()
@@ -194,6 +199,11 @@ fn move_into(dir: &Path, from: &Path, name: &str) -> std::io::Result<PathBuf> {
         tracing::debug!(file = %to.display(), error = %e, "cannot restrict the moved file's mode");
     }
     Ok(to)
+}
+
+/// fsync of a folder, so a rename into or out of it survives a power cut.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -206,5 +216,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
 }

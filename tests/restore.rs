@@ -1,0 +1,214 @@
+//! A queue database put back to an older copy: a backup taken with SQLite's online backup while a
+//! real `timport run` imports, the import going on past it (a second job file dropped in), a
+//! SIGKILL, the copy restored, the second job file dropped in again, and the server's Random
+//! dedup window let pass. The daemon must recognise what the server already holds (catch-up)
+//! instead of sending it again: afterwards the simulator's history equals the expected messages
+//! exactly, none missing and none twice, in order, with a server that takes equal SendTimes (so
+//! only the catch-up stands between a re-sent message and a duplicate).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use timport::store::{Store, StoreOptions};
+
+const GROUPS: usize = 4;
+
+/// (group, From_Account, SendTime, text) in queue order; seconds are shared by pairs.
+fn messages(job: &str, first: i64, per_group: i64) -> Vec<(String, String, i64, String)> {
+    let mut out = Vec::new();
+    for i in 0..per_group {
+        for g in 0..GROUPS {
+            out.push((
+                format!("restore-{g}"),
+                if i % 3 == 0 { "alice" } else { "bob" }.to_string(),
+                T0 + first + i / 2,
+                format!("{job} {g}-{i}"),
+            ));
+        }
+    }
+    out
+}
+
+fn ndjson(msgs: &[(String, String, i64, String)]) -> String {
+    msgs.iter()
+        .map(|(g, f, t, text)| line(g, f, *t, text) + "\n")
+        .collect()
+}
+
+fn imported_on(sim: &timport::simulator::SimHandle) -> usize {
+    sim.state().groups.iter().map(|g| g.messages.len()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_older_database_sends_nothing_twice() {
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.dedup_window = Duration::from_secs(2);
+    cfg.faults.latency = Duration::from_millis(5);
+    let sim = start_sim(cfg).await;
+    let db = env.dir.path().join("q.db");
+    let spool = env.spool();
+    let config = env.write(
+        "timport.toml",
+        &format!(
+            r#"
+[tencent]
+sdkappid = {APP}
+identifier = "{ADMIN}"
+secret_key = "{KEY}"
+base_url = "{base}"
+request_timeout = "4s"
+[queue]
+database = "{db}"
+spool_dir = "{spool}"
+[import]
+requests_per_second = 40
+max_lanes = 8
+backoff_base = "20ms"
+backoff_max = "300ms"
+shutdown_grace = "2s"
+[log]
+format = "json"
+level = "info"
+[http]
+listen = ""
+"#,
+            base = sim.base_url(),
+            db = path_str(&db),
+            spool = path_str(&spool),
+        ),
+    );
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let spawn = |extra: &[&str]| -> Child {
+        Command::new(env!("CARGO_BIN_EXE_timport"))
+            .args(["run", "--config", &path_str(&config)])
+            .args(extra)
+            .env_remove("TIMPORT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log.try_clone().unwrap()))
+            .spawn()
+            .unwrap()
+    };
+    let wait_for = |what: &str, want: usize| {
+        let what = what.to_string();
+        let sim = &sim;
+        async move {
+            let started = Instant::now();
+            while imported_on(sim) < want {
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "{what}: {} of {want} on the server",
+                    imported_on(sim)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let a = messages("a", 0, 100);
+    let b = messages("b", 1000, 50);
+    env.drop_in_spool("a.ndjson", &ndjson(&a));
+    let mut child = spawn(&[]);
+    wait_for("before the copy", 120).await;
+    // SQLite's online backup of the live database, as an operator's backup job takes it.
+    let copy = env.dir.path().join("copy.db");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(".backup '{}'", copy.display()))
+        .output()
+        .expect("sqlite3 runs");
+    assert!(out.status.success(), "{out:?}");
+    let at_copy = imported_on(&sim);
+    // The import goes on past the copy, and a second job file comes in.
+    env.drop_in_spool("b.ndjson", &ndjson(&b));
+    wait_for("after the copy", a.len() + 60).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before_restore = imported_on(&sim);
+    assert!(
+        before_restore > at_copy + 100,
+        "the server got well ahead of the copy ({at_copy} -> {before_restore})"
+    );
+    // The copy put back (the -wal and -shm of the lost database go with it), and the second
+    // file dropped in again: the restored queue has never seen it.
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+    }
+    std::fs::copy(&copy, &db).unwrap();
+    env.drop_in_spool("b.ndjson", &ndjson(&b));
+    // Past the server's dedup window: only reconciliation can prevent duplicates now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut child = spawn(&["--until-idle"]);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "--until-idle did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log_text = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "all imported; log tail:\n{}",
+        log_text
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        log_text.contains("caught up with the server before sending"),
+        "the catch-up ran"
+    );
+    let state = sim.state();
+    for g in 0..GROUPS {
+        let group = format!("restore-{g}");
+        let want: Vec<(String, i64, String)> = a
+            .iter()
+            .chain(&b)
+            .filter(|m| m.0 == group)
+            .map(|(_, f, t, text)| (f.clone(), *t, text.clone()))
+            .collect();
+        let got: Vec<(String, i64, String)> = state
+            .group(&group)
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.from_account.clone(),
+                    m.send_time,
+                    m.msg_body[0]["MsgContent"]["Text"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "group {group}: none missing, none twice"
+        );
+        assert_eq!(
+            got, want,
+            "group {group}: exactly the expected messages, in order"
+        );
+    }
+    let store = Store::open_read_only(&db, &StoreOptions::default())
+        .await
+        .unwrap();
+    let t = store.totals(None).await.unwrap();
+    assert_eq!(t.total as usize, a.len() + b.len(), "each job queued once");
+    assert_eq!((t.imported, t.failed), (t.total, 0));
+    sim.shutdown().await;
+}
