@@ -822,3 +822,59 @@ async fn an_answer_waits_for_a_lane_still_out_within_the_commit_window_only() {
     // Without one, each answer is committed as it comes.
     assert_eq!(commit_two_answers(Duration::ZERO).await, (2, 2));
 }
+
+#[tokio::test]
+async fn a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not_an_import() {
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    // Another importer (a second database) put a message with Random 4242 into the group, within
+    // the server's dedup window.
+    let other = client_for(&sim, 200);
+    other
+        .import_group_msg(&timport::tencent::ImportGroupMsgRequest {
+            group_id: "g".into(),
+            topic_id: None,
+            recent_contact_flag: None,
+            msg_list: vec![timport::tencent::ImportMsg {
+                from_account: "zoe".into(),
+                send_time: T0,
+                random: Some(4242),
+                msg_body: serde_json::value::to_raw_value(&text_body("theirs")).unwrap(),
+            }],
+        })
+        .await
+        .unwrap();
+    // Ours uses the same Random; the next one does not.
+    let mut ours: Value = serde_json::from_str(&line("g", "alice", T0 + 10, "ours")).unwrap();
+    ours["Random"] = 4242.into();
+    let text = format!("{ours}\n{}\n", line("g", "alice", T0 + 11, "next"));
+    queue(&env, "a.ndjson", &text).await;
+    let exit = run_until_idle(&env.store, client_for(&sim, 200), engine_config())
+        .await
+        .unwrap();
+    let EngineExit::Idle(t) = exit else {
+        panic!("{exit:?}")
+    };
+    assert_eq!((t.imported, t.failed), (1, 1), "{t:?}");
+    let reason: String =
+        sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
+            .fetch_one(env.store.reader())
+            .await
+            .unwrap();
+    assert!(
+        reason.contains("server-side duplicate on the Random") && reason.contains("\"zoe\""),
+        "{reason}"
+    );
+    let texts: Vec<String> = history(&sim, "g")
+        .iter()
+        .map(|m| body_text(&m.msg_body))
+        .collect();
+    assert_eq!(
+        texts,
+        ["theirs", "next"],
+        "ours never landed; the lane went on"
+    );
+    sim.shutdown().await;
+}

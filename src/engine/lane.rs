@@ -225,7 +225,7 @@ fn match_results<'a>(
         return results.iter().map(Some).collect();
     }
     let mut used = vec![false; results.len()];
-    batch
+    let mut paired: Vec<Option<usize>> = batch
         .iter()
         .map(|m| {
             let i = results
@@ -233,9 +233,19 @@ fn match_results<'a>(
                 .enumerate()
                 .position(|(i, r)| !used[i] && r.msg_time == Some(m.effective_time()))?;
             used[i] = true;
-            Some(&results[i])
+            Some(i)
         })
-        .collect()
+        .collect();
+    if results.len() == batch.len() {
+        // One result per message, some with another MsgTime (a server that answers a repeated
+        // Random with the original message's MsgSeq and MsgTime): the rest pair in order, and
+        // the mismatch is looked into (see `duplicate_on_random`).
+        let mut left = (0..results.len()).filter(|i| !used[*i]);
+        for p in paired.iter_mut().filter(|p| p.is_none()) {
+            *p = left.next();
+        }
+    }
+    paired.into_iter().map(|p| p.map(|i| &results[i])).collect()
 }
 
 async fn on_results(
@@ -263,7 +273,7 @@ async fn on_results(
             Some(r) if r.result == 0 => {
                 let seq = r.msg_seq.and_then(|s| i64::try_from(s).ok()).unwrap_or(0);
                 let time = r.msg_time.unwrap_or(m.effective_time());
-                if seq <= last_seq {
+                if seq <= last_seq || time != m.effective_time() {
                     // Not a new MsgSeq: the server may have taken it as a repeat of another
                     // message's Random and answered with that message's MsgSeq.
                     match duplicate_on_random(sh, lane, m, seq).await {

@@ -633,3 +633,71 @@ impl GroupInfos {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(id: i64, from: &str, time: i64, random: u32, body: &str) -> QueuedMessage {
+        QueuedMessage {
+            id,
+            from_account: from.into(),
+            send_time: time,
+            sent_time: None,
+            random,
+            recent_contact: false,
+            body: body.into(),
+            attempts: 1,
+        }
+    }
+
+    fn theirs(seq: i64, from: &str, time: i64, random: u32, body: &str) -> ServerMsg {
+        ServerMsg {
+            seq,
+            time,
+            from: from.into(),
+            random,
+            body: body::canonical_text(body).unwrap(),
+            paired: false,
+        }
+    }
+
+    const HI: &str = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"hi"}}]"#;
+    const HI_BACK: &str = r#"[{"MsgContent":{"Text":"hi"},"MsgType":"TIMTextElem"}]"#;
+    const HO: &str = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"ho"}}]"#;
+
+    #[test]
+    fn pairs_on_random_first_then_on_body_each_server_message_once() {
+        let mut found = Found {
+            msgs: vec![
+                theirs(5, "a", 100, 7, HI_BACK),
+                // Same sender, second and body as message 2, under another Random (queued again
+                // after a restore, it got another one).
+                theirs(6, "a", 100, 99, HI_BACK),
+                theirs(7, "b", 100, 8, HO),
+            ],
+            newest_seq: 7,
+            newest_time: 100,
+        };
+        let mine = [
+            ours(1, "a", 100, 7, HI),
+            ours(2, "a", 100, 3, HI),
+            // A third identical "hi": no server message left for it.
+            ours(3, "a", 100, 4, HI),
+            // Sender differs from seq 7's: no pair, whatever the body.
+            ours(4, "c", 100, 8, HO),
+        ];
+        let hits = found.pair(&mine);
+        assert_eq!(
+            hits,
+            vec![Some((5, 100)), Some((6, 100)), None, None],
+            "Random first (1 takes seq 5, not seq 6 by body), then body; each once"
+        );
+        // A later pairing sees only what is left.
+        assert_eq!(
+            found.pair(&[ours(9, "b", 100, 1, HO)]),
+            vec![Some((7, 100))]
+        );
+        assert_eq!(found.pair(&[ours(10, "a", 100, 7, HI)]), vec![None]);
+    }
+}
