@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -58,47 +57,14 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let sim = start_sim(cfg).await;
     // In the spool, so a daemon killed before the ingest committed takes it again next start.
     env.drop_in_spool("chaos.ndjson", &job());
-    let config = env.write(
-        "timport.toml",
-        &format!(
-            r#"
-[tencent]
-sdkappid = {APP}
-identifier = "{ADMIN}"
-secret_key = "{KEY}"
-base_url = "{base}"
-request_timeout = "4s"
-[queue]
-database = "{db}"
-spool_dir = "{spool}"
-[import]
-max_lanes = 16
-max_attempts = 1000
-backoff_base = "20ms"
-backoff_max = "300ms"
-shutdown_grace = "2s"
-[log]
-format = "json"
-level = "info"
-[http]
-listen = ""
-"#,
-            base = sim.base_url(),
-            db = path_str(&env.db_path()),
-            spool = path_str(&env.spool()),
-        ),
+    let config = child_config(
+        &env,
+        &sim.base_url(),
+        &env.db_path(),
+        "max_lanes = 16\nmax_attempts = 1000",
     );
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-    let spawn = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_timport"))
-            .args(["run", "--config", &path_str(&config)])
-            .args(extra)
-            .env_remove("TIMPORT_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log.try_clone().unwrap()))
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |extra: &[&str]| spawn_run(&config, &log, extra);
     // The store handle of this test must not hold the daemon's lock; it only reads.
     let mut rng = rand::rng();
     let mut kills = 0;

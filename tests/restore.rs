@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -51,48 +51,14 @@ async fn a_restored_older_database_sends_nothing_twice() {
     cfg.faults.latency = Duration::from_millis(5);
     let sim = start_sim(cfg).await;
     let db = env.dir.path().join("q.db");
-    let spool = env.spool();
-    let config = env.write(
-        "timport.toml",
-        &format!(
-            r#"
-[tencent]
-sdkappid = {APP}
-identifier = "{ADMIN}"
-secret_key = "{KEY}"
-base_url = "{base}"
-request_timeout = "4s"
-[queue]
-database = "{db}"
-spool_dir = "{spool}"
-[import]
-requests_per_second = 40
-max_lanes = 8
-backoff_base = "20ms"
-backoff_max = "300ms"
-shutdown_grace = "2s"
-[log]
-format = "json"
-level = "info"
-[http]
-listen = ""
-"#,
-            base = sim.base_url(),
-            db = path_str(&db),
-            spool = path_str(&spool),
-        ),
+    let config = child_config(
+        &env,
+        &sim.base_url(),
+        &db,
+        "requests_per_second = 40\nmax_lanes = 8",
     );
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-    let spawn = |extra: &[&str]| -> Child {
-        Command::new(env!("CARGO_BIN_EXE_timport"))
-            .args(["run", "--config", &path_str(&config)])
-            .args(extra)
-            .env_remove("TIMPORT_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log.try_clone().unwrap()))
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |extra: &[&str]| spawn_run(&config, &log, extra);
     let wait_for = |what: &str, want: usize| {
         let what = what.to_string();
         let sim = &sim;

@@ -173,3 +173,49 @@ impl Daemon {
         self.task.await.unwrap().unwrap()
     }
 }
+
+/// A `timport run` configuration for child-process tests, written into `env`: the simulator at
+/// `base_url`, the database `db`, `env.spool()`, quick backoffs, JSON logs at info, no HTTP
+/// listener. `import` adds lines to `[import]`.
+pub fn child_config(env: &Env, base_url: &str, db: &Path, import: &str) -> PathBuf {
+    env.write(
+        "timport.toml",
+        &format!(
+            r#"
+[tencent]
+sdkappid = {APP}
+identifier = "{ADMIN}"
+secret_key = "{KEY}"
+base_url = "{base_url}"
+request_timeout = "4s"
+[queue]
+database = "{db}"
+spool_dir = "{spool}"
+[import]
+{import}
+backoff_base = "20ms"
+backoff_max = "300ms"
+shutdown_grace = "2s"
+[log]
+format = "json"
+level = "info"
+[http]
+listen = ""
+"#,
+            db = path_str(db),
+            spool = path_str(&env.spool()),
+        ),
+    )
+}
+
+/// Starts `timport run --config CONFIG EXTRA...` as a child process, its log appended to `log`.
+pub fn spawn_run(config: &Path, log: &std::fs::File, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_timport"))
+        .args(["run", "--config", &path_str(config)])
+        .args(extra)
+        .env_remove("TIMPORT_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log.try_clone().unwrap()))
+        .spawn()
+        .unwrap()
+}
