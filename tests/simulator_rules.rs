@@ -663,3 +663,82 @@ mod limiters {
         }
     }
 }
+
+#[tokio::test]
+async fn outage_refuses_connections_then_answers_502_then_recovers_with_state_kept() {
+    let sim = sim().await;
+    let c = client(&sim);
+    let t = now() - 100;
+    c.import_group_msg(&import("g1", vec![msg("a", t, 1)]))
+        .await
+        .expect("imported before the outage");
+
+    let http = reqwest::Client::new();
+    let set = http
+        .post(format!("{}/admin/outage", sim.base_url()))
+        .json(&json!({"refuse": "600ms", "then_502": "400ms"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(set.status(), 200);
+
+    // A new connection is refused by the kernel: the listening socket is gone.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e = tokio::net::TcpStream::connect(sim.addr)
+        .await
+        .expect_err("connect during refuse");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    // The client (new or kept-alive connection) gets no answer and nothing is applied.
+    let e = c
+        .import_group_msg(&import("g1", vec![msg("a", t + 1, 2)]))
+        .await
+        .expect_err("no answer while refusing");
+    // Refused (Retryable) on a new connection, reset (Unknown) on the kept-alive one.
+    assert!(
+        matches!(e.class(), ErrorClass::Retryable | ErrorClass::Unknown),
+        "{e}"
+    );
+
+    // Then HTTP 502 for every /v4 request, nothing applied.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let e = c
+        .import_group_msg(&import("g1", vec![msg("a", t + 1, 3)]))
+        .await
+        .expect_err("502 phase");
+    assert!(e.to_string().contains("502"), "{e}");
+    let s = sim.state();
+    assert!(
+        s.requests
+            .iter()
+            .any(|r| r.fault.as_deref() == Some("outage_502") && r.http_status == Some(502)),
+        "{:?}",
+        s.requests
+    );
+
+    // Healthy again on the same address, with the history from before the outage.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::net::TcpStream::connect(sim.addr)
+        .await
+        .expect("connect after the outage");
+    c.import_group_msg(&import("g1", vec![msg("a", t + 2, 4)]))
+        .await
+        .expect("imported after the outage");
+    assert_eq!(stored_times(&sim.state(), "g1"), vec![t, t + 2]);
+    assert_eq!(sim.state().requests.iter().filter(|r| r.applied).count(), 2);
+
+    // The handle's switch works too: a zero outage is healthy at once.
+    sim.outage(Duration::from_millis(300), Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(sim.addr).await.is_err());
+    sim.outage(Duration::ZERO, Duration::ZERO);
+    let mut ok = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(sim.addr).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok, "listening again after the outage was lifted");
+    sim.shutdown().await;
+}

@@ -6,7 +6,8 @@
 //! import_group, import_group_member, set_unread_msg_num}` with the same query string, UserSig
 //! checks and answer envelope as Tencent, plus admin routes outside `/v4`:
 //! `POST /admin/groups {GroupId, CreateTime?, Type?}`, `GET /admin/state` (the
-//! [`SimSnapshot`]), `POST|GET /admin/faults` ([`Faults`] as JSON, durations as "40ms").
+//! [`SimSnapshot`]), `POST|GET /admin/faults` ([`Faults`] as JSON, durations as "40ms"),
+//! `POST /admin/outage {"refuse": "90s", "then_502": "40s"}` (see Outage below).
 //!
 //! Rules (see `tencent-api.md`; choices where the doc is open are marked *):
 //! - Query: missing usersig 70002; sdkappid missing 60012, not this app 70014; identifier missing
@@ -45,6 +46,13 @@
 //! applied), `p_drop_response_after_apply` (processed and applied, then the connection is aborted
 //! without an answer). See `server` for how a connection is aborted.
 //!
+//! Outage ([`SimHandle::outage`], `POST /admin/outage`): for `refuse` the listening socket is
+//! closed, so new connections are refused by the kernel (ECONNREFUSED) and requests arriving on
+//! keep-alive connections opened before are aborted without an answer (fault `outage_refuse` in
+//! the request log); the same address is bound again when the time is over. Then for `then_502`
+//! every `/v4` request answers HTTP 502 without applying (fault `outage_502`); then healthy.
+//! Groups, histories and the request log are kept. Admin routes are unreachable while refusing.
+//!
 //! Stopping and recovery: [`SimHandle::shutdown`] (or cancelling the token given to
 //! [`run_until_stopped`]) stops accepting, closes idle connections and waits up to 5 s for
 //! in-flight requests before aborting the server task. State lives in memory only: a restart
@@ -67,7 +75,7 @@ pub use state::{
     GroupSnapshot, Limiter, MemberSnapshot, RequestRecord, SimSnapshot, StoredMessage,
 };
 
-use server::{ConnKill, KillableListener, Shared};
+use server::{ConnKill, KillableListener, OutageSwitch, Shared};
 use state::{Rules, World};
 
 /// The service name of the import endpoints.
@@ -326,6 +334,14 @@ impl SimHandle {
         Ok(())
     }
 
+    /// Simulate an outage from now on: for `refuse` the listening socket is closed (connects are
+    /// refused, requests on connections opened before are aborted without an answer), then for
+    /// `then_502` every `/v4` request answers HTTP 502 without applying, then healthy again.
+    /// State is kept. A new call replaces the previous plan (zero durations end it).
+    pub fn outage(&self, refuse: Duration, then_502: Duration) {
+        self.shared.outage.set(refuse, then_502);
+    }
+
     /// Create a group; false if it already exists.
     pub fn add_group(&self, id: &str, create_time: i64) -> bool {
         self.shared.world().add_group(id, create_time, "Public")
@@ -365,16 +381,18 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<SimHandle> {
         secret_key: cfg.secret_key,
         world: Mutex::new(world),
         faults: Mutex::new(cfg.faults),
+        outage: Arc::new(OutageSwitch::default()),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("simulator could not listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let listener = KillableListener::new(listener, shared.outage.clone())?;
     let app = server::router(shared.clone()).into_make_service_with_connect_info::<ConnKill>();
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(async move {
-        let served = axum::serve(KillableListener(listener), app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { signal.cancelled().await })
             .await;
         if let Err(e) = served {

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -44,6 +44,7 @@ pub(crate) struct Shared {
     pub secret_key: SecretString,
     pub world: Mutex<World>,
     pub faults: Mutex<Faults>,
+    pub outage: Arc<OutageSwitch>,
 }
 
 impl Shared {
@@ -60,6 +61,44 @@ impl Shared {
 
     pub(crate) fn set_faults(&self, f: Faults) {
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = f;
+    }
+}
+
+/// The outage switch: until `refuse_until` the listening socket is closed (connects refused,
+/// requests on old connections aborted); then until `http_502_until` every `/v4` request
+/// answers HTTP 502 without applying.
+#[derive(Default)]
+pub(crate) struct OutageSwitch {
+    plan: Mutex<Option<(Instant, Instant)>>,
+    /// Wakes the accept loop when a plan is set.
+    changed: tokio::sync::Notify,
+}
+
+/// What the outage switch says about this instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OutagePhase {
+    Healthy,
+    /// Refusing until then.
+    Refusing(Instant),
+    Http502,
+}
+
+impl OutageSwitch {
+    pub(crate) fn set(&self, refuse: Duration, then_502: Duration) {
+        let now = Instant::now();
+        let refuse_until = now + refuse;
+        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((refuse_until, refuse_until + then_502));
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn phase(&self) -> OutagePhase {
+        let now = Instant::now();
+        match *self.plan.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((refuse_until, _)) if now < refuse_until => OutagePhase::Refusing(refuse_until),
+            Some((_, http_502_until)) if now < http_502_until => OutagePhase::Http502,
+            _ => OutagePhase::Healthy,
+        }
     }
 }
 
@@ -130,8 +169,24 @@ impl AsyncWrite for KillableStream {
     }
 }
 
-/// A TCP listener producing [`KillableStream`]s.
-pub(crate) struct KillableListener(pub TcpListener);
+/// A TCP listener producing [`KillableStream`]s. While the outage switch refuses, the
+/// listening socket is dropped (connects are refused by the kernel) and bound again on the same
+/// address when the refusal is over.
+pub(crate) struct KillableListener {
+    listener: Option<TcpListener>,
+    addr: std::net::SocketAddr,
+    outage: Arc<OutageSwitch>,
+}
+
+impl KillableListener {
+    pub(crate) fn new(listener: TcpListener, outage: Arc<OutageSwitch>) -> io::Result<Self> {
+        Ok(KillableListener {
+            addr: listener.local_addr()?,
+            listener: Some(listener),
+            outage,
+        })
+    }
+}
 
 impl Listener for KillableListener {
     type Io = KillableStream;
@@ -139,7 +194,34 @@ impl Listener for KillableListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match self.0.accept().await {
+            if let OutagePhase::Refusing(until) = self.outage.phase() {
+                if self.listener.take().is_some() {
+                    tracing::info!(addr = %self.addr, "simulator outage: refusing connections");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(until.into()) => {}
+                    () = self.outage.changed.notified() => {}
+                }
+                continue;
+            }
+            let Some(listener) = &self.listener else {
+                match TcpListener::bind(self.addr).await {
+                    Ok(l) => {
+                        tracing::info!(addr = %self.addr, "simulator outage: listening again");
+                        self.listener = Some(l);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, addr = %self.addr, "simulator could not listen again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                continue;
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = self.outage.changed.notified() => continue,
+            };
+            match accepted {
                 Ok((inner, addr)) => {
                     let _ = inner.set_nodelay(true);
                     return (
@@ -153,14 +235,14 @@ impl Listener for KillableListener {
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
                     tracing::warn!(error = %e, "simulator accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
+        Ok(self.addr)
     }
 }
 
@@ -188,6 +270,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/admin/groups", post(admin_add_group))
         .route("/admin/state", get(admin_state))
         .route("/admin/faults", post(admin_faults).get(admin_get_faults))
+        .route("/admin/outage", post(admin_outage))
         .with_state(shared)
 }
 
@@ -246,6 +329,7 @@ async fn v4(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
+    let outage = shared.outage.phase();
     let mut faults = shared.faults();
     if !faults.endpoints.is_empty() && !faults.endpoints.contains(&command) {
         // Latency applies everywhere; the failures only where they were asked for.
@@ -271,6 +355,22 @@ async fn v4(
     let mono = Instant::now();
     let now = unix_now();
 
+    match outage {
+        OutagePhase::Healthy => {}
+        OutagePhase::Refusing(_) => {
+            // A request on a connection opened before the outage: no answer.
+            rec.fault = Some("outage_refuse".into());
+            rec.http_status = None;
+            shared.world().record(rec);
+            return abort_connection(&conn);
+        }
+        OutagePhase::Http502 => {
+            rec.fault = Some("outage_502".into());
+            rec.http_status = Some(502);
+            shared.world().record(rec);
+            return (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+        }
+    }
     if roll(faults.p_http_502) {
         rec.fault = Some("http_502".into());
         rec.http_status = Some(502);
@@ -387,4 +487,19 @@ async fn admin_faults(State(shared): State<Arc<Shared>>, Json(f): Json<Faults>) 
 
 async fn admin_get_faults(State(shared): State<Arc<Shared>>) -> Response {
     Json(shared.faults()).into_response()
+}
+
+/// `POST /admin/outage {"refuse": "90s", "then_502": "40s"}`.
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
+#[serde(default)]
+struct OutagePlan {
+    #[serde(with = "humantime_serde")]
+    refuse: Duration,
+    #[serde(with = "humantime_serde")]
+    then_502: Duration,
+}
+
+async fn admin_outage(State(shared): State<Arc<Shared>>, Json(p): Json<OutagePlan>) -> Response {
+    shared.outage.set(p.refuse, p.then_502);
+    Json(p).into_response()
 }
