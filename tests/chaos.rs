@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rand::RngExt;
@@ -87,18 +87,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     );
 
     // Faults stay on; the dedup window has long closed for the early attempts.
-    let started = Instant::now();
     let mut child = spawn(&["--until-idle"]);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "--until-idle did not finish within the bound"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(300)).await;
     let log_text = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
     let failed: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
         "SELECT id, result_code, result_text FROM messages WHERE state = 'failed' LIMIT 10",

@@ -23,24 +23,7 @@ fn queued(group: &str) -> Vec<(String, i64, String)> {
 }
 
 fn on_server(sim: &SimHandle, group: &str) -> Vec<(String, i64, String)> {
-    sim.state()
-        .group(group)
-        .map(|g| {
-            g.messages
-                .iter()
-                .map(|m| {
-                    (
-                        m.from_account.clone(),
-                        m.send_time,
-                        m.msg_body[0]["MsgContent"]["Text"]
-                            .as_str()
-                            .unwrap_or("")
-                            .to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    history_texts(sim, group)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

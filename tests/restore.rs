@@ -108,17 +108,7 @@ async fn a_restored_older_database_sends_nothing_twice() {
     // Past the server's dedup window: only reconciliation can prevent duplicates now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let mut child = spawn(&["--until-idle"]);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "--until-idle did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(180)).await;
     let log_text = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
     assert_eq!(
         status.code(),
@@ -135,7 +125,6 @@ async fn a_restored_older_database_sends_nothing_twice() {
         log_text.contains("caught up with the server before sending"),
         "the catch-up ran"
     );
-    let state = sim.state();
     for g in 0..GROUPS {
         let group = format!("restore-{g}");
         let want: Vec<(String, i64, String)> = a
@@ -144,22 +133,7 @@ async fn a_restored_older_database_sends_nothing_twice() {
             .filter(|m| m.0 == group)
             .map(|(_, f, t, text)| (f.clone(), *t, text.clone()))
             .collect();
-        let got: Vec<(String, i64, String)> = state
-            .group(&group)
-            .unwrap()
-            .messages
-            .iter()
-            .map(|m| {
-                (
-                    m.from_account.clone(),
-                    m.send_time,
-                    m.msg_body[0]["MsgContent"]["Text"]
-                        .as_str()
-                        .unwrap()
-                        .to_string(),
-                )
-            })
-            .collect();
+        let got = history_texts(&sim, &group);
         assert_eq!(
             got.len(),
             want.len(),

@@ -219,3 +219,43 @@ pub fn spawn_run(config: &Path, log: &std::fs::File, extra: &[&str]) -> std::pro
         .spawn()
         .unwrap()
 }
+
+/// Waits for a child process to exit, polling; panics past `bound`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    bound: Duration,
+) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "the child did not exit within {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A group's history on the simulator as (From_Account, SendTime, first element's Text).
+pub fn history_texts(sim: &SimHandle, group: &str) -> Vec<(String, i64, String)> {
+    sim.state()
+        .group(group)
+        .map(|g| {
+            g.messages
+                .iter()
+                .map(|m| {
+                    (
+                        m.from_account.clone(),
+                        m.send_time,
+                        m.msg_body[0]["MsgContent"]["Text"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
