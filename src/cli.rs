@@ -3,7 +3,9 @@
 //! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
 //! the key), installs telemetry, opens the store (`run` takes the single-instance lock first; see
 //! [`lock_daemon`]; `status` opens it read-only), and wires intake, engine, simulator and the ops
-//! listener together under one shutdown token fired by SIGTERM or SIGINT. Errors here carry
+//! listener together under one shutdown token fired by SIGTERM or SIGINT. `run` ignores SIGHUP
+//! (one log line each time): there is no configuration reload and no log file to reopen, so a
+//! closed terminal or a stray `kill -HUP` must not end an import. Errors here carry
 //! anyhow context; the modules below return typed errors.
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -121,6 +123,9 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Ok(s) => s,
         Err(e) => return config_error(&e),
     };
+    if let Err(e) = settings.check_paths() {
+        return config_error(&e);
+    }
     if let Err(e) = crate::telemetry::init(&settings.log) {
         return config_error(&e);
     }
@@ -315,11 +320,34 @@ pub async fn wait_for_signal() {
 /// The key used by the built-in simulator when none is configured (it never leaves the process).
 const LOCAL_SIMULATOR_KEY: &str = "timport-local-simulator-key";
 
+/// Ignores SIGHUP for the life of the process, logging each one. Installed before anything else
+/// in `run`, so the default action (terminate) never applies once the daemon is starting.
+fn ignore_hangup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP received and ignored: nothing to reload (restart to apply configuration changes) and no log file to reopen (logs go to stderr)"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; it would stop the daemon"),
+    }
+}
+
 async fn run(
     settings: Settings,
     until_idle: bool,
     pre_ingest: Vec<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
+    ignore_hangup();
+    settings.check_for_import()?;
+    for w in settings.warnings() {
+        tracing::warn!("{w}");
+    }
     // The lock first: a second daemon must not even migrate the database under the first.
     let _lock = match lock_daemon(&settings.queue.database) {
         Ok(f) => f,
@@ -440,18 +468,34 @@ async fn run(
             }
         }
     }
-    spool::scan_once(&store, &settings.queue.spool_dir, &shutdown)
-        .await
-        .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
+    let intake_cfg = IntakeConfig {
+        spool_dir: settings.queue.spool_dir.clone(),
+        rescan_interval: settings.queue.rescan_interval,
+        poll_interval: settings.queue.intake_poll_interval,
+        settle: settings.queue.spool_settle,
+    };
+    let mut spool = intake_cfg.spool();
+    loop {
+        let scan = spool.scan(&store, &shutdown).await.with_context(|| {
+            format!("scanning the spool {}", settings.queue.spool_dir.display())
+        })?;
+        // `--until-idle` imports what is waiting now, so files still being written are waited for.
+        match scan.next_in {
+            Some(d) if until_idle && scan.settling > 0 && !shutdown.is_cancelled() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d + std::time::Duration::from_millis(50)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            _ => break,
+        }
+    }
     table::poll_once(&store).await?;
 
-    let intake_task = tokio::spawn(intake::run(
+    let intake_task = tokio::spawn(intake::run_with(
         store.clone(),
-        IntakeConfig {
-            spool_dir: settings.queue.spool_dir.clone(),
-            rescan_interval: settings.queue.rescan_interval,
-            poll_interval: settings.queue.intake_poll_interval,
-        },
+        intake_cfg,
+        spool,
         shutdown.clone(),
     ));
 

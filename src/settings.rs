@@ -79,6 +79,9 @@ pub struct QueueSettings {
     pub rescan_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub intake_poll_interval: Duration,
+    /// How long a spool file's size, times and inode must hold before it is taken.
+    #[serde(with = "humantime_serde")]
+    pub spool_settle: Duration,
     pub synchronous: Synchronous,
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
@@ -193,7 +196,7 @@ impl Settings {
                 .build()
                 .map_err(|e| SettingsError::File {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: redact_syntax_error(&e.to_string()),
                 })?;
             builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
         }
@@ -320,6 +323,13 @@ impl Settings {
         if self.queue.spool_dir.as_os_str().is_empty() {
             return Err(SettingsError::key("queue.spool_dir", "must not be empty"));
         }
+        if self.queue.spool_settle > Duration::from_secs(3600) {
+            return Err(SettingsError::key(
+                "queue.spool_settle",
+                "must be at most 1h (a file waits this long after its last change)",
+            ));
+        }
+        check_log_level(&self.log.level)?;
         if self.queue.intake_poll_interval.is_zero() || self.queue.rescan_interval.is_zero() {
             return Err(SettingsError::key(
                 "queue.intake_poll_interval",
@@ -334,6 +344,77 @@ impl Settings {
                 .map_err(|e| SettingsError::key("simulator.listen", e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Checks that the configured paths can be what they are meant to be: `queue.database` a file
+    /// (or absent) in a folder, `queue.spool_dir` a folder (or absent). Reads the file system, so
+    /// it is separate from [`Settings::validate`]; commands call it right after loading.
+    pub fn check_paths(&self) -> Result<(), SettingsError> {
+        let db = &self.queue.database;
+        if db.is_dir() {
+            return Err(SettingsError::key(
+                "queue.database",
+                format!(
+                    "{} is a folder; name the SQLite file in it, e.g. {}",
+                    db.display(),
+                    db.join("timport.db").display()
+                ),
+            ));
+        }
+        if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Some(blocker) = non_folder_ancestor(parent)
+        {
+            return Err(SettingsError::key(
+                "queue.database",
+                format!(
+                    "{} cannot be made: {} is not a folder",
+                    db.display(),
+                    blocker.display()
+                ),
+            ));
+        }
+        let spool = &self.queue.spool_dir;
+        if spool.exists() && !spool.is_dir() {
+            return Err(SettingsError::key(
+                "queue.spool_dir",
+                format!("{} is not a folder", spool.display()),
+            ));
+        }
+        if let Some(blocker) = non_folder_ancestor(spool) {
+            return Err(SettingsError::key(
+                "queue.spool_dir",
+                format!(
+                    "{} cannot be made: {} is not a folder",
+                    spool.display(),
+                    blocker.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks what only the commands that send to Tencent need: a real SDKAppID unless the
+    /// built-in simulator takes the requests (it needs no credentials).
+    pub fn check_for_import(&self) -> Result<(), SettingsError> {
+        if !self.simulator.enabled && self.tencent.sdkappid == 0 {
+            return Err(SettingsError::key(
+                "tencent.sdkappid",
+                "is 0 (the default): set the SDKAppID of the app (Chat console, Applications), or enable the built-in simulator (simulator.enabled = true, as config/local.toml does)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settings that are allowed but probably a mistake, one sentence each, for a warning at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.import.requests_per_second > DOCUMENTED_REQUESTS_PER_SECOND {
+            w.push(format!(
+                "import.requests_per_second = {} is above the documented limit of {DOCUMENTED_REQUESTS_PER_SECOND} requests/s per app; keep it only if Tencent raised this app's quota, or the excess is answered with rate-limit errors",
+                self.import.requests_per_second
+            ));
+        }
+        w
     }
 
     fn has_inline_key(&self) -> bool {
@@ -385,6 +466,94 @@ impl Settings {
             .map(Some)
             .map_err(|e| SettingsError::key("http.listen", format!("{l:?}: {e}")))
     }
+}
+
+/// Tencent's documented REST quota per app (requests per second, all APIs together).
+pub const DOCUMENTED_REQUESTS_PER_SECOND: u32 = 200;
+
+/// The first ancestor of `path` (itself included) that exists and is not a folder, if any.
+fn non_folder_ancestor(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// Refuses a `log.level` that the tracing filter would accept but that is surely a typo: a bare
+/// word that is not a level (`infoo` would be read as a target name and silence every log line).
+/// Directives `target=level` and span filters are left to the filter's own parser.
+pub fn check_log_level(level: &str) -> Result<(), SettingsError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if d.contains('=') || d.contains('[') {
+            continue;
+        }
+        let is_level = LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l))
+            || matches!(d, "0" | "1" | "2" | "3" | "4" | "5");
+        if !is_level {
+            return Err(SettingsError::key(
+                "log.level",
+                format!(
+                    "{d:?} is not a level (one of {}); a target needs one too, e.g. \"info,{d}=debug\"",
+                    LEVELS.join(", ")
+                ),
+            ));
+        }
+    }
+    if level.trim().is_empty() {
+        return Err(SettingsError::key("log.level", "is empty; e.g. \"info\""));
+    }
+    Ok(())
+}
+
+/// A TOML syntax error as the `config` crate words it quotes the offending source line (which may
+/// hold the secret key) under the position. Keeps the position and the explanation, drops the
+/// quoted source, and masks quoted values in what is left.
+fn redact_syntax_error(message: &str) -> String {
+    let kept: Vec<&str> = message
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            // The snippet: "  |", "3 | secret_key = ...", "  |   ^".
+            !(t.starts_with('|')
+                || t.split_once('|').is_some_and(|(n, _)| {
+                    !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())
+                }))
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!(
+        "{} (the line itself is not shown: it may hold the secret key)",
+        mask_quoted(&kept.join(": "))
+    )
+}
+
+/// Every double-quoted part of `message` replaced by `<redacted>` (code spans in backticks, such
+/// as the parser's "expected `\"`", are kept).
+fn mask_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut in_quote = false;
+    let mut in_code = false;
+    for c in message.chars() {
+        match c {
+            '`' if !in_quote => {
+                in_code = !in_code;
+                out.push(c);
+            }
+            _ if in_code => out.push(c),
+            '"' => {
+                in_quote = !in_quote;
+                if in_quote {
+                    out.push_str("<redacted>");
+                }
+            }
+            _ if in_quote => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The `config` crate quotes offending values in some messages; a secret key with a bad type must
@@ -544,6 +713,68 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             Settings::load_from(Some(&path), &env(&[])).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
+    }
+
+    #[test]
+    fn syntax_error_on_the_secret_line_is_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        let secret = "Zq9-very-secret-0123456789abcdef";
+        std::fs::write(&file, format!("[tencent]\nsecret_key = \"{secret}\n")).unwrap();
+        let e = Settings::load_from(Some(&file), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(secret) && !e.contains("Zq9"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        std::fs::write(&file, format!("[tencent]\nsecret_key = {secret}\n")).unwrap();
+        let e = Settings::load_from(Some(&file), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains(secret) && !e.contains("Zq9"), "{e}");
+    }
+
+    #[test]
+    fn typos_and_risky_values_are_caught() {
+        let e = Settings::load_from(None, &env(&[("TIMPORT__LOG__LEVEL", "infoo")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.level"), "{e}");
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        let e = s.check_for_import().unwrap_err().to_string();
+        assert!(e.contains("tencent.sdkappid"), "{e}");
+        let s = Settings::load_from(
+            None,
+            &env(&[("TIMPORT__IMPORT__REQUESTS_PER_SECOND", "500")]),
+        )
+        .unwrap();
+        assert!(s.warnings()[0].contains("200"), "{:?}", s.warnings());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let d = dir.path().to_str().unwrap();
+        let f = file.to_str().unwrap();
+        let s = Settings::load_from(None, &env(&[("TIMPORT__QUEUE__DATABASE", d)])).unwrap();
+        assert!(
+            s.check_paths()
+                .unwrap_err()
+                .to_string()
+                .contains("queue.database")
+        );
+        let s = Settings::load_from(None, &env(&[("TIMPORT__QUEUE__SPOOL_DIR", f)])).unwrap();
+        assert!(
+            s.check_paths()
+                .unwrap_err()
+                .to_string()
+                .contains("queue.spool_dir")
+        );
+        let below = format!("{f}/q.db");
+        let s = Settings::load_from(None, &env(&[("TIMPORT__QUEUE__DATABASE", &below)])).unwrap();
+        assert!(
+            s.check_paths()
+                .unwrap_err()
+                .to_string()
+                .contains("queue.database")
+        );
     }
 
     #[test]

@@ -1669,12 +1669,45 @@ pub struct JobStatus {
     pub created_at: i64,
 }
 
-/// A failure reason and how many messages have it.
+/// A kind of failure and how many messages have it: the code and the reason with its numbers
+/// (SendTimes, sequences, indexes) replaced by `N`, so one cause is one line however many
+/// messages it hit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FailureReason {
     pub code: Option<i64>,
+    /// The reason with its numbers replaced by `N` (see [`reason_kind`]).
     pub reason: String,
     pub messages: i64,
+    /// One of the reasons as recorded, for its numbers.
+    pub example: String,
+}
+
+/// A failure text with every run of digits but the code itself written `N`: "SendTime 1700000003
+/// is older than … (1700000009) … (10004)" becomes "SendTime N is older than … (N) … (10004)".
+pub fn reason_kind(code: Option<i64>, text: &str) -> String {
+    let code = code.map(|c| c.to_string());
+    let mut out = String::with_capacity(text.len());
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if !digits.is_empty() {
+            if code.as_deref() == Some(digits.as_str()) {
+                out.push_str(digits);
+            } else {
+                out.push('N');
+            }
+            digits.clear();
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
 }
 
 const LANE_COLUMNS: &str = "l.group_id, l.topic_id, l.state, l.pending, l.in_flight, l.imported, \
@@ -1812,12 +1845,15 @@ impl Store {
             .collect())
     }
 
-    /// The most common failure reasons (optionally of one group).
+    /// The most common kinds of failure (optionally of one group), grouped by code and
+    /// [`reason_kind`]. The distinct texts read are capped, so a huge number of distinct failures
+    /// costs bounded memory (the counts then cover the most frequent texts).
     pub async fn failure_reasons(
         &self,
         group: Option<&str>,
         limit: i64,
     ) -> Result<Vec<FailureReason>, StoreError> {
+        const DISTINCT_TEXTS: i64 = 100_000;
         let rows = sqlx::query(
             "SELECT m.result_code AS code, COALESCE(m.result_text, '') AS reason,
                     COUNT(*) AS messages
@@ -1827,18 +1863,35 @@ impl Store {
              GROUP BY m.result_code, m.result_text ORDER BY messages DESC LIMIT ?2",
         )
         .bind(group)
-        .bind(limit)
+        .bind(DISTINCT_TEXTS)
         .fetch_all(&self.reader)
         .await
         .map_err(|e| self.err(e))?;
-        Ok(rows
-            .iter()
-            .map(|r| FailureReason {
-                code: r.get("code"),
-                reason: r.get("reason"),
-                messages: r.get("messages"),
-            })
-            .collect())
+        let mut kinds: FastMap<(Option<i64>, String), FailureReason> = FastMap::default();
+        for r in &rows {
+            let code: Option<i64> = r.get("code");
+            let text: String = r.get("reason");
+            let messages: i64 = r.get("messages");
+            let kind = reason_kind(code, &text);
+            kinds
+                .entry((code, kind.clone()))
+                .and_modify(|f| f.messages += messages)
+                .or_insert(FailureReason {
+                    code,
+                    reason: kind,
+                    messages,
+                    example: text,
+                });
+        }
+        let mut out: Vec<FailureReason> = kinds.into_values().collect();
+        out.sort_by(|a, b| {
+            b.messages
+                .cmp(&a.messages)
+                .then_with(|| a.code.cmp(&b.code))
+                .then_with(|| a.reason.cmp(&b.reason))
+        });
+        out.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(out)
     }
 }
 

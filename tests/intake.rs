@@ -431,6 +431,7 @@ async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_re
             spool_dir: env.spool(),
             rescan_interval: Duration::from_secs(60),
             poll_interval: Duration::from_millis(100),
+            settle: Duration::ZERO,
         },
         cancel.clone(),
     ));

@@ -1,5 +1,12 @@
 //! Job files: `.json` (one import_group_msg body or an array of them) and `.ndjson`/`.jsonl`
-//! (one message per line, streamed so memory does not grow with the file).
+//! (one message per line, streamed so memory does not grow with the file). A line longer than
+//! [`MAX_LINE_BYTES`] is a problem named by its line number and is never held whole: memory stays
+//! bounded whatever the file holds.
+//!
+//! The file's size, modification and change times are taken from the open handle before reading
+//! and again after; when they moved (the file was written to meanwhile) or fewer bytes were read
+//! than it held, nothing is queued and [`IngestError::Changed`] says so: the caller takes it again
+//! once it stopped changing.
 //!
 //! A file is parsed and validated on a blocking thread while its messages are written to the
 //! queue on the async side, all inside one `BEGIN IMMEDIATE` transaction: the first problem stops
@@ -15,7 +22,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -30,6 +37,11 @@ use crate::store::{JobOutcome, NewMessage, Store, StoreError, unix_now};
 /// At most this many problems are written to a report; the count covers all of them.
 pub const MAX_REPORTED_PROBLEMS: usize = 10_000;
 const BATCH: usize = 1024;
+
+/// The longest NDJSON line read: a message is its MsgBody (at most 12,000 bytes as sent,
+/// [`validate::MAX_BODY_BYTES`]) plus an envelope of a few short fields; the rest is room for
+/// whitespace and escapes. A longer line cannot be a valid message and is skipped unread.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// One problem in a job file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -71,6 +83,10 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("ingest of {0} was cancelled; nothing of it was queued")]
     Cancelled(PathBuf),
+    #[error(
+        "{0} changed while it was read (its size or times moved); nothing of it was queued, it is taken again once it stops changing"
+    )]
+    Changed(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -137,6 +153,9 @@ pub async fn ingest_file(
                 "not a regular file ({what}); not followed"
             )));
         }
+        Err(OpenError::HardLinked(links)) => {
+            return Ok(rejected_whole(hard_link_problem(links)));
+        }
         Err(OpenError::Io(source)) => {
             return Err(IngestError::Io {
                 path: path.to_path_buf(),
@@ -144,6 +163,15 @@ pub async fn ingest_file(
             });
         }
     };
+    // A second handle on the same open file, to see after reading whether it changed meanwhile.
+    let probe = file.try_clone().map_err(|source| IngestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let before = FileStamp::of(&probe).map_err(|source| IngestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let (tx, mut rx) = mpsc::channel::<Event>(8);
     let now = unix_now();
     let parser = tokio::task::spawn_blocking(move || match format {
@@ -206,14 +234,24 @@ pub async fn ingest_file(
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    if let Err(source) = parse_result {
+    let read = match parse_result {
+        Ok(read) => read,
+        Err(source) => {
+            if let Some(w) = writer {
+                w.rollback().await?;
+            }
+            return Err(IngestError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let after = FileStamp::of(&probe).ok();
+    if after != Some(before) || read != before.size {
         if let Some(w) = writer {
             w.rollback().await?;
         }
-        return Err(IngestError::Io {
-            path: path.to_path_buf(),
-            source,
-        });
+        return Err(IngestError::Changed(path.to_path_buf()));
     }
     let Some((hash, mut problems, mut problem_count, messages, groups)) = verdict else {
         return Err(IngestError::Io {
@@ -290,13 +328,47 @@ pub async fn ingest_file(
     }
 }
 
+/// The file's name as text for the job's source and for logs: control characters and bytes that
+/// are not UTF-8 escaped.
 fn display_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+    use std::os::unix::ffi::OsStrExt;
+    match path.file_name() {
+        Some(n) => crate::telemetry::escape_bytes(n.as_bytes()),
+        None => crate::telemetry::escape_bytes(path.as_os_str().as_bytes()),
+    }
 }
 
-fn rejected_whole(problem: String) -> FileOutcome {
+/// The problem reported for a spool file with more than one link.
+pub fn hard_link_problem(links: u64) -> String {
+    format!(
+        "the file has {links} hard links: another name could change it while it is queued, and it is not moved or altered; drop a copy with a single link (write it elsewhere, then rename it into the spool)"
+    )
+}
+
+/// Size, modification and change times and inode of an open file: equal before and after
+/// reading means nothing wrote to it meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(file: &File) -> std::io::Result<FileStamp> {
+        let m = file.metadata()?;
+        Ok(FileStamp {
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// A verdict for the file as a whole (line 0).
+pub fn rejected_whole(problem: String) -> FileOutcome {
     FileOutcome::Rejected {
         problem_count: 1,
         problems: vec![Problem {
@@ -310,16 +382,20 @@ fn rejected_whole(problem: String) -> FileOutcome {
 
 enum OpenError {
     NotRegular(&'static str),
+    /// Spool files only: the file has this many links.
+    HardLinked(u64),
     Io(std::io::Error),
 }
 
-/// Opens a regular file; with `follow_symlinks` false, a symlink is refused (O_NOFOLLOW) rather
-/// than followed, and so is a FIFO, socket, device or directory (checked on the open handle).
+/// Opens a regular file; with `follow_symlinks` false (the spool), a symlink is refused
+/// (O_NOFOLLOW) rather than followed, and so is a FIFO, socket, device or directory (checked
+/// before opening, so a FIFO is never opened, and again on the open handle), and a file with more
+/// than one hard link.
 fn open_regular(path: &Path, follow_symlinks: bool) -> Result<File, OpenError> {
     if !follow_symlinks {
         let meta = std::fs::symlink_metadata(path).map_err(OpenError::Io)?;
-        if meta.file_type().is_symlink() {
-            return Err(OpenError::NotRegular("a symbolic link"));
+        if let Some(what) = not_regular(&meta.file_type()) {
+            return Err(OpenError::NotRegular(what));
         }
     }
     let mut opts = OpenOptions::new();
@@ -337,13 +413,30 @@ fn open_regular(path: &Path, follow_symlinks: bool) -> Result<File, OpenError> {
         Err(e) => return Err(OpenError::Io(e)),
     };
     let meta = file.metadata().map_err(OpenError::Io)?;
-    let ft = meta.file_type();
+    if let Some(what) = not_regular(&meta.file_type()) {
+        return Err(OpenError::NotRegular(what));
+    }
+    if !follow_symlinks && meta.nlink() > 1 {
+        return Err(OpenError::HardLinked(meta.nlink()));
+    }
+    Ok(file)
+}
+
+/// What a non-regular entry is, or `None` for a regular file.
+pub fn not_regular(ft: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
     if ft.is_file() {
-        Ok(file)
+        None
+    } else if ft.is_symlink() {
+        Some("a symbolic link")
     } else if ft.is_dir() {
-        Err(OpenError::NotRegular("a directory"))
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_socket() {
+        Some("a Unix socket")
     } else {
-        Err(OpenError::NotRegular("a FIFO, socket or device"))
+        Some("a device")
     }
 }
 
@@ -523,21 +616,80 @@ impl<'a> Collector<'a> {
     }
 }
 
-fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+/// Reads one line (through its `\n`) into `buf`, hashing every byte, keeping at most `cap` bytes:
+/// a longer line is consumed to its end without being kept. Returns the bytes consumed (0 at the
+/// end of the file) and whether the line was too long.
+fn read_line_bounded<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    hasher: &mut Sha256,
+) -> std::io::Result<(u64, bool)> {
+    buf.clear();
+    let mut consumed = 0u64;
+    let mut too_long = false;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok((consumed, too_long));
+        }
+        let (chunk, ends) = match memchr::memchr(b'\n', available) {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        hasher.update(chunk);
+        if !too_long {
+            if buf.len() + chunk.len() > cap {
+                too_long = true;
+                buf.clear();
+                buf.shrink_to(4096);
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        let n = chunk.len();
+        reader.consume(n);
+        consumed += n as u64;
+        if ends {
+            return Ok((consumed, too_long));
+        }
+    }
+}
+
+fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<u64> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut c = Collector::new(tx);
     let mut buf = Vec::with_capacity(4096);
     let mut line_no = 0u64;
+    let mut read = 0u64;
     loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf)?;
+        // Room for the line's own "\r\n" on top of the limit.
+        let (n, too_long) =
+            read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES + 2, &mut hasher)?;
         if n == 0 {
             break;
         }
+        read += n;
         line_no += 1;
-        hasher.update(&buf);
         if !c.open {
+            continue;
+        }
+        if too_long {
+            c.next_index += 1;
+            c.problem(
+                line_no,
+                None,
+                None,
+                format!(
+                    "the line is {n} bytes, longer than any message can be ({MAX_LINE_BYTES} bytes at most: a MsgBody takes at most {} bytes); it was not read",
+                    validate::MAX_BODY_BYTES
+                ),
+            );
             continue;
         }
         let Ok(text) = std::str::from_utf8(&buf) else {
@@ -558,7 +710,7 @@ fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Resu
         c.validate(raw, None, now, line_no, None, 0);
     }
     c.finish(hex::encode(hasher.finalize()));
-    Ok(())
+    Ok(read)
 }
 
 /// A request body in a .json job file.
@@ -579,15 +731,16 @@ struct RawBody<'a> {
     members: Option<&'a RawValue>,
 }
 
-fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<u64> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
+    let read = bytes.len() as u64;
     let hash = hex::encode(Sha256::digest(&bytes));
     let mut c = Collector::new(tx);
     let Ok(text) = std::str::from_utf8(&bytes) else {
         c.problem(0, None, None, "the file is not valid UTF-8".into());
         c.finish(hash);
-        return Ok(());
+        return Ok(read);
     };
     let lines = LineIndex::new(text);
     let top: &RawValue = match serde_json::from_str(text) {
@@ -600,7 +753,7 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
                 format!("not valid JSON: {e}"),
             );
             c.finish(hash);
-            return Ok(());
+            return Ok(read);
         }
     };
     let bodies: Vec<(&RawValue, Option<u64>)> = if top.get().trim_start().starts_with('[') {
@@ -613,7 +766,7 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
             Err(e) => {
                 c.problem(0, None, None, format!("not a JSON array of bodies: {e}"));
                 c.finish(hash);
-                return Ok(());
+                return Ok(read);
             }
         }
     } else {
@@ -749,7 +902,7 @@ fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Re
         }
     }
     c.finish(hash);
-    Ok(())
+    Ok(read)
 }
 
 fn line_i64(line: u64) -> i64 {

@@ -3,7 +3,8 @@
 //! into the intake table ([`table`]), both checked by the rules in [`validate`].
 //!
 //! [`run`] is the daemon's intake loop: it wakes on file-system events (inotify through `notify`),
-//! on a periodic rescan as a safety net, and on a short poll of the intake table. It stops when the
+//! on a periodic rescan as a safety net, when a file waiting to settle or to be retried is due
+//! ([`spool::Scan::next_in`]), and on a short poll of the intake table. It stops when the
 //! cancellation token fires; a file being ingested at that moment is rolled back and stays in the
 //! spool, so the next start takes it again. Failures of one file or one poll are logged and
 //! retried on the next wake; they never stop the daemon.
@@ -27,10 +28,30 @@ pub struct IntakeConfig {
     pub spool_dir: PathBuf,
     pub rescan_interval: Duration,
     pub poll_interval: Duration,
+    /// How long a spool file must hold still before it is taken (`queue.spool_settle`).
+    pub settle: Duration,
+}
+
+impl IntakeConfig {
+    /// The spool as this configuration describes it, with nothing seen yet.
+    pub fn spool(&self) -> spool::Spool {
+        spool::Spool::new(self.spool_dir.clone(), self.settle)
+    }
 }
 
 /// Runs until `cancel` fires: spool events and rescans, and the intake table poll.
 pub async fn run(store: Store, cfg: IntakeConfig, cancel: CancellationToken) {
+    let spool = cfg.spool();
+    run_with(store, cfg, spool, cancel).await
+}
+
+/// [`run`], going on from what earlier scans of `spool` saw (files settling, retry backoffs).
+pub async fn run_with(
+    store: Store,
+    cfg: IntakeConfig,
+    mut spool: spool::Spool,
+    cancel: CancellationToken,
+) {
     if let Err(e) = spool::prepare(&cfg.spool_dir) {
         tracing::error!(spool = %cfg.spool_dir.display(), error = %e, "cannot prepare the spool folder; rescans will retry");
     }
@@ -47,11 +68,16 @@ pub async fn run(store: Store, cfg: IntakeConfig, cancel: CancellationToken) {
     let mut poll = tokio::time::interval(cfg.poll_interval);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        let due_at = due.unwrap_or_else(|| tokio::time::Instant::now() + cfg.rescan_interval);
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = rescan.tick() => scan(&store, &cfg, &cancel).await,
-            Some(()) = wake_rx.recv() => scan(&store, &cfg, &cancel).await,
+            _ = rescan.tick() => due = scan(&store, &mut spool, &cancel).await,
+            Some(()) = wake_rx.recv() => due = scan(&store, &mut spool, &cancel).await,
+            _ = tokio::time::sleep_until(due_at), if due.is_some() => {
+                due = scan(&store, &mut spool, &cancel).await;
+            }
             _ = poll.tick() => {
                 if let Err(e) = table::poll_once(&store).await {
                     tracing::warn!(error = %e, "intake table poll failed; retrying at the next poll");
@@ -62,8 +88,20 @@ pub async fn run(store: Store, cfg: IntakeConfig, cancel: CancellationToken) {
     tracing::info!("intake stopped");
 }
 
-async fn scan(store: &Store, cfg: &IntakeConfig, cancel: &CancellationToken) {
-    if let Err(e) = spool::scan_once(store, &cfg.spool_dir, cancel).await {
-        tracing::warn!(spool = %cfg.spool_dir.display(), error = %e, "spool scan failed; retrying at the next rescan");
+/// One scan; returns when the next is due for files still settling or waiting for a retry.
+async fn scan(
+    store: &Store,
+    spool: &mut spool::Spool,
+    cancel: &CancellationToken,
+) -> Option<tokio::time::Instant> {
+    match spool.scan(store, cancel).await {
+        Ok(s) => s.next_in.map(|d| {
+            // A little past the moment, so the file has surely held still long enough.
+            tokio::time::Instant::now() + d + Duration::from_millis(50)
+        }),
+        Err(e) => {
+            tracing::warn!(spool = %spool.dir().display(), error = %e, "spool scan failed; retrying at the next rescan");
+            None
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! The status report behind `timport status`: totals, rate and ETA, blocked lanes, the most common
 //! failure reasons, groups and jobs. Read-only against the store (it works while the daemon
 //! runs); rate and ETA come from the progress snapshot the engine writes every few seconds.
+//!
+//! No ETA is given while the import is stalled ([`StatusReport::stalled`]): waiting for Tencent,
+//! every remaining message in a blocked lane, or no lane at work and no recent progress. Failure
+//! reasons are grouped by code and kind (numbers masked), with one example each. Texts that come
+//! from job files or the server are printed with control characters escaped.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -26,6 +31,8 @@ pub struct StatusReport {
     pub rate: f64,
     pub eta_seconds: Option<u64>,
     pub daemon_running: bool,
+    /// Why the import makes no progress although messages remain, if it does not.
+    pub stalled: Option<String>,
     /// Why the engine stopped on its own, if it did.
     pub stopped_reason: Option<String>,
     /// While the daemon waits out an outage of Tencent: since when (Unix seconds) and why.
@@ -55,17 +62,25 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         .as_ref()
         .filter(|_| fresh)
         .and_then(|p| p.waiting_for_tencent.clone());
+    let stalled = stall_reason(
+        &totals,
+        fresh,
+        waiting.as_ref(),
+        progress.as_ref().map(|p| p.active_lanes),
+        rate,
+    );
     Ok(StatusReport {
         database: store.path().display().to_string(),
         totals,
         members: store.member_totals(group).await?,
         rate,
-        eta_seconds: if fresh && waiting.is_none() {
+        eta_seconds: if fresh && stalled.is_none() {
             eta_seconds(&totals, rate)
         } else {
             None
         },
         daemon_running: fresh,
+        stalled,
         stopped_reason: progress.and_then(|p| p.stopped_reason),
         waiting_for_tencent: waiting,
         blocked_lanes: store.blocked_lanes(50).await?,
@@ -79,6 +94,36 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
             store.jobs(20).await?
         },
     })
+}
+
+/// Why a running import makes no progress, if it makes none: `None` while it moves (or when there
+/// is nothing left, or no daemon to judge).
+pub fn stall_reason(
+    t: &Totals,
+    daemon_running: bool,
+    waiting: Option<&Waiting>,
+    active_lanes: Option<usize>,
+    rate: f64,
+) -> Option<String> {
+    let importable = t.pending + t.in_flight;
+    if importable == 0 && t.blocked > 0 {
+        return Some(format!(
+            "every remaining message ({}) is in a blocked lane; fix the cause, then `timport retry`",
+            t.blocked
+        ));
+    }
+    if !daemon_running || importable == 0 {
+        return None;
+    }
+    if let Some(w) = waiting {
+        return Some(format!("waiting for Tencent: {}", w.reason));
+    }
+    if active_lanes == Some(0) && rate < 0.01 {
+        return Some(
+            "no lane is at work and nothing was imported recently (lanes backing off)".into(),
+        );
+    }
+    None
 }
 
 /// The report as a table for people.
@@ -95,15 +140,17 @@ pub fn render(r: &StatusReport) -> String {
         Some(secs) => humantime::format_duration(Duration::from_secs(secs)).to_string(),
         None => "unknown".into(),
     };
-    if t.pending + t.in_flight == 0 {
+    if t.pending + t.in_flight == 0 && t.blocked == 0 {
         let _ = writeln!(s, "rate       nothing left to import");
+    } else if let Some(why) = &r.stalled {
+        let _ = writeln!(s, "rate       stalled, no ETA: {}", esc(why));
     } else if r.daemon_running {
         let _ = writeln!(s, "rate       {:.1} messages/s, ETA {eta}", r.rate);
     } else {
         let _ = writeln!(s, "rate       no daemon importing right now");
     }
     if let Some(reason) = &r.stopped_reason {
-        let _ = writeln!(s, "STOPPED    {reason}");
+        let _ = writeln!(s, "STOPPED    {}", esc(reason));
     }
     if let Some(w) = &r.waiting_for_tencent {
         let _ = writeln!(
@@ -115,7 +162,7 @@ pub fn render(r: &StatusReport) -> String {
             humantime::format_duration(Duration::from_secs(
                 u64::try_from(unix_now() - w.since).unwrap_or(0)
             )),
-            w.reason
+            esc(&w.reason)
         );
     }
     let _ = writeln!(s, "lanes      {} ({} blocked)", t.lanes, t.lanes_blocked);
@@ -136,18 +183,21 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(
                 s,
                 "  {}{}  {} messages  {}",
-                l.group_id,
-                topic(&l.topic_id),
+                esc(&l.group_id),
+                esc(&topic(&l.topic_id)),
                 l.pending + l.in_flight,
-                l.blocked_reason.as_deref().unwrap_or("")
+                esc(l.blocked_reason.as_deref().unwrap_or(""))
             );
         }
     }
     if !r.failure_reasons.is_empty() {
-        let _ = writeln!(s, "\nmost common failure reasons:");
+        let _ = writeln!(s, "\nmost common failure reasons (by code and kind):");
         for f in &r.failure_reasons {
             let code = f.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-            let _ = writeln!(s, "  {:>7} x{:<6} {}", code, f.messages, f.reason);
+            let _ = writeln!(s, "  {:>7} x{:<6} {}", code, f.messages, esc(&f.reason));
+            if f.example != f.reason {
+                let _ = writeln!(s, "  {:>7}  e.g.   {}", "", esc(&f.example));
+            }
         }
     }
     if !r.groups.is_empty() {
@@ -160,7 +210,7 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(
                 s,
                 "{:<32} {:>9} {:>9} {:>9} {:>7}  {:<8} {}",
-                format!("{}{}", l.group_id, topic(&l.topic_id)),
+                esc(&format!("{}{}", l.group_id, topic(&l.topic_id))),
                 l.imported,
                 l.pending,
                 l.in_flight,
@@ -181,7 +231,7 @@ pub fn render(r: &StatusReport) -> String {
                 s,
                 "{:>5} {:<32} {:>9} {:>9} {:>9} {:>7}",
                 j.id,
-                j.source,
+                esc(&j.source),
                 j.messages,
                 j.imported,
                 j.pending + j.in_flight,
@@ -192,10 +242,55 @@ pub fn render(r: &StatusReport) -> String {
     s
 }
 
+fn esc(text: &str) -> std::borrow::Cow<'_, str> {
+    crate::telemetry::escape_control(text)
+}
+
 fn topic(t: &str) -> String {
     if t.is_empty() {
         String::new()
     } else {
         format!("/{t}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(pending: i64, blocked: i64) -> Totals {
+        Totals {
+            pending,
+            in_flight: 0,
+            imported: 10,
+            failed: 0,
+            blocked,
+            total: 10 + pending + blocked,
+            lanes: 2,
+            lanes_blocked: i64::from(blocked > 0),
+        }
+    }
+
+    #[test]
+    fn stalled_imports_have_no_eta() {
+        // Moving: no stall.
+        assert_eq!(
+            stall_reason(&totals(100, 0), true, None, Some(3), 50.0),
+            None
+        );
+        // Everything left is blocked.
+        let why = stall_reason(&totals(0, 40), true, None, Some(0), 0.0).unwrap();
+        assert!(why.contains("blocked"), "{why}");
+        // Waiting for Tencent.
+        let w = Waiting {
+            since: 1,
+            reason: "connection refused".into(),
+        };
+        let why = stall_reason(&totals(100, 0), true, Some(&w), Some(3), 20.0).unwrap();
+        assert!(why.contains("connection refused"), "{why}");
+        // No lane at work, no rate.
+        assert!(stall_reason(&totals(100, 0), true, None, Some(0), 0.0).is_some());
+        // Nothing left.
+        assert_eq!(stall_reason(&totals(0, 0), true, None, Some(0), 0.0), None);
     }
 }
