@@ -69,14 +69,15 @@ pub async fn run_with(
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Option<tokio::time::Instant> = None;
+    let mut failing: Option<String> = None;
     loop {
         let due_at = due.unwrap_or_else(|| tokio::time::Instant::now() + cfg.rescan_interval);
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = rescan.tick() => due = scan(&store, &mut spool, &cancel).await,
-            Some(()) = wake_rx.recv() => due = scan(&store, &mut spool, &cancel).await,
+            _ = rescan.tick() => due = scan(&store, &mut spool, &mut failing, &cancel).await,
+            Some(()) = wake_rx.recv() => due = scan(&store, &mut spool, &mut failing, &cancel).await,
             _ = tokio::time::sleep_until(due_at), if due.is_some() => {
-                due = scan(&store, &mut spool, &cancel).await;
+                due = scan(&store, &mut spool, &mut failing, &cancel).await;
             }
             _ = poll.tick() => {
                 if let Err(e) = table::poll_once(&store).await {
@@ -88,19 +89,31 @@ pub async fn run_with(
     tracing::info!("intake stopped");
 }
 
-/// One scan; returns when the next is due for files still settling or waiting for a retry.
+/// One scan; returns when the next is due for files still settling or waiting for a retry. A
+/// spool folder that cannot be listed is logged once per distinct error, and once when it can be
+/// again (`failing` carries the last error).
 async fn scan(
     store: &Store,
     spool: &mut spool::Spool,
+    failing: &mut Option<String>,
     cancel: &CancellationToken,
 ) -> Option<tokio::time::Instant> {
     match spool.scan(store, cancel).await {
-        Ok(s) => s.next_in.map(|d| {
-            // A little past the moment, so the file has surely held still long enough.
-            tokio::time::Instant::now() + d + Duration::from_millis(50)
-        }),
+        Ok(s) => {
+            if failing.take().is_some() {
+                tracing::info!(spool = %spool.dir().display(), "spool folder readable again");
+            }
+            s.next_in.map(|d| {
+                // A little past the moment, so the file has surely held still long enough.
+                tokio::time::Instant::now() + d + Duration::from_millis(50)
+            })
+        }
         Err(e) => {
-            tracing::warn!(spool = %spool.dir().display(), error = %e, "spool scan failed; retrying at the next rescan");
+            let text = e.to_string();
+            if failing.as_deref() != Some(text.as_str()) {
+                tracing::warn!(spool = %spool.dir().display(), error = %e, "spool scan failed; retrying at every rescan (logged again only if the error changes)");
+                *failing = Some(text);
+            }
             None
         }
     }
