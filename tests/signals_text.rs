@@ -174,3 +174,41 @@ async fn status_groups_failures_by_code_and_kind() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_gives_no_eta_while_everything_left_is_blocked() {
+    let env = Env::new().await;
+    // A group the server does not know: its lane blocks (10010) with every message still to go.
+    let text: String = (0..20)
+        .map(|i| line("missing", "u", T0 + i, &format!("m{i}")) + "\n")
+        .collect();
+    queue(&env, "missing.ndjson", &text).await;
+    let sim = start_sim(sim_config()).await;
+    run_until_idle(&env.store, client_for(&sim, 500), engine_config())
+        .await
+        .unwrap();
+    let status = |json: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_timport"));
+        c.arg("status");
+        if json {
+            c.arg("--json");
+        }
+        c.env_remove("TIMPORT_CONFIG")
+            .env("TIMPORT__QUEUE__DATABASE", env.db_path())
+            .output()
+            .unwrap()
+    };
+    let out = status(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains("nothing left to import"), "{stdout}");
+    assert!(!stdout.contains("ETA "), "{stdout}");
+    assert!(
+        stdout.contains("stalled, no ETA") && stdout.contains("blocked lane"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&status(true).stdout).unwrap();
+    assert!(v["eta_seconds"].is_null(), "{v}");
+    assert!(v["stalled"].as_str().unwrap().contains("blocked"), "{v}");
+    sim.shutdown().await;
+}
