@@ -189,7 +189,11 @@ async fn ingest(settings: &Settings, dry_run: bool, files: &[PathBuf]) -> anyhow
 
 /// One file's outcome as `timport ingest` prints it.
 pub fn describe(f: &Path, outcome: &FileOutcome) -> String {
-    let name = f.display();
+    // Control characters and bytes that are not UTF-8 escaped: a name cannot forge a line.
+    let name = {
+        use std::os::unix::ffi::OsStrExt;
+        crate::telemetry::escape_bytes(f.as_os_str().as_bytes())
+    };
     match outcome {
         FileOutcome::Accepted {
             job_id,
@@ -215,7 +219,10 @@ pub fn describe(f: &Path, outcome: &FileOutcome) -> String {
                     (l, Some(i)) => format!("line {l} (message {i}): "),
                     (l, None) => format!("line {l}: "),
                 };
-                s.push_str(&format!("  {at}{}\n", p.problem));
+                s.push_str(&format!(
+                    "  {at}{}\n",
+                    crate::telemetry::escape_control(&p.problem)
+                ));
             }
             if *problem_count > 20 {
                 s.push_str(&format!("  … and {} more\n", problem_count - 20));

@@ -172,6 +172,27 @@ async fn a_file_written_while_it_is_read_is_not_queued_and_is_taken_later() {
     }
 }
 
+#[tokio::test]
+async fn a_json_file_over_its_limit_is_rejected_unread() {
+    let env = Env::new().await;
+    let path = env.dir.path().join("big.json");
+    let f = std::fs::File::create(&path).unwrap();
+    // Sparse: no time or disk spent writing it.
+    f.set_len(timport::intake::files::MAX_JSON_FILE_BYTES + 1)
+        .unwrap();
+    drop(f);
+    let outcome = ingest_file(Some(&env.store), &path, false, &CancellationToken::new())
+        .await
+        .unwrap();
+    let FileOutcome::Rejected { problems, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        problems[0].problem.contains("at most 64 MiB"),
+        "{problems:?}"
+    );
+}
+
 fn mkfifo(path: &Path) {
     assert!(Command::new("mkfifo").arg(path).status().unwrap().success());
 }

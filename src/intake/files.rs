@@ -1,7 +1,8 @@
 //! Job files: `.json` (one import_group_msg body or an array of them) and `.ndjson`/`.jsonl`
 //! (one message per line, streamed so memory does not grow with the file). A line longer than
 //! [`MAX_LINE_BYTES`] is a problem named by its line number and is never held whole: memory stays
-//! bounded whatever the file holds.
+//! bounded whatever the file holds. A `.json` file is parsed whole, so it may hold at most
+//! [`MAX_JSON_FILE_BYTES`].
 //!
 //! The file's size, modification and change times are taken from the open handle before reading
 //! and again after; when they moved (the file was written to meanwhile) or fewer bytes were read
@@ -42,6 +43,10 @@ const BATCH: usize = 1024;
 /// [`validate::MAX_BODY_BYTES`]) plus an envelope of a few short fields; the rest is room for
 /// whitespace and escapes. A longer line cannot be a valid message and is skipped unread.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// The largest `.json` job file: it is parsed whole, so its size bounds the memory an ingest
+/// takes. Larger exports are split, or written as `.ndjson` (streamed line by line).
+pub const MAX_JSON_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// One problem in a job file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -172,6 +177,13 @@ pub async fn ingest_file(
         path: path.to_path_buf(),
         source,
     })?;
+    if format == Format::Json && before.size > MAX_JSON_FILE_BYTES {
+        return Ok(rejected_whole(format!(
+            "the file is {} bytes; a .json job file is read whole and may hold at most {} MiB: split it, or write it as .ndjson (one message per line, streamed)",
+            before.size,
+            MAX_JSON_FILE_BYTES >> 20
+        )));
+    }
     let (tx, mut rx) = mpsc::channel::<Event>(8);
     let now = unix_now();
     let parser = tokio::task::spawn_blocking(move || match format {
@@ -731,9 +743,10 @@ struct RawBody<'a> {
     members: Option<&'a RawValue>,
 }
 
-fn parse_json(mut file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<u64> {
+fn parse_json(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<u64> {
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    // One byte past the limit at most: a file that grew meanwhile is caught by the size check.
+    file.take(MAX_JSON_FILE_BYTES + 1).read_to_end(&mut bytes)?;
     let read = bytes.len() as u64;
     let hash = hex::encode(Sha256::digest(&bytes));
     let mut c = Collector::new(tx);
