@@ -23,7 +23,7 @@ use crate::ops::{self, Readiness, status, systemd};
 use crate::pacing::Pacer;
 use crate::settings::{Settings, SettingsError};
 use crate::simulator::{self, SimConfig, SimulateArgs};
-use crate::store::{RetryScope, Store, StoreOptions};
+use crate::store::{RetryScope, Store, StoreError, StoreOptions};
 use crate::tencent::{ClientConfig, Region, TencentClient};
 
 /// Exit code for bad usage or invalid configuration.
@@ -148,13 +148,17 @@ fn config_error(e: &SettingsError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    let opts = StoreOptions {
+fn store_options(settings: &Settings) -> StoreOptions {
+    StoreOptions {
         synchronous: settings.queue.synchronous,
         busy_timeout: settings.queue.busy_timeout,
         readers: 2,
-    };
-    Ok(Store::open(&settings.queue.database, &opts).await?)
+    }
+}
+
+/// Opens (creating it when missing) the queue for `run` and `ingest`.
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Ok(Store::open(&settings.queue.database, &store_options(settings)).await?)
 }
 
 async fn ingest(settings: &Settings, dry_run: bool, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
@@ -229,17 +233,12 @@ async fn show_status(
     let db = &settings.queue.database;
     if !db.exists() {
         eprintln!(
-            "timport: database {} does not exist (queue.database); nothing to report",
+            "timport: database {} does not exist (queue.database); check the path. Nothing was created",
             db.display()
         );
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let opts = StoreOptions {
-        synchronous: settings.queue.synchronous,
-        busy_timeout: settings.queue.busy_timeout,
-        readers: 2,
-    };
-    let store = Store::open_read_only(db, &opts).await?;
+    let store = Store::open_read_only(db, &store_options(settings)).await?;
     let r = status::report(&store, group).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -265,7 +264,16 @@ async fn retry(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let store = open_store(settings).await?;
+    // An existing queue only: a mistyped path must not create an empty one.
+    let store = match Store::open_existing(&settings.queue.database, &store_options(settings)).await
+    {
+        Ok(s) => s,
+        Err(e @ StoreError::NotFound { .. }) => {
+            eprintln!("timport: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (messages, lanes) = store.retry(scope).await?;
     tracing::info!(messages, lanes, ?scope, "retry requested");
     println!("{messages} failed message(s) back to pending, {lanes} blocked lane(s) unblocked");
@@ -428,6 +436,10 @@ async fn run(
 
     // Ready: the store is migrated and writable, the client and the listener are up.
     systemd::ready();
+    let health_task = tokio::spawn(systemd::follow_health(
+        store.subscribe_health(),
+        shutdown.clone(),
+    ));
 
     // Job files named on the command line, then one pass over the spool and the intake table,
     // so `--until-idle` sees everything that is waiting now.
@@ -497,6 +509,7 @@ async fn run(
         }
     };
     shutdown.cancel();
+    let _ = health_task.await;
     let _ = intake_task.await;
     if let Some(t) = http_task {
         let _ = t.await;
