@@ -2,7 +2,8 @@
 //!
 //! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
 //! the key), installs telemetry, opens the store (`run` takes the single-instance lock first; see
-//! [`lock_daemon`]; `status` opens it read-only), and wires intake, engine, simulator and the ops
+//! [`lock_daemon`]; `status` opens it read-only and `retry` only an existing queue, so neither
+//! creates one: a missing database exits 2), and wires intake, engine, simulator and the ops
 //! listener together under one shutdown token fired by SIGTERM or SIGINT. Errors here carry
 //! anyhow context; the modules below return typed errors.
 
@@ -455,7 +456,11 @@ async fn run(
     spool::scan_once(&store, &settings.queue.spool_dir, &shutdown)
         .await
         .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
-    table::poll_once(&store).await?;
+    // A failure here (a disk that filled since the write probe) is the intake loop's to retry,
+    // not a reason to exit; a corrupt file stops the engine at its first look.
+    if let Err(e) = table::poll_once(&store).await {
+        tracing::warn!(error = %e, "intake table poll failed; the intake loop retries it");
+    }
 
     let intake_task = tokio::spawn(intake::run(
         store.clone(),

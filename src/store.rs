@@ -18,6 +18,15 @@
 //! Recovery: SQLite's WAL makes every committed transaction durable across a process crash; an
 //! uncommitted one (an ingest killed half-way) leaves no trace. Nothing here keeps state outside
 //! the file, so stopping is just dropping the pools ([`Store::close`] checkpoints cleanly).
+//!
+//! Faults of the file ([`Health`], shared by every clone): each failed statement is classified
+//! once ([`Store::err`]). A write refusal (disk full, read-only, I/O error) is logged once, the
+//! writer connection is replaced (as is any connection a failed COMMIT or ROLLBACK left inside a
+//! transaction for sqlx), and a probe write retries with backoff from 1 s to 30 s; the next
+//! committed write, the probe's or anyone's, clears it with one log line. SQLITE_CORRUPT and
+//! SQLITE_NOTADB, and the file at the path deleted or replaced ([`Store::check_file`]), are
+//! fatal: the health says why, and the daemon stops on it. At every open a quick check touches
+//! each table's and index's root page; [`Store::open_existing`] refuses to create a queue.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -15,6 +15,12 @@
 //! stay in flight and are reconciled at the next start, so stopping at any instant (SIGKILL
 //! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
 //! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
+//!
+//! The database: while it refuses writes (the store's [`Health`]), no lane starts and the loop
+//! goes on (watchdog, progress naming the cause); a lane whose record failed ends, its messages
+//! stay in flight and are reconciled when it starts again, so an answer that could not be
+//! recorded is neither lost nor sent twice. A corrupt, deleted or replaced database stops the
+//! engine with [`EngineError::Database`] and no further watchdog tick.
 
 pub mod commit;
 pub mod group;
