@@ -29,6 +29,10 @@ use crate::tencent::{ClientConfig, Region, TencentClient};
 
 /// Exit code for bad usage or invalid configuration.
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for a database that is corrupt, or was deleted or replaced while the daemon ran: a
+/// restart cannot fix it (and after a deletion would start an empty queue), so the systemd unit
+/// does not restart on it.
+pub const EXIT_DATABASE: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -137,6 +141,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Err(e) => {
             if let Some(se) = e.downcast_ref::<SettingsError>() {
                 return config_error(se);
+            }
+            if e.downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_fatal)
+            {
+                eprintln!("timport: {e:#}");
+                return ExitCode::from(EXIT_DATABASE);
             }
             eprintln!("timport: {e:#}");
             ExitCode::FAILURE
@@ -507,6 +517,10 @@ async fn run(
                 shutdown.cancelled().await;
                 ExitCode::from(EXIT_CONFIG)
             }
+        }
+        Err(e @ EngineError::Database(_)) => {
+            eprintln!("timport: {e}");
+            ExitCode::from(EXIT_DATABASE)
         }
         Err(e) => {
             eprintln!("timport: {e}");

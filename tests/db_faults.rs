@@ -480,7 +480,7 @@ async fn a_corrupt_page_mid_queue_stops_until_idle_with_the_file_named() {
     let mut child = spawn_run(&config, &log, &["--until-idle"]);
     let status = wait_exit(&mut child, Duration::from_secs(240)).await;
     let log_text = log_of(&log_path);
-    assert_eq!(status.code(), Some(1), "{}", tail(&log_text));
+    assert_eq!(status.code(), Some(3), "{}", tail(&log_text));
     assert!(
         on_server(&sim) < msgs.len(),
         "it stopped at the corrupt page"
@@ -575,7 +575,7 @@ async fn a_start_on_a_corrupt_header_or_a_non_database_exits_with_a_clear_error(
     let junk = env.write("junk.db", &"this is not an SQLite file\n".repeat(400));
     let before = std::fs::read(&junk).unwrap();
     let (code, stderr) = run_on(&env, &sim, &junk);
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains("is corrupt") && stderr.contains("file is not a database"),
         "{stderr}"
@@ -593,7 +593,7 @@ async fn a_start_on_a_corrupt_header_or_a_non_database_exits_with_a_clear_error(
     bytes[..100].fill(0x33);
     std::fs::write(&db, &bytes).unwrap();
     let (code, stderr) = run_on(&env, &sim, &db);
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("is corrupt"), "{stderr}");
 
     // A real queue whose messages table's root page is garbage: the quick check at start finds
@@ -613,7 +613,7 @@ async fn a_start_on_a_corrupt_header_or_a_non_database_exits_with_a_clear_error(
     };
     dd_garbage(&db, root as u64);
     let (code, stderr) = run_on(&env, &sim, &db);
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("is corrupt"), "{stderr}");
     assert_eq!(on_server(&sim), 0, "nothing sent");
     // `status` says so too, rather than reporting on a broken file.
@@ -624,7 +624,7 @@ async fn a_start_on_a_corrupt_header_or_a_non_database_exits_with_a_clear_error(
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("is corrupt"), "{stderr}");
     sim.shutdown().await;
 }
@@ -708,7 +708,7 @@ async fn deleting_the_database_under_a_running_daemon_stops_it() {
     std::fs::remove_file(&db).unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(60)).await;
     let log_text = log_of(&log_path);
-    assert_eq!(status.code(), Some(1), "{}", tail(&log_text));
+    assert_eq!(status.code(), Some(3), "{}", tail(&log_text));
     assert!(
         log_text.contains(&format!("database {} was deleted", db.display())),
         "{}",
@@ -747,7 +747,7 @@ async fn replacing_the_database_under_a_running_daemon_stops_it_and_leaves_the_n
     std::fs::rename(&copy, &db).unwrap();
     let status = wait_exit(&mut child, Duration::from_secs(60)).await;
     let log_text = log_of(&log_path);
-    assert_eq!(status.code(), Some(1), "{}", tail(&log_text));
+    assert_eq!(status.code(), Some(3), "{}", tail(&log_text));
     assert!(
         log_text.contains("was replaced by another file"),
         "{}",
