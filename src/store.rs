@@ -343,7 +343,12 @@ impl Store {
                 let renew = renew_on_release.clone();
                 Box::pin(async move {
                     use sqlx::Connection;
-                    conn.ping().await?;
+                    if conn.is_in_transaction() {
+                        // Only after a transaction dropped uncommitted (an error path): let its
+                        // rollback run first. A commit or rollback that worked left depth 0, so
+                        // the usual release costs no extra round trip.
+                        conn.ping().await?;
+                    }
                     let usable = !conn.is_in_transaction() && !renew.swap(false, Ordering::SeqCst);
                     if !usable {
                         tracing::debug!(

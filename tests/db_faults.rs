@@ -257,6 +257,17 @@ fn assert_refusal_logged(log: &str, kind: &str) {
         tail(log)
     );
     assert!(!log.contains("message failed"), "no message failed for it");
+    for noise in [
+        "intake table poll failed",
+        "lane step failed",
+        "group step failed",
+    ] {
+        assert!(
+            !log.contains(noise),
+            "no {noise:?} warnings on top of the one refusal:\n{}",
+            tail(log)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
