@@ -519,6 +519,8 @@ async fn run(
             }
         }
         Err(e @ EngineError::Database(_)) => {
+            *readiness.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            systemd::status(&format!("stopped: {e}"));
             eprintln!("timport: {e}");
             ExitCode::from(EXIT_DATABASE)
         }

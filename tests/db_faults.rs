@@ -105,6 +105,53 @@ impl Drop for Immutable {
     }
 }
 
+/// A systemd notification socket: every line the child sends, in order, collected by a thread.
+struct Notify {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Notify {
+    fn new() -> Notify {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                into.lock().unwrap().extend(msg.lines().map(str::to_string));
+            }
+        });
+        Notify {
+            _dir: dir,
+            path,
+            lines,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// `timport run --config CONFIG EXTRA...` as systemd would start it, with a 2 s watchdog.
+    fn spawn_run(&self, config: &Path, log: &std::fs::File, extra: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_timport"))
+            .args(["run", "--config", &path_str(config)])
+            .args(extra)
+            .env_remove("TIMPORT_CONFIG")
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("WATCHDOG_USEC", "2000000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log.try_clone().unwrap()))
+            .spawn()
+            .unwrap()
+    }
+}
+
 /// A free loopback port for the child's HTTP listener.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -321,7 +368,8 @@ async fn a_disk_full_during_an_import_waits_and_resumes_without_a_restart() {
     );
     let log_path = env.dir.path().join("daemon.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = spawn_run(&config, &log, &["--until-idle"]);
+    let notify = Notify::new();
+    let mut child = notify.spawn_run(&config, &log, &["--until-idle"]);
 
     eventually("the first messages landed", || on_server(&sim) >= 20).await;
     let filler = mount.fill();
@@ -334,12 +382,26 @@ async fn a_disk_full_during_an_import_waits_and_resumes_without_a_restart() {
         log_of(&log_path).contains("progress: waiting for the database to accept writes")
     })
     .await;
+    // systemd's status line names the cause, and the watchdog goes on: the daemon waits for the
+    // operator and resumes by itself, which a restart would not do better.
+    eventually("STATUS= names the refusal", || {
+        notify.lines().iter().any(|l| {
+            l.starts_with("STATUS=waiting: the database refuses writes") && l.contains("disk full")
+        })
+    })
+    .await;
+    let pings = |n: &Notify| n.lines().iter().filter(|l| *l == "WATCHDOG=1").count();
+    let pinged = pings(&notify);
     // While refused, the import stands still: nothing is sent that could not be recorded.
     let held = on_server(&sim);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         on_server(&sim) <= held + 4 * 5,
         "lanes stopped sending (at most one batch each after the refusal)"
+    );
+    assert!(
+        pings(&notify) > pinged,
+        "the watchdog goes on while waiting"
     );
     std::fs::remove_file(&filler).unwrap();
 
@@ -347,6 +409,15 @@ async fn a_disk_full_during_an_import_waits_and_resumes_without_a_restart() {
     let log_text = log_of(&log_path);
     assert_eq!(status.code(), Some(0), "all imported:\n{}", tail(&log_text));
     assert_refusal_logged(&log_text, "database or disk is full");
+    assert!(
+        notify
+            .lines()
+            .iter()
+            .skip_while(|l| !l.starts_with("STATUS=waiting"))
+            .any(|l| l == "STATUS=importing"),
+        "STATUS= says it imports again: {:?}",
+        notify.lines()
+    );
     assert_history(&sim, &msgs);
     let store = Store::open_read_only(&db, &StoreOptions::default())
         .await
@@ -488,10 +559,25 @@ async fn a_corrupt_page_mid_queue_stops_until_idle_with_the_file_named() {
     let config = config_with_http(&env, &sim, &db, "", port);
     let log_path = env.dir.path().join("daemon.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = spawn_run(&config, &log, &["--until-idle"]);
+    let notify = Notify::new();
+    let mut child = notify.spawn_run(&config, &log, &["--until-idle"]);
     let status = wait_exit(&mut child, Duration::from_secs(240)).await;
     let log_text = log_of(&log_path);
     assert_eq!(status.code(), Some(3), "{}", tail(&log_text));
+    // systemd sees it: the status says why, and no watchdog ping follows it.
+    let lines = notify.lines();
+    let stopped = lines
+        .iter()
+        .position(|l| l.starts_with("STATUS=stopped: database") && l.contains("is corrupt"))
+        .unwrap_or_else(|| panic!("STATUS=stopped names the corrupt file: {lines:?}"));
+    assert!(
+        lines[..stopped].iter().any(|l| l == "WATCHDOG=1"),
+        "pinged while it worked: {lines:?}"
+    );
+    assert!(
+        !lines[stopped..].iter().any(|l| l == "WATCHDOG=1"),
+        "no ping once the database was found corrupt: {lines:?}"
+    );
     assert!(
         on_server(&sim) < msgs.len(),
         "it stopped at the corrupt page"

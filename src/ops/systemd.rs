@@ -62,12 +62,14 @@ pub async fn follow_health(
 ) {
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            // A change that came with the stop (a corrupt file stops everything) is still said.
+            biased;
             changed = health.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
+            _ = stop.cancelled() => return,
         }
         let now = health.borrow_and_update().clone();
         match now {
