@@ -97,7 +97,7 @@ pub enum StoreError {
     },
     /// SQLITE_CORRUPT or SQLITE_NOTADB: nothing written to this file can be trusted any more.
     #[error(
-        "database {path} is corrupt ({error}): timport stops and must not run on this file. Restore the latest backup of it (docs/OPERATIONS.md, \"A corrupt database\") and start again; `timport verify` then shows what the server holds"
+        "database {path} is corrupt ({error}): timport stops and must not run on this file. Restore the latest backup of it (docs/OPERATIONS.md, \"The database file: full, corrupt, deleted\") and start again; `timport verify` then shows what the server holds"
     )]
     Corrupt {
         path: PathBuf,
@@ -274,8 +274,10 @@ impl Store {
     }
 
     /// Opens a queue that must already exist (`timport retry`, `timport verify`): like
-    /// [`Store::open`], but a missing or empty file, or an SQLite file that is not a timport
-    /// queue, is [`StoreError::NotFound`] and nothing is created, migrated or written.
+    /// [`Store::open`] (migrations, write probe), but a missing or empty file, or an SQLite file
+    /// that is not a timport queue, is [`StoreError::NotFound`], and then nothing is created,
+    /// migrated or written. For reading only, [`Store::open_read_only`] also refuses a missing
+    /// file.
     pub async fn open_existing(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
         let not_found = |what| StoreError::NotFound {
             path: path.to_path_buf(),

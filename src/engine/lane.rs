@@ -93,7 +93,7 @@ pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
             Err(e) => {
                 // Whatever was claimed stays in flight and is reconciled when the lane starts
                 // again, as after a crash: an answer that could not be recorded is asked of the
-                // server, never sent twice, and costs no attempt.
+                // server, never sent twice, and fails no message.
                 if sh.store.health() == crate::store::Health::Ok {
                     tracing::warn!(group = %lane.group_id, error = %e, "lane step failed on the store; retrying later");
                     tokio::time::sleep(Duration::from_secs(1)).await;
