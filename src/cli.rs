@@ -2,7 +2,8 @@
 //!
 //! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
 //! the key), installs telemetry, opens the store (`run` takes the single-instance lock first; see
-//! [`lock_daemon`]; `status` opens it read-only), and wires intake, engine, simulator and the ops
+//! [`lock_daemon`]; `status` opens it read-only and `retry` only an existing queue, so neither
+//! creates one: a missing database exits 2), and wires intake, engine, simulator and the ops
 //! listener together under one shutdown token fired by SIGTERM or SIGINT. `run` ignores SIGHUP
 //! (one log line each time): there is no configuration reload and no log file to reopen, so a
 //! closed terminal or a stray `kill -HUP` must not end an import. Errors here carry
@@ -25,11 +26,15 @@ use crate::ops::{self, Readiness, status, systemd};
 use crate::pacing::Pacer;
 use crate::settings::{Settings, SettingsError};
 use crate::simulator::{self, SimConfig, SimulateArgs};
-use crate::store::{RetryScope, Store, StoreOptions};
+use crate::store::{RetryScope, Store, StoreError, StoreOptions};
 use crate::tencent::{ClientConfig, Region, TencentClient};
 
 /// Exit code for bad usage or invalid configuration.
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code for a database that is corrupt, or was deleted or replaced while the daemon ran: a
+/// restart cannot fix it (and after a deletion would start an empty queue), so the systemd unit
+/// does not restart on it.
+pub const EXIT_DATABASE: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -142,6 +147,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
             if let Some(se) = e.downcast_ref::<SettingsError>() {
                 return config_error(se);
             }
+            if e.downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_fatal)
+            {
+                eprintln!("timport: {e:#}");
+                return ExitCode::from(EXIT_DATABASE);
+            }
             eprintln!("timport: {e:#}");
             ExitCode::FAILURE
         }
@@ -153,13 +164,17 @@ fn config_error(e: &SettingsError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    let opts = StoreOptions {
+fn store_options(settings: &Settings) -> StoreOptions {
+    StoreOptions {
         synchronous: settings.queue.synchronous,
         busy_timeout: settings.queue.busy_timeout,
         readers: 2,
-    };
-    Ok(Store::open(&settings.queue.database, &opts).await?)
+    }
+}
+
+/// Opens (creating it when missing) the queue for `run` and `ingest`.
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Ok(Store::open(&settings.queue.database, &store_options(settings)).await?)
 }
 
 async fn ingest(settings: &Settings, dry_run: bool, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
@@ -241,17 +256,12 @@ async fn show_status(
     let db = &settings.queue.database;
     if !db.exists() {
         eprintln!(
-            "timport: database {} does not exist (queue.database); nothing to report",
+            "timport: database {} does not exist (queue.database); check the path. Nothing was created",
             db.display()
         );
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let opts = StoreOptions {
-        synchronous: settings.queue.synchronous,
-        busy_timeout: settings.queue.busy_timeout,
-        readers: 2,
-    };
-    let store = Store::open_read_only(db, &opts).await?;
+    let store = Store::open_read_only(db, &store_options(settings)).await?;
     let r = status::report(&store, group).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -277,7 +287,16 @@ async fn retry(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let store = open_store(settings).await?;
+    // An existing queue only: a mistyped path must not create an empty one.
+    let store = match Store::open_existing(&settings.queue.database, &store_options(settings)).await
+    {
+        Ok(s) => s,
+        Err(e @ StoreError::NotFound { .. }) => {
+            eprintln!("timport: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (messages, lanes) = store.retry(scope).await?;
     tracing::info!(messages, lanes, ?scope, "retry requested");
     println!("{messages} failed message(s) back to pending, {lanes} blocked lane(s) unblocked");
@@ -463,6 +482,10 @@ async fn run(
 
     // Ready: the store is migrated and writable, the client and the listener are up.
     systemd::ready();
+    let health_task = tokio::spawn(systemd::follow_health(
+        store.subscribe_health(),
+        shutdown.clone(),
+    ));
 
     // Job files named on the command line, then one pass over the spool and the intake table,
     // so `--until-idle` sees everything that is waiting now.
@@ -497,7 +520,11 @@ async fn run(
             _ => break,
         }
     }
-    table::poll_once(&store).await?;
+    // A failure here (a disk that filled since the write probe) is the intake loop's to retry,
+    // not a reason to exit; a corrupt file stops the engine at its first look.
+    if let Err(e) = table::poll_once(&store).await {
+        tracing::warn!(error = %e, "intake table poll failed; the intake loop retries it");
+    }
 
     let intake_task = tokio::spawn(intake::run_with(
         store.clone(),
@@ -542,12 +569,19 @@ async fn run(
                 ExitCode::from(EXIT_CONFIG)
             }
         }
+        Err(e @ EngineError::Database(_)) => {
+            *readiness.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            systemd::status(&format!("stopped: {e}"));
+            eprintln!("timport: {e}");
+            ExitCode::from(EXIT_DATABASE)
+        }
         Err(e) => {
             eprintln!("timport: {e}");
             ExitCode::FAILURE
         }
     };
     shutdown.cancel();
+    let _ = health_task.await;
     let _ = intake_task.await;
     if let Some(t) = http_task {
         let _ = t.await;

@@ -18,6 +18,15 @@
 //! Recovery: SQLite's WAL makes every committed transaction durable across a process crash; an
 //! uncommitted one (an ingest killed half-way) leaves no trace. Nothing here keeps state outside
 //! the file, so stopping is just dropping the pools ([`Store::close`] checkpoints cleanly).
+//!
+//! Faults of the file ([`Health`], shared by every clone): each failed statement is classified
+//! once ([`Store::err`]). A write refusal (disk full, read-only, I/O error) is logged once, the
+//! writer connection is replaced (as is any connection a failed COMMIT or ROLLBACK left inside a
+//! transaction for sqlx), and a probe write retries with backoff from 1 s to 30 s; the next
+//! committed write, the probe's or anyone's, clears it with one log line. SQLITE_CORRUPT and
+//! SQLITE_NOTADB, and the file at the path deleted or replaced ([`Store::check_file`]), are
+//! fatal: the health says why, and the daemon stops on it. At every open a quick check touches
+//! each table's and index's root page; [`Store::open_existing`] refuses to create a queue.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -78,12 +87,92 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "database {path}: I/O error (check the disk, the mount, and the file's permissions and attributes such as chattr +i): {source}"
+    )]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// SQLITE_CORRUPT or SQLITE_NOTADB: nothing written to this file can be trusted any more.
+    #[error(
+        "database {path} is corrupt ({error}): timport stops and must not run on this file. Restore the latest backup of it (docs/OPERATIONS.md, \"The database file: full, corrupt, deleted\") and start again; `timport verify` then shows what the server holds"
+    )]
+    Corrupt {
+        path: PathBuf,
+        /// Not a `source`: the message above already says it, once.
+        error: sqlx::Error,
+    },
+    /// The file at the configured path is not the one opened (deleted, or replaced by another).
+    #[error(
+        "database {path} {what} while timport was running; it stopped so as not to go on in a file nobody sees. Put the file back (or restore a backup) and start again"
+    )]
+    Gone { path: PathBuf, what: &'static str },
+    /// A command that reads or changes an existing queue found none.
+    #[error(
+        "database {path} {what} (queue.database); check the path. Nothing was created or changed"
+    )]
+    NotFound { path: PathBuf, what: &'static str },
     #[error("database {path}: {source}")]
     Sql {
         path: PathBuf,
         #[source]
         source: sqlx::Error,
     },
+}
+
+impl StoreError {
+    /// Why the database refuses writes, when that is what this error says (a full disk, a
+    /// read-only or immutable file, an I/O error): a condition for the operator to fix, after
+    /// which writes work again without a restart.
+    pub fn write_refusal(&self) -> Option<&'static str> {
+        match self {
+            StoreError::DiskFull { .. } => Some("disk full"),
+            StoreError::ReadOnly { .. } => Some("read-only"),
+            StoreError::Io { .. } => Some("I/O error"),
+            _ => None,
+        }
+    }
+
+    /// The file is corrupt, gone or replaced: nothing more may be done with it.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. } | StoreError::Gone { .. })
+    }
+}
+
+/// Whether the database takes writes, shared by every clone of a [`Store`] and set by the store
+/// itself: any failed statement classified as a write refusal or as fatal changes it, and the
+/// next committed write (the store's own probe, with backoff, or anyone's) clears a refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Ok,
+    /// Writes fail for a reason the operator can fix (`cause` names it); retried with backoff.
+    WritesRefused {
+        cause: String,
+        since: i64,
+    },
+    /// Corrupt, deleted or replaced: the daemon must stop (`reason` says what to do).
+    Stopped {
+        reason: String,
+    },
+}
+
+/// First wait of the write probe after writes start failing; it doubles up to [`PROBE_MAX`].
+pub const PROBE_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two write probes.
+pub const PROBE_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct HealthCell {
+    tx: tokio::sync::watch::Sender<Health>,
+    /// A probe task is running.
+    probing: AtomicBool,
+    /// The probe's next wait, and when writes last recovered: a refusal soon after a recovery
+    /// (a probe that fit in the WAL while the disk is still full) goes on from the wait reached,
+    /// so the log does not flap.
+    backoff: std::sync::Mutex<(Duration, Option<std::time::Instant>)>,
 }
 
 /// How to open the store.
@@ -119,6 +208,29 @@ pub struct Store {
     synchronous: &'static str,
     /// The secret behind assigned Randoms (`meta.random_key`); `None` when opened read-only.
     random_key: Option<RandomKey>,
+    health: Arc<HealthCell>,
+    /// (device, inode) of the file opened, to notice it deleted or replaced under us.
+    identity: Option<(u64, u64)>,
+    /// Set on a write refusal: the writer connection is closed when it is next released, and
+    /// the pool opens a fresh one.
+    renew_writer: Arc<AtomicBool>,
+}
+
+impl HealthCell {
+    fn new() -> Arc<HealthCell> {
+        Arc::new(HealthCell {
+            tx: tokio::sync::watch::Sender::new(Health::Ok),
+            probing: AtomicBool::new(false),
+            backoff: std::sync::Mutex::new((PROBE_FIRST, None)),
+        })
+    }
+}
+
+/// (device, inode) of `path`.
+fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Current Unix time in seconds.
@@ -158,6 +270,44 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Store::open_file(path, opts, false).await
+    }
+
+    /// Opens a queue that must already exist (`timport retry`, `timport verify`): like
+    /// [`Store::open`] (migrations, write probe), but a missing or empty file, or an SQLite file
+    /// that is not a timport queue, is [`StoreError::NotFound`], and then nothing is created,
+    /// migrated or written. For reading only, [`Store::open_read_only`] also refuses a missing
+    /// file.
+    pub async fn open_existing(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let not_found = |what| StoreError::NotFound {
+            path: path.to_path_buf(),
+            what,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.len() > 0 => {}
+            Ok(m) if m.is_file() => return Err(not_found("is empty (not a timport queue)")),
+            Ok(_) => return Err(not_found("is not a regular file")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(not_found("does not exist"));
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        Store::open_file(path, opts, true).await
+    }
+
+    /// Opens the file at `path`, which exists: the quick check, the migrations, the write probe.
+    /// With `existing`, it must already hold a timport queue.
+    async fn open_file(
+        path: &Path,
+        opts: &StoreOptions,
+        existing: bool,
+    ) -> Result<Store, StoreError> {
+        let identity = identity_of(path).ok();
         let base = SqliteConnectOptions::new()
             .filename(path)
             .journal_mode(SqliteJournalMode::Wal)
@@ -169,6 +319,8 @@ impl Store {
             })
             .pragma("temp_store", "memory");
         let wrap = |source| classify(path, source);
+        let renew = Arc::new(AtomicBool::new(false));
+        let renew_on_release = renew.clone();
         // No ping before each acquire (a round trip to SQLite's thread per transaction): a local
         // file connection does not go stale, and a broken one fails its statement anyway.
         let writer = SqlitePoolOptions::new()
@@ -180,9 +332,53 @@ impl Store {
             // 32 MiB of page cache for the writer: a bulk ingest (rows sorted by lane, see
             // SORT_CHUNK) keeps its lanes' index leaves hot; 64 MiB was no faster once rows were
             // sorted, and cost 40 MiB more RSS. Readers keep SQLite's default.
+            // A transaction whose COMMIT or ROLLBACK failed (a full disk, an immutable file:
+            // SQLite may already have rolled it back itself) leaves sqlx's transaction depth
+            // above zero, and every later BEGIN on that connection fails. When the connection
+            // comes back, the rollback queued by the dropped transaction has run (the ping is
+            // queued behind it); if the depth is still not zero, the connection is closed and the
+            // pool opens a fresh one.
+            //
+            // After a write refusal the connection is replaced too: one opened while the file
+            // was read-only or immutable stays read-only after the cause is gone.
+            .after_release(move |conn, _meta| {
+                let renew = renew_on_release.clone();
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    if conn.is_in_transaction() {
+                        // Only after a transaction dropped uncommitted (an error path): let its
+                        // rollback run first. A commit or rollback that worked left depth 0, so
+                        // the usual release costs no extra round trip.
+                        conn.ping().await?;
+                    }
+                    let usable = !conn.is_in_transaction() && !renew.swap(false, Ordering::SeqCst);
+                    if !usable {
+                        tracing::debug!(
+                            "a failed transaction left the writer connection unusable (or writes were refused); opening a new one"
+                        );
+                    }
+                    Ok(usable)
+                })
+            })
             .connect_with(base.clone().pragma("cache_size", "-32768"))
             .await
             .map_err(wrap)?;
+        quick_check(path, &writer).await?;
+        if existing {
+            let queue: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'messages'",
+            )
+            .fetch_one(&writer)
+            .await
+            .map_err(wrap)?;
+            if queue == 0 {
+                writer.close().await;
+                return Err(StoreError::NotFound {
+                    path: path.to_path_buf(),
+                    what: "is not a timport queue (it has no messages table)",
+                });
+            }
+        }
         MIGRATOR.run(&writer).await.map_err(|source| match source {
             sqlx::migrate::MigrateError::Execute(e) => classify(path, e),
             source => StoreError::Migrate {
@@ -206,6 +402,9 @@ impl Store {
                 Synchronous::Full => "FULL",
             },
             random_key: None,
+            health: HealthCell::new(),
+            identity,
+            renew_writer: renew,
         };
         store.write_probe().await?;
         store.random_key = Some(store.load_random_key().await?);
@@ -263,6 +462,7 @@ impl Store {
             }
             Err(source) => return Err(classify(path, source)),
         };
+        quick_check(path, &reader).await?;
         Ok(Store {
             // Every write fails with SQLite's read-only error (there is no writer).
             writer: reader.clone(),
@@ -271,6 +471,9 @@ impl Store {
             relaxed: Arc::new(AtomicBool::new(false)),
             synchronous: "FULL",
             random_key: None,
+            health: HealthCell::new(),
+            identity: identity_of(path).ok(),
+            renew_writer: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -327,7 +530,7 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
-            tx.commit().await.map_err(|e| self.err(e))?;
+            self.commit_tx(tx).await?;
         }
     }
 
@@ -365,9 +568,174 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Wraps an sqlx error with the file name and its class.
+    /// Wraps an sqlx error with the file name and its class, and notes what it says about the
+    /// database's health (see [`Health`]).
     pub fn err(&self, e: sqlx::Error) -> StoreError {
-        classify(&self.path, e)
+        let e = classify(&self.path, e);
+        self.note_error(&e);
+        e
+    }
+
+    /// Commits `tx`; a committed write clears a write refusal.
+    async fn commit_tx(&self, tx: Transaction<'static, Sqlite>) -> Result<(), StoreError> {
+        tx.commit().await.map_err(|e| self.err(e))?;
+        self.note_written();
+        Ok(())
+    }
+
+    /// The database's health now.
+    pub fn health(&self) -> Health {
+        self.health.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every change of [`Store::health`].
+    pub fn subscribe_health(&self) -> tokio::sync::watch::Receiver<Health> {
+        self.health.tx.subscribe()
+    }
+
+    /// Why writes fail now, if they do.
+    pub fn writes_refused(&self) -> Option<String> {
+        match &*self.health.tx.borrow() {
+            Health::WritesRefused { cause, .. } => Some(cause.clone()),
+            _ => None,
+        }
+    }
+
+    /// The reason the database may not be used any more, if it may not.
+    pub fn stopped(&self) -> Option<String> {
+        match &*self.health.tx.borrow() {
+            Health::Stopped { reason } => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Records what `e` says: fatal stops the store for good (logged once); a write refusal
+    /// starts the probe (logged once per refusal).
+    pub fn note_error(&self, e: &StoreError) {
+        if e.is_fatal() {
+            let reason = e.to_string();
+            let changed = self.health.tx.send_if_modified(|h| {
+                if matches!(h, Health::Stopped { .. }) {
+                    return false;
+                }
+                *h = Health::Stopped {
+                    reason: reason.clone(),
+                };
+                true
+            });
+            if changed {
+                // Said once, as an error, by whoever stops on it (the engine, a command).
+                tracing::debug!(database = %self.path.display(), error = %reason, "database unusable");
+            }
+            return;
+        }
+        let Some(kind) = e.write_refusal() else {
+            return;
+        };
+        self.renew_writer.store(true, Ordering::SeqCst);
+        let cause = e.to_string();
+        let changed = self.health.tx.send_if_modified(|h| {
+            if !matches!(h, Health::Ok) {
+                return false;
+            }
+            *h = Health::WritesRefused {
+                cause: cause.clone(),
+                since: unix_now(),
+            };
+            true
+        });
+        if changed {
+            tracing::warn!(database = %self.path.display(), kind, error = %cause, "the database refuses writes; intake and import wait, and a write is retried with backoff (1 s to 30 s) until it works");
+            self.start_probe();
+        }
+    }
+
+    /// A write committed: a refusal is over.
+    fn note_written(&self) {
+        let mut since = 0;
+        let changed = self.health.tx.send_if_modified(|h| match h {
+            Health::WritesRefused { since: s, .. } => {
+                since = *s;
+                *h = Health::Ok;
+                true
+            }
+            _ => false,
+        });
+        if changed {
+            if let Ok(mut b) = self.health.backoff.lock() {
+                b.1 = Some(std::time::Instant::now());
+            }
+            tracing::info!(database = %self.path.display(), refused_for_s = unix_now() - since, "the database accepts writes again; intake and import resume");
+        }
+    }
+
+    /// Probes with a small write, with backoff, until writes work, the store stops, or it is
+    /// closed. One probe task at a time.
+    fn start_probe(&self) {
+        if self.health.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.health.probing.store(false, Ordering::SeqCst);
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            let mut wait = {
+                let b = store
+                    .health
+                    .backoff
+                    .lock()
+                    .map(|b| *b)
+                    .unwrap_or((PROBE_FIRST, None));
+                match b.1 {
+                    Some(at) if at.elapsed() < PROBE_MAX * 2 => b.0,
+                    _ => PROBE_FIRST,
+                }
+            };
+            loop {
+                tokio::time::sleep(wait).await;
+                if store.writer.is_closed()
+                    || !matches!(store.health(), Health::WritesRefused { .. })
+                {
+                    break;
+                }
+                let ok = store.write_probe().await.is_ok();
+                wait = (wait * 2).min(PROBE_MAX);
+                if let Ok(mut b) = store.health.backoff.lock() {
+                    b.0 = wait;
+                }
+                if ok {
+                    break;
+                }
+            }
+            store.health.probing.store(false, Ordering::SeqCst);
+            // A refusal that came back while this task was ending needs a probe of its own.
+            if matches!(store.health(), Health::WritesRefused { .. }) && !store.writer.is_closed() {
+                store.start_probe();
+            }
+        });
+    }
+
+    /// Whether the file at the configured path is still the one opened: deleted or replaced
+    /// (another inode under the name) is [`StoreError::Gone`], and stops the store.
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        let Some(opened) = self.identity else {
+            return Ok(());
+        };
+        let what = match identity_of(&self.path) {
+            Ok(now) if now == opened => return Ok(()),
+            Ok(_) => "was replaced by another file",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "was deleted",
+            // Cannot tell (a permission change on the folder): not a reason to stop.
+            Err(_) => return Ok(()),
+        };
+        let e = StoreError::Gone {
+            path: self.path.clone(),
+            what,
+        };
+        self.note_error(&e);
+        Err(e)
     }
 
     /// The pool for reads (status, the engine's lane queries).
@@ -376,9 +744,49 @@ impl Store {
     }
 
     /// Closes both pools; the last connection checkpoints the WAL.
+    ///
+    /// Not when the file at the path is no longer the one opened (deleted or replaced): SQLite's
+    /// last close deletes `<path>-wal` by name, which may by then belong to the new file. The
+    /// pools are left to the process's end instead, and our own `-wal` and `-shm` (the ones this
+    /// process has open) are removed, so a file put back at the path is never paired with them.
     pub async fn close(&self) {
+        if self.moved() {
+            self.forget_sidecars();
+            return;
+        }
         self.reader.close().await;
         self.writer.close().await;
+    }
+
+    /// The file at the path is not the one opened.
+    fn moved(&self) -> bool {
+        self.identity
+            .is_some_and(|opened| identity_of(&self.path).ok() != Some(opened))
+    }
+
+    /// Removes `<path>-wal` and `<path>-shm` if they are the files this process has open (found
+    /// through `/proc/self/fd`), and only then.
+    fn forget_sidecars(&self) {
+        let open: Vec<(u64, u64)> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| identity_of(&e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for suffix in ["-wal", "-shm"] {
+            let p = sidecar(&self.path, suffix);
+            if identity_of(&p).is_ok_and(|id| open.contains(&id)) {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {
+                        tracing::info!(file = %p.display(), "removed this process's own sidecar of the deleted or replaced database, so it is never paired with another file")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %p.display(), error = %e, "could not remove this process's sidecar of the deleted or replaced database; delete it before putting a database back at this path")
+                    }
+                }
+            }
+        }
     }
 
     /// Reads a `meta` value.
@@ -410,7 +818,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        self.commit_tx(tx).await
     }
 }
 
@@ -441,8 +849,53 @@ fn classify(path: &Path, e: sqlx::Error) -> StoreError {
         Some(8) => StoreError::ReadOnly { path, source: e },
         Some(13) => StoreError::DiskFull { path, source: e },
         Some(5) | Some(6) => StoreError::Busy { path, source: e },
+        // SQLITE_IOERR, SQLITE_PERM, SQLITE_CANTOPEN: the disk or the file's permissions.
+        Some(10) | Some(3) | Some(14) => StoreError::Io { path, source: e },
+        // SQLITE_CORRUPT, SQLITE_NOTADB (extended codes included).
+        Some(11) | Some(26) => StoreError::Corrupt { path, error: e },
         _ => StoreError::Sql { path, source: e },
     }
+}
+
+/// A quick check of the schema pages at start, not a scan of the file: the header and
+/// `sqlite_schema` are read, and each table's and index's root page (and the first leaf below
+/// it) is touched by a one-row read through it. `PRAGMA quick_check` reads every page instead
+/// (docs/OPERATIONS.md has the times measured). Any SQLITE_CORRUPT or SQLITE_NOTADB is
+/// [`StoreError::Corrupt`].
+async fn quick_check(path: &Path, pool: &SqlitePool) -> Result<(), StoreError> {
+    let wrap = |e| classify(path, e);
+    let objects: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT type, name, tbl_name, sql FROM sqlite_schema
+         WHERE type IN ('table', 'index') AND rootpage > 0",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(wrap)?;
+    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    for (kind, name, table, sql) in objects {
+        let q = if kind == "table" {
+            format!("SELECT 1 FROM {} NOT INDEXED LIMIT 1", quote(&name))
+        } else {
+            // A partial index is used only under its own WHERE clause.
+            let partial = sql
+                .as_deref()
+                .and_then(|s| s.to_ascii_uppercase().rfind(" WHERE ").map(|i| &s[i..]))
+                .unwrap_or("");
+            format!(
+                "SELECT 1 FROM {} INDEXED BY {}{partial} LIMIT 1",
+                quote(&table),
+                quote(&name)
+            )
+        };
+        if let Err(e) = sqlx::query(AssertSqlSafe(q)).fetch_optional(pool).await {
+            match classify(path, e) {
+                e @ StoreError::Corrupt { .. } => return Err(e),
+                // Another failure (an index the planner cannot use this way) proves nothing.
+                e => tracing::debug!(object = %name, error = %e, "quick check skipped an object"),
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1489,7 +1942,7 @@ impl JobWriter {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-        tx.commit().await.map_err(err)?;
+        store.commit_tx(tx).await?;
         Ok(JobOutcome::Accepted {
             job_id: self.job_id,
             messages: self.count,
@@ -2149,7 +2602,7 @@ impl Store {
             cut_at_tie,
         };
         let mut batches = self.claim_in(&mut tx, &[&claim]).await?;
-        tx.commit().await.map_err(|e| self.err(e))?;
+        self.commit_tx(tx).await?;
         Ok(batches.pop().unwrap_or_default())
     }
 
@@ -2436,7 +2889,7 @@ impl Store {
         .map_err(|e| self.err(e))?;
         let claims: Vec<&Claim> = records.iter().filter_map(|r| r.next.as_ref()).collect();
         let mut claimed = self.claim_in(&mut tx, &claims).await?.into_iter();
-        tx.commit().await.map_err(|e| self.err(e))?;
+        self.commit_tx(tx).await?;
         Ok(records
             .iter()
             .map(|r| {
@@ -2518,7 +2971,7 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))?;
+        self.commit_tx(tx).await?;
         Ok((m.rows_affected(), l.rows_affected()))
     }
 }
@@ -2670,7 +3123,7 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        self.commit_tx(tx).await
     }
 
     /// Delays the group's next step (backoff) and says why.
@@ -2805,7 +3258,7 @@ impl Store {
             };
             q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
         }
-        tx.commit().await.map_err(|e| self.err(e))
+        self.commit_tx(tx).await
     }
 
     /// Member counts (all, or one group's).

@@ -29,11 +29,20 @@ pub async fn work(sh: std::sync::Arc<Shared>) {
         if sh.stop.is_cancelled() {
             return;
         }
-        let did = match step_all(sh).await {
-            Ok(did) => did,
-            Err(e) => {
-                tracing::warn!(error = %e, "group step failed on the store; retrying");
-                false
+        // While the database refuses writes the store probes it; group steps wait.
+        let did = if sh.store.writes_refused().is_some() {
+            false
+        } else {
+            match step_all(sh).await {
+                Ok(did) => did,
+                Err(e) => {
+                    if sh.store.health() == crate::store::Health::Ok {
+                        tracing::warn!(error = %e, "group step failed on the store; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "group step failed on the store");
+                    }
+                    false
+                }
             }
         };
         if !did {

@@ -91,8 +91,16 @@ pub async fn work(sh: Arc<Shared>, mut lane: Lane) {
             Ok(Step::Progress) => continue,
             Ok(Step::Idle | Step::Backoff | Step::Blocked | Step::Stop) => return,
             Err(e) => {
-                tracing::warn!(group = %lane.group_id, error = %e, "lane step failed on the store; retrying later");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Whatever was claimed stays in flight and is reconciled when the lane starts
+                // again, as after a crash: an answer that could not be recorded is asked of the
+                // server, never sent twice, and fails no message.
+                if sh.store.health() == crate::store::Health::Ok {
+                    tracing::warn!(group = %lane.group_id, error = %e, "lane step failed on the store; retrying later");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    // The store has said why, once; the engine waits for it as a whole.
+                    tracing::debug!(group = %lane.group_id, error = %e, "lane step failed on the store");
+                }
                 return;
             }
         }

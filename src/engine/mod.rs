@@ -15,6 +15,12 @@
 //! stay in flight and are reconciled at the next start, so stopping at any instant (SIGKILL
 //! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
 //! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
+//!
+//! The database: while it refuses writes (the store's [`Health`]), no lane starts and the loop
+//! goes on (watchdog, progress naming the cause); a lane whose record failed ends, its messages
+//! stay in flight and are reconciled when it starts again, so an answer that could not be
+//! recorded is neither lost nor sent twice. A corrupt, deleted or replaced database stops the
+//! engine with [`EngineError::Database`] and no further watchdog tick.
 
 pub mod commit;
 pub mod group;
@@ -31,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::{ImportSettings, TiePolicy};
-use crate::store::{Store, StoreError, Totals, unix_now, unix_now_ms};
+use crate::store::{Health, Store, StoreError, Totals, unix_now, unix_now_ms};
 use crate::tencent::TencentClient;
 
 /// Engine settings (from `[import]`).
@@ -82,6 +88,10 @@ pub enum EngineError {
     },
     #[error("store: {0}")]
     Store(String),
+    /// The database is corrupt, deleted or replaced (the store's [`Health::Stopped`] reason,
+    /// which names the file and what to do).
+    #[error("{0}")]
+    Database(String),
 }
 
 impl From<StoreError> for EngineError {
@@ -169,6 +179,10 @@ pub struct Progress {
     pub waiting_for_tencent: Option<outage::Waiting>,
 }
 
+/// How often the loop checks that the database file at the configured path is still the one it
+/// opened (see [`Store::check_file`]).
+const FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 pub const PROGRESS_KEY: &str = "progress";
 /// `meta` key set to "1" once the server took a message sharing its predecessor's second.
 pub const TIES_ACCEPTED_KEY: &str = "ties_accepted";
@@ -225,13 +239,27 @@ pub async fn run(
     );
     let group_task = tokio::spawn(group::work(shared.clone()));
     let info_task = tokio::spawn(reconcile::GroupInfos::work(shared.clone(), info_requests));
+    let mut last_file_check = Instant::now();
     let exit = loop {
+        // A corrupt, deleted or replaced database stops everything, and the watchdog with it
+        // (no tick), so systemd sees the stop even if shutting down hangs.
+        if last_file_check.elapsed() >= FILE_CHECK_EVERY {
+            last_file_check = Instant::now();
+            let _ = store.check_file();
+        }
+        if let Health::Stopped { reason } = store.health() {
+            shared.set_fatal(EngineError::Database(reason));
+            break EngineExit::Stopped;
+        }
         on_tick();
         if shared.stop.is_cancelled() {
             break EngineExit::Stopped;
         }
+        // While the database refuses writes no lane starts: each would only fail its first
+        // record. The store probes with backoff and clears the refusal itself.
+        let refused = store.writes_refused();
         // Fill free slots with runnable lanes.
-        if running.len() < cfg.max_lanes {
+        if running.len() < cfg.max_lanes && refused.is_none() {
             let want = i64::try_from(cfg.max_lanes + running.len()).unwrap_or(i64::MAX);
             match store.runnable_lanes(unix_now_ms(), want).await {
                 Ok(lanes) => {
@@ -280,11 +308,14 @@ pub async fn run(
                 export_gauges(&t, running.len());
                 if last_progress_log.elapsed() >= cfg.progress_interval {
                     last_progress_log = Instant::now();
-                    log_progress(&t, current, shared.outage.waiting().as_ref());
+                    match &refused {
+                        Some(cause) => log_waiting_for_database(&t, cause),
+                        None => log_progress(&t, current, shared.outage.waiting().as_ref()),
+                    }
                 }
             }
         }
-        if cfg.until_idle && running.is_empty() {
+        if cfg.until_idle && running.is_empty() && refused.is_none() {
             match store.totals(None).await {
                 Ok(t) if t.pending == 0 && t.in_flight == 0 => {
                     if let Ok(false) = store.group_work_left().await {
@@ -382,6 +413,19 @@ pub fn eta_seconds(t: &Totals, rate: f64) -> Option<u64> {
         return Some(0);
     }
     (rate > 0.01).then(|| (remaining / rate).ceil() as u64)
+}
+
+fn log_waiting_for_database(t: &Totals, cause: &str) {
+    tracing::warn!(
+        imported = t.imported,
+        pending = t.pending,
+        in_flight = t.in_flight,
+        failed = t.failed,
+        blocked = t.blocked,
+        eta = "unknown (waiting for the database)",
+        reason = %cause,
+        "progress: waiting for the database to accept writes"
+    );
 }
 
 fn log_progress(t: &Totals, rate: f64, waiting: Option<&outage::Waiting>) {

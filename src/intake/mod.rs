@@ -7,7 +7,10 @@
 //! ([`spool::Scan::next_in`]), and on a short poll of the intake table. It stops when the
 //! cancellation token fires; a file being ingested at that moment is rolled back and stays in the
 //! spool, so the next start takes it again. Failures of one file or one poll are logged and
-//! retried on the next wake; they never stop the daemon.
+//! retried on the next wake; they never stop the daemon. While the database refuses writes (a
+//! full disk, a read-only file) intake takes nothing and logs nothing more than the store's one
+//! warning; when writes work again it scans and polls at once. A corrupt, deleted or replaced
+//! database ends the loop (the engine stops the daemon).
 
 pub mod files;
 pub mod spool;
@@ -20,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Health, Store};
 
 /// Settings of the intake loop.
 #[derive(Debug, Clone)]
@@ -70,6 +73,7 @@ pub async fn run_with(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Option<tokio::time::Instant> = None;
     let mut failing: Option<String> = None;
+    let mut health = store.subscribe_health();
     loop {
         let due_at = due.unwrap_or_else(|| tokio::time::Instant::now() + cfg.rescan_interval);
         tokio::select! {
@@ -79,9 +83,21 @@ pub async fn run_with(
             _ = tokio::time::sleep_until(due_at), if due.is_some() => {
                 due = scan(&store, &mut spool, &mut failing, &cancel).await;
             }
-            _ = poll.tick() => {
-                if let Err(e) = table::poll_once(&store).await {
-                    tracing::warn!(error = %e, "intake table poll failed; retrying at the next poll");
+            _ = poll.tick() => poll_table(&store).await,
+            changed = health.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = health.borrow_and_update().clone();
+                match now {
+                    // Writes work again: take what waited at once, not at the next tick.
+                    Health::Ok => {
+                        due = scan(&store, &mut spool, &mut failing, &cancel).await;
+                        poll_table(&store).await;
+                    }
+                    Health::WritesRefused { .. } => {}
+                    // The engine stops the daemon; nothing more is taken into this file.
+                    Health::Stopped { .. } => break,
                 }
             }
         }
@@ -89,15 +105,38 @@ pub async fn run_with(
     tracing::info!("intake stopped");
 }
 
+/// While the database refuses writes (or is unusable), intake waits: the store has said why,
+/// once, and probes it with backoff. Failures then are logged at debug only.
+fn store_waits(store: &Store) -> bool {
+    store.health() != Health::Ok
+}
+
+async fn poll_table(store: &Store) {
+    if store_waits(store) {
+        return;
+    }
+    if let Err(e) = table::poll_once(store).await {
+        if store_waits(store) {
+            tracing::debug!(error = %e, "intake table poll failed while the database refuses writes");
+        } else {
+            tracing::warn!(error = %e, "intake table poll failed; retrying at the next poll");
+        }
+    }
+}
+
 /// One scan; returns when the next is due for files still settling or waiting for a retry. A
 /// spool folder that cannot be listed is logged once per distinct error, and once when it can be
-/// again (`failing` carries the last error).
+/// again (`failing` carries the last error). While the database refuses writes nothing is
+/// scanned: the health change back to Ok scans at once.
 async fn scan(
     store: &Store,
     spool: &mut spool::Spool,
     failing: &mut Option<String>,
     cancel: &CancellationToken,
 ) -> Option<tokio::time::Instant> {
+    if store_waits(store) {
+        return None;
+    }
     match spool.scan(store, cancel).await {
         Ok(s) => {
             if failing.take().is_some() {
@@ -110,7 +149,9 @@ async fn scan(
         }
         Err(e) => {
             let text = e.to_string();
-            if failing.as_deref() != Some(text.as_str()) {
+            if store_waits(store) {
+                tracing::debug!(error = %e, "spool scan failed while the database refuses writes");
+            } else if failing.as_deref() != Some(text.as_str()) {
                 tracing::warn!(spool = %spool.dir().display(), error = %e, "spool scan failed; retrying at every rescan (logged again only if the error changes)");
                 *failing = Some(text);
             }

@@ -2,8 +2,11 @@
 //! metrics recorder, systemd notification ([`systemd`]) and the status report ([`status`]).
 //!
 //! The listener runs until its shutdown token fires and holds no state of its own: readiness is
-//! computed per request (a write probe of the database, and whether the engine stopped on an
-//! auth error), so it recovers as soon as the cause does.
+//! computed per request (the store's health, a write probe of the database, and whether the
+//! engine stopped on an auth error), so it recovers as soon as the cause does. While the
+//! database refuses writes it answers 503 naming the cause, without a probe of its own (the
+//! store probes with backoff); a corrupt, deleted or replaced database answers 503 until the
+//! daemon has stopped.
 
 pub mod status;
 pub mod systemd;
@@ -19,7 +22,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Health, Store};
 
 /// Installs the global Prometheus recorder once and returns its handle.
 pub fn metrics_handle() -> PrometheusHandle {
@@ -124,6 +127,22 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("stopped: {reason}\n"),
         );
+    }
+    match s.store.health() {
+        Health::Stopped { reason } => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("stopped: {reason}\n"),
+            );
+        }
+        // The store probes it with backoff; a request here adds no write of its own.
+        Health::WritesRefused { cause, .. } => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("waiting: the database refuses writes: {cause}\n"),
+            );
+        }
+        Health::Ok => {}
     }
     match s.store.write_probe().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
