@@ -48,6 +48,10 @@ pub async fn work(sh: std::sync::Arc<Shared>) {
 /// One pass over the due group steps; true when any ran.
 async fn step_all(sh: &Shared) -> Result<bool, StoreError> {
     let mut did = false;
+    // Owners and members are accounts: none of their steps before the accounts are in.
+    if sh.accounts.busy() {
+        return Ok(false);
+    }
     for g in sh.store.groups_to_create(unix_now_ms(), 16).await? {
         if sh.stop.is_cancelled() {
             return Ok(did);

@@ -12,9 +12,13 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
+use super::accounts::Readiness;
 use super::commit::Outstanding;
 use super::{EngineError, Shared, reconcile};
-use crate::store::{Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record, unix_now_ms};
+use crate::store::{
+    ACCOUNT_FAILED_REASON, Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record,
+    unix_now_ms,
+};
 use crate::tencent::{
     ApiError, ErrorClass, ImportGroupMsgRequest, ImportMsg, ImportMsgResult, codes,
 };
@@ -130,6 +134,10 @@ pub async fn step(
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
+    let batch = match senders_ready(sh, lane, batch).await? {
+        Ok(b) => b,
+        Err(step) => return Ok(step),
+    };
     if batch[0].effective_time() < lane.last_send_time && batch[0].id > lane.checked_id {
         // Queued while the lane ran, older than what it imported: looked for first.
         release(sh, lane, &batch).await?;
@@ -186,6 +194,67 @@ pub async fn step(
         }
         Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
     }
+}
+
+/// Accounts first: the part of `batch` whose senders are imported accounts (the rest goes back to
+/// pending), or what the step ends with: a head whose account failed fails with
+/// [`ACCOUNT_FAILED_REASON`] (the rest of the lane goes on); a head whose account is not imported
+/// yet waits (the lane ends until the accounts are in).
+async fn senders_ready(
+    sh: &Shared,
+    lane: &Lane,
+    mut batch: Vec<QueuedMessage>,
+) -> Result<Result<Vec<QueuedMessage>, Step>, EngineError> {
+    let ready = sh.accounts.check(sh, &batch).await?;
+    let Some(cut) = ready.iter().position(|r| *r != Readiness::Ready) else {
+        return Ok(Ok(batch));
+    };
+    if cut > 0 {
+        release(sh, lane, &batch[cut..]).await?;
+        batch.truncate(cut);
+        return Ok(Ok(batch));
+    }
+    match &ready[0] {
+        Readiness::Failed(why) => {
+            let head = batch[0].id;
+            let reason = format!(
+                "{ACCOUNT_FAILED_REASON}: {:?} ({why}); fix it, then `timport retry --accounts`",
+                batch[0].from_account
+            );
+            tracing::info!(group = %lane.group_id, message = head, reason = %reason, "message failed");
+            metrics::counter!("timport_messages_failed_total", "code" => "account").increment(1);
+            sh.failed.fetch_add(1, Ordering::Relaxed);
+            let updates: Vec<_> = batch
+                .iter()
+                .map(|m| match m.id == head {
+                    true => MessageUpdate::Failed {
+                        id: head,
+                        code: None,
+                        reason: reason.clone(),
+                    },
+                    false => MessageUpdate::Pending {
+                        id: m.id,
+                        refund: true,
+                    },
+                })
+                .collect();
+            sh.store
+                .record(lane.id, &updates, &LaneUpdate::default())
+                .await?;
+            Ok(Err(Step::Progress))
+        }
+        _ => {
+            release(sh, lane, &batch).await?;
+            Ok(Err(Step::Idle))
+        }
+    }
+}
+
+/// Why Tencent refused a message for its sender: it is not an account of the app.
+fn not_an_account(code: i64, sender: &str) -> String {
+    format!(
+        "the sender {sender:?} is not an account of the app (Tencent answered {code}, the requested account does not exist); import the account (import.accounts = \"auto\" does), then `timport retry`"
+    )
 }
 
 /// The request for `batch`. Each body goes out as the text that was queued (validated and
@@ -312,6 +381,9 @@ async fn on_results(
                     80001 => "the message contains restricted words (80001)".to_string(),
                     80002 => {
                         "the message body is longer than Tencent's 12,000 bytes (80002)".to_string()
+                    }
+                    c @ (codes::ACCOUNT_NOT_FOUND | codes::ACCOUNT_NOT_FOUND_70107) => {
+                        not_an_account(c, &m.from_account)
                     }
                     c => format!("refused by Tencent with result {c}"),
                 };
@@ -534,7 +606,13 @@ async fn on_error(
                     return Ok(Step::Progress);
                 }
                 *max_batch = sh.cfg.batch_size;
-                let reason = format!("refused by Tencent ({c}: {info})");
+                let reason = match c {
+                    codes::ACCOUNT_NOT_FOUND | codes::ACCOUNT_NOT_FOUND_70107 => {
+                        let sender = batch.first().map(|m| m.from_account.as_str());
+                        format!("{} ({info})", not_an_account(c, sender.unwrap_or_default()))
+                    }
+                    _ => format!("refused by Tencent ({c}: {info})"),
+                };
                 tracing::info!(group = %lane.group_id, code = c, reason = %reason, "message failed");
                 metrics::counter!("timport_messages_failed_total", "code" => c.to_string())
                     .increment(1);

@@ -16,6 +16,7 @@
 //! included) loses and duplicates nothing. An auth failure that survives one UserSig renewal
 //! stops every lane with one error ([`EngineError::Auth`]), without burning attempts.
 
+pub mod accounts;
 pub mod commit;
 pub mod group;
 pub mod lane;
@@ -49,6 +50,10 @@ pub struct EngineConfig {
     pub commit_window: Duration,
     /// Exit once nothing is pending or in flight (`timport run --until-idle`).
     pub until_idle: bool,
+    /// `import.accounts = "auto"`: import accounts before anything that needs them.
+    pub accounts: bool,
+    /// `import.account_requests_per_second`.
+    pub account_rps: u32,
 }
 
 impl EngineConfig {
@@ -64,6 +69,8 @@ impl EngineConfig {
             progress_interval: s.progress_interval,
             commit_window: s.commit_window,
             until_idle,
+            accounts: s.accounts == crate::settings::AccountsMode::Auto,
+            account_rps: s.account_requests_per_second,
         }
     }
 }
@@ -119,6 +126,8 @@ pub struct Shared {
     pub outage: outage::Outage,
     /// Batched get_group_info for the lanes' catch-up.
     pub group_infos: reconcile::GroupInfos,
+    /// Which senders are accounts already (see [`accounts`]).
+    pub accounts: accounts::Gate,
 }
 
 impl Shared {
@@ -193,6 +202,7 @@ pub async fn run(
         committer,
         outage: outage::Outage::new(),
         group_infos,
+        accounts: accounts::Gate::new(cfg.accounts),
         store: store.clone(),
         client,
         cfg: cfg.clone(),
@@ -224,6 +234,7 @@ pub async fn run(
         "import engine started"
     );
     let group_task = tokio::spawn(group::work(shared.clone()));
+    let account_task = tokio::spawn(accounts::work(shared.clone()));
     let info_task = tokio::spawn(reconcile::GroupInfos::work(shared.clone(), info_requests));
     let exit = loop {
         on_tick();
@@ -231,7 +242,8 @@ pub async fn run(
             break EngineExit::Stopped;
         }
         // Fill free slots with runnable lanes.
-        if running.len() < cfg.max_lanes {
+        // While accounts wait to be imported, no lane starts (see `accounts`).
+        if running.len() < cfg.max_lanes && !shared.accounts.busy() {
             let want = i64::try_from(cfg.max_lanes + running.len()).unwrap_or(i64::MAX);
             match store.runnable_lanes(unix_now_ms(), want).await {
                 Ok(lanes) => {
@@ -284,7 +296,7 @@ pub async fn run(
                 }
             }
         }
-        if cfg.until_idle && running.is_empty() {
+        if cfg.until_idle && running.is_empty() && !shared.accounts.busy() {
             match store.totals(None).await {
                 Ok(t) if t.pending == 0 && t.in_flight == 0 => {
                     if let Ok(false) = store.group_work_left().await {
@@ -319,6 +331,12 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("a group step was still running at the end of the grace period");
+    }
+    if tokio::time::timeout(cfg.shutdown_grace, account_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("an account request was still running at the end of the grace period");
     }
     let grace = tokio::time::sleep(cfg.shutdown_grace);
     tokio::pin!(grace);

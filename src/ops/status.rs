@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::engine::outage::Waiting;
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
 use crate::store::{
-    FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
+    AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
 };
 
 /// A snapshot older than this means no daemon is importing.
@@ -27,6 +27,8 @@ pub struct StatusReport {
     pub totals: Totals,
     /// Members of whole-group jobs (imported after their group's history).
     pub members: MemberTotals,
+    /// Accounts (import.accounts = "auto"): imported, pending, failed.
+    pub accounts: AccountTotals,
     /// Messages imported per second, recent average (0 when no daemon runs).
     pub rate: f64,
     pub eta_seconds: Option<u64>,
@@ -73,6 +75,7 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         database: store.path().display().to_string(),
         totals,
         members: store.member_totals(group).await?,
+        accounts: store.account_totals().await?,
         rate,
         eta_seconds: if fresh && stalled.is_none() {
             eta_seconds(&totals, rate)
@@ -174,6 +177,7 @@ pub fn render(r: &StatusReport) -> String {
             m.imported, m.pending, m.unread_pending, m.failed
         );
     }
+    render_accounts(&mut s, &r.accounts);
     if !r.blocked_lanes.is_empty() {
         let _ = writeln!(
             s,
@@ -240,6 +244,24 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     s
+}
+
+/// The accounts line (only when the database knows accounts).
+fn render_accounts(s: &mut String, a: &AccountTotals) {
+    if a.imported + a.pending + a.failed > 0 {
+        let _ = writeln!(
+            s,
+            "accounts   {} imported, {} pending, {} failed{}",
+            a.imported,
+            a.pending,
+            a.failed,
+            if a.failed > 0 {
+                " (fix them, then `timport retry --accounts`)"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 fn esc(text: &str) -> std::borrow::Cow<'_, str> {
