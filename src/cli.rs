@@ -551,7 +551,8 @@ async fn run(
                 "\nimport finished: {} imported, {} failed, {} blocked",
                 t.imported, t.failed, t.blocked
             );
-            if t.failed > 0 || t.blocked > 0 || report.members.failed > 0 {
+            if t.failed > 0 || t.blocked > 0 || report.members.failed > 0 || report.accounts.failed > 0
+            {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
