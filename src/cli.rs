@@ -137,9 +137,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Run { until_idle, ingest } => run(settings, until_idle, ingest).await,
         Command::Ingest { dry_run, files } => ingest(&settings, dry_run, &files).await,
         Command::Status { json, group } => show_status(&settings, json, group.as_deref()).await,
-        Command::Retry {
-            accounts: true, ..
-        } => retry_accounts(&settings).await,
+        Command::Retry { accounts: true, .. } => retry_accounts(&settings).await,
         Command::Retry {
             group, job, all, ..
         } => retry(&settings, group, job, all).await,
@@ -551,7 +549,10 @@ async fn run(
                 "\nimport finished: {} imported, {} failed, {} blocked",
                 t.imported, t.failed, t.blocked
             );
-            if t.failed > 0 || t.blocked > 0 || report.members.failed > 0 || report.accounts.failed > 0
+            if t.failed > 0
+                || t.blocked > 0
+                || report.members.failed > 0
+                || report.accounts.failed > 0
             {
                 ExitCode::FAILURE
             } else {

@@ -1436,9 +1436,7 @@ impl JobWriter {
                 )),
             });
         }
-        self.accounts
-            .write(&self.store, &mut self.tx)
-            .await?;
+        self.accounts.write(&self.store, &mut self.tx).await?;
         let store = self.store.clone();
         let err = |e| store.err(e);
         let mut tx = self.tx;

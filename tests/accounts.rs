@@ -134,13 +134,17 @@ async fn profiles_go_in_the_account_list_form_and_ids_alone_keep_a_profile() {
     let s = sim.state();
     let by_id = |id: &str| s.accounts.iter().find(|a| a.user_id == id).cloned();
     let alice = by_id("alice").expect("alice is an account");
-    assert_eq!(alice.nick.as_deref(), Some("Alice"), "profile set, not blanked");
     assert_eq!(
-        alice.face_url.as_deref(),
-        Some("https://example.com/a.png")
+        alice.nick.as_deref(),
+        Some("Alice"),
+        "profile set, not blanked"
     );
+    assert_eq!(alice.face_url.as_deref(), Some("https://example.com/a.png"));
     assert_eq!(by_id("bob").expect("bob").nick, None);
-    assert_eq!(by_id("carol").expect("carol").nick.as_deref(), Some("Carol"));
+    assert_eq!(
+        by_id("carol").expect("carol").nick.as_deref(),
+        Some("Carol")
+    );
     let reqs: Vec<_> = s.requests_to("multiaccount_import").collect();
     let with_alice = reqs
         .iter()
@@ -179,13 +183,21 @@ async fn without_accounts_a_missing_sender_fails_only_its_message() {
             .filter(|i| *i != 5)
             .map(|i| format!("m{i}"))
             .collect();
-        assert_eq!(texts, want, "{mode:?}: the rest of the lane went on, in order");
+        assert_eq!(
+            texts, want,
+            "{mode:?}: the rest of the lane went on, in order"
+        );
         let reasons = env.store.failure_reasons(None, 5).await.unwrap();
         assert_eq!(reasons.len(), 1, "{mode:?}: {reasons:?}");
         let r = format!("{reasons:?}");
         assert!(r.contains("is not an account of the app"), "{mode:?}: {r}");
         assert_eq!(env.store.totals(None).await.unwrap().failed, 1);
-        assert!(sim.state().requests_to("multiaccount_import").next().is_none());
+        assert!(
+            sim.state()
+                .requests_to("multiaccount_import")
+                .next()
+                .is_none()
+        );
         sim.shutdown().await;
     }
 }
@@ -241,7 +253,10 @@ async fn an_account_in_fail_accounts_fails_only_its_own_messages() {
     );
     let out = timport(&config, &["status", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["accounts"], json!({"imported": 2, "pending": 0, "failed": 1}));
+    assert_eq!(
+        v["accounts"],
+        json!({"imported": 2, "pending": 0, "failed": 1})
+    );
     assert_eq!(v["totals"]["failed"], 5);
     let reasons = v["failure_reasons"].to_string();
     assert!(
@@ -276,7 +291,12 @@ async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing() {
     cfg.faults.latency = Duration::from_millis(150);
     let sim = start_sim(cfg).await;
     let db = db_of(&env);
-    let config = child_config(&env, &sim.base_url(), &db, "account_requests_per_second = 2");
+    let config = child_config(
+        &env,
+        &sim.base_url(),
+        &db,
+        "account_requests_per_second = 2",
+    );
     let mut lines = Vec::new();
     for i in 0..300 {
         lines.push(line(
@@ -292,7 +312,10 @@ async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing() {
     let mut child = spawn_run(&config, &log, &[]);
     let started = Instant::now();
     while sim.state().requests_to("multiaccount_import").count() == 0 {
-        assert!(started.elapsed() < Duration::from_secs(60), "no account request");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no account request"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Wait for the first answer to be recorded, then kill.
@@ -353,8 +376,8 @@ async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines() {
     ]);
     let p = env.write("bad.ndjson", &text);
     let out = timport(&config, &["ingest", &path_str(&p)]);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("4 problem(s), nothing queued"), "{said}");
     for (l, what) in [
@@ -374,7 +397,10 @@ async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines() {
     let out = timport(&config, &["ingest", &path_str(&p)]);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("AccountList[1].UserID must be a string"), "{said}");
+    assert!(
+        said.contains("AccountList[1].UserID must be a string"),
+        "{said}"
+    );
     let store = Store::open_read_only(&db, &StoreOptions::default())
         .await
         .unwrap();
@@ -399,7 +425,13 @@ async fn the_readme_command_imports_every_sample_against_a_simulator_requiring_a
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/local.toml"), &local).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_timport"))
-        .args(["run", "--config", "config/local.toml", "--until-idle", "--ingest"])
+        .args([
+            "run",
+            "--config",
+            "config/local.toml",
+            "--until-idle",
+            "--ingest",
+        ])
         .arg(root.join("examples"))
         .current_dir(dir.path())
         .env_remove("TIMPORT_CONFIG")

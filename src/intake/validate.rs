@@ -1322,10 +1322,18 @@ mod account_tests {
             (json!({"Nick": "a"}), "UserID is missing"),
             (json!({"UserID": 5}), "must be a string"),
             (json!({"UserID": "u", "Age": 3}), "unknown field \"Age\""),
-            (json!({"UserID": "u", "Nick": "n".repeat(501)}), "Nick is 501 bytes"),
-            (json!({"UserID": "u", "FaceUrl": 1}), "FaceUrl must be a string"),
+            (
+                json!({"UserID": "u", "Nick": "n".repeat(501)}),
+                "Nick is 501 bytes",
+            ),
+            (
+                json!({"UserID": "u", "FaceUrl": 1}),
+                "FaceUrl must be a string",
+            ),
         ] {
-            let e = account(&v, "AccountList[0]").expect_err("invalid").join("; ");
+            let e = account(&v, "AccountList[0]")
+                .expect_err("invalid")
+                .join("; ");
             assert!(e.contains(needle), "{v}: {e}");
             assert!(e.contains("AccountList[0]"), "{e}");
         }

@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::engine::outage::Waiting;
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
 use crate::store::{
-    AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
+    AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals,
+    unix_now,
 };
 
 /// A snapshot older than this means no daemon is importing.

@@ -455,9 +455,15 @@ impl World {
         let mut done = Vec::new();
         for item in list {
             let (id, nick, face) = if profiles {
-                let id = item.get("UserID").and_then(Value::as_str).map(str::to_owned);
+                let id = item
+                    .get("UserID")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 let nick = item.get("Nick").and_then(Value::as_str).map(str::to_owned);
-                let face = item.get("FaceUrl").and_then(Value::as_str).map(str::to_owned);
+                let face = item
+                    .get("FaceUrl")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 (id, nick, face)
             } else {
                 (item.as_str().map(str::to_owned), None, None)
@@ -478,10 +484,7 @@ impl World {
             done.push(id);
         }
         let applied = !done.is_empty();
-        Ok((
-            Answer::ok(json!({"FailAccounts": failed}), applied),
-            done,
-        ))
+        Ok((Answer::ok(json!({"FailAccounts": failed}), applied), done))
     }
 
     /// Dispatch one command of `group_open_http_svc`. `raw` is the request body as received
