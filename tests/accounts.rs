@@ -202,6 +202,48 @@ async fn without_accounts_a_missing_sender_fails_only_its_message() {
     }
 }
 
+/// The simulator's multiaccount_import: both forms, FailAccounts for IDs that break the rules,
+/// at most 100 per request; the old form keeps a profile, the new one sets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_serves_multiaccount_import_in_both_forms() {
+    use timport::tencent::{AccountItem, MultiaccountImportRequest};
+    let sim = start_sim(strict_sim()).await;
+    let client = client_for(&sim, 200);
+    let profiles = MultiaccountImportRequest::Profiles {
+        account_list: vec![AccountItem {
+            user_id: "ann".into(),
+            nick: Some("Ann".into()),
+            face_url: None,
+        }],
+    };
+    let r = client.multiaccount_import(&profiles).await.unwrap();
+    assert!(r.fail_accounts.is_empty());
+    let ids = MultiaccountImportRequest::Ids {
+        accounts: vec!["ann".into(), "".into(), TOO_LONG.into(), "ben".into()],
+    };
+    let r = client.multiaccount_import(&ids).await.unwrap();
+    assert_eq!(r.fail_accounts, vec!["".to_string(), TOO_LONG.to_string()]);
+    let s = sim.state();
+    let ann = s.accounts.iter().find(|a| a.user_id == "ann").unwrap();
+    assert_eq!(
+        ann.nick.as_deref(),
+        Some("Ann"),
+        "the old form keeps the profile"
+    );
+    assert_eq!(s.accounts.len(), 2);
+    let too_many = MultiaccountImportRequest::Ids {
+        accounts: (0..101).map(|i| format!("x{i}")).collect(),
+    };
+    let e = client.multiaccount_import(&too_many).await.unwrap_err();
+    assert_eq!(e.code(), Some(70206), "{e}");
+    let hundred = MultiaccountImportRequest::Ids {
+        accounts: (0..100).map(|i| format!("x{i}")).collect(),
+    };
+    assert!(client.multiaccount_import(&hundred).await.is_ok());
+    assert_eq!(sim.state().accounts.len(), 102);
+    sim.shutdown().await;
+}
+
 fn db_of(env: &Env) -> std::path::PathBuf {
     env.dir.path().join("child.db")
 }

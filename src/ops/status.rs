@@ -72,11 +72,13 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         progress.as_ref().map(|p| p.active_lanes),
         rate,
     );
+    let accounts = store.account_totals().await?;
+    let stalled = accounts_first(stalled, &accounts, active_lanes(progress.as_ref()));
     Ok(StatusReport {
         database: store.path().display().to_string(),
         totals,
         members: store.member_totals(group).await?,
-        accounts: store.account_totals().await?,
+        accounts,
         rate,
         eta_seconds: if fresh && stalled.is_none() {
             eta_seconds(&totals, rate)
@@ -245,6 +247,25 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     s
+}
+
+fn active_lanes(p: Option<&Progress>) -> Option<usize> {
+    p.map(|p| p.active_lanes)
+}
+
+/// No lane at work while accounts are pending is the accounts stage, not a stall: say so.
+fn accounts_first(
+    stalled: Option<String>,
+    a: &AccountTotals,
+    active_lanes: Option<usize>,
+) -> Option<String> {
+    match stalled {
+        Some(_) if a.pending > 0 && active_lanes == Some(0) => Some(format!(
+            "importing accounts first ({} pending); the messages that need them follow",
+            a.pending
+        )),
+        other => other,
+    }
 }
 
 /// The accounts line (only when the database knows accounts).
