@@ -17,3 +17,12 @@ CREATE TABLE accounts (
     updated_at INTEGER
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX accounts_pending ON accounts (user_id) WHERE state = 'pending';
+-- A database queued before accounts existed: what its queue still has to send names accounts too.
+INSERT OR IGNORE INTO accounts(user_id)
+    SELECT DISTINCT from_account FROM messages
+    WHERE state IN ('pending', 'in_flight') AND from_account <> '';
+INSERT OR IGNORE INTO accounts(user_id)
+    SELECT DISTINCT member_account FROM members WHERE state = 'pending' AND member_account <> '';
+INSERT OR IGNORE INTO accounts(user_id)
+    SELECT DISTINCT spec ->> '$.Owner_Account' FROM groups
+    WHERE create_state = 'pending' AND spec ->> '$.Owner_Account' <> '';

@@ -244,6 +244,88 @@ async fn the_simulator_serves_multiaccount_import_in_both_forms() {
     sim.shutdown().await;
 }
 
+/// A whole-group job: the owner and members are accounts too, imported before import_group and
+/// import_group_member; a member whose account fails fails alone, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_and_members_are_imported_before_the_group_and_its_members() {
+    let env = Env::new().await;
+    let sim = start_sim(strict_sim()).await;
+    let body = json!({
+        "GroupId": "wg",
+        "Group": {"Type": "Public", "Name": "WG", "Owner_Account": "owner", "CreateTime": T0 - 100},
+        "Members": [
+            {"Member_Account": "mem", "JoinTime": T0 - 50},
+            {"Member_Account": TOO_LONG, "JoinTime": T0 - 50}
+        ],
+        "MsgList": [
+            {"From_Account": "owner", "SendTime": T0, "MsgBody": text_body("a")},
+            {"From_Account": "mem", "SendTime": T0 + 1, "MsgBody": text_body("b")}
+        ]
+    });
+    let p = env.write("wg.json", &body.to_string());
+    let out = timport::intake::files::ingest_file(
+        Some(&env.store),
+        &p,
+        true,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
+        .await
+        .unwrap();
+    let last_account = seqs(&sim, "multiaccount_import").into_iter().max().unwrap();
+    for ep in ["import_group", "import_group_msg", "import_group_member"] {
+        let first = seqs(&sim, ep).into_iter().min().unwrap();
+        assert!(last_account < first, "accounts before {ep}");
+    }
+    let s = sim.state();
+    let g = s.group("wg").expect("created");
+    assert_eq!(g.owner_account.as_deref(), Some("owner"));
+    assert!(g.members.iter().any(|m| m.member_account == "mem"));
+    assert_eq!(history_texts(&sim, "wg").len(), 2);
+    let m = env.store.member_totals(None).await.unwrap();
+    assert_eq!((m.imported, m.failed), (1, 1));
+    let a = env.store.account_totals().await.unwrap();
+    assert_eq!((a.imported, a.failed), (2, 1));
+    sim.shutdown().await;
+}
+
+/// A database queued before accounts existed: migration 0007 records the senders its queue still
+/// has to send, so they are imported first too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_accounts_gets_its_pending_senders_recorded() {
+    let env = Env::new().await;
+    let sim = start_sim(strict_sim()).await;
+    let lines: Vec<String> = (0..6)
+        .map(|i| line("old", &format!("o{}", i % 3), T0 + i, &format!("m{i}")))
+        .collect();
+    queue(&env, "old.ndjson", &ndjson(&lines)).await;
+    env.store.close().await;
+    // Back to the schema before 0007, as a database of an earlier release has it.
+    let out = Command::new("sqlite3")
+        .arg(env.db_path())
+        .arg("DROP TABLE accounts; DELETE FROM _sqlx_migrations WHERE version = 7;")
+        .output()
+        .expect("sqlite3 runs");
+    assert!(out.status.success(), "{out:?}");
+    let store = Store::open(&env.db_path(), &StoreOptions::default())
+        .await
+        .unwrap();
+    let a = store.account_totals().await.unwrap();
+    assert_eq!(
+        (a.pending, a.imported),
+        (3, 0),
+        "the queue's senders recorded"
+    );
+    run_until_idle(&store, client_for(&sim, 200), accounts_on())
+        .await
+        .unwrap();
+    assert_eq!(history_texts(&sim, "old").len(), 6);
+    sim.shutdown().await;
+}
+
 fn db_of(env: &Env) -> std::path::PathBuf {
     env.dir.path().join("child.db")
 }
