@@ -2772,6 +2772,16 @@ impl Store {
         tx.commit().await.map_err(|e| self.err(e))
     }
 
+    /// Whether any account waits to be imported.
+    pub async fn accounts_pending(&self) -> Result<bool, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE state = 'pending')")
+                .fetch_one(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(n != 0)
+    }
+
     /// Account counts.
     pub async fn account_totals(&self) -> Result<AccountTotals, StoreError> {
         let r = sqlx::query(
