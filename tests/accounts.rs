@@ -8,6 +8,8 @@
 //! works against a simulator that requires accounts.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::path::Path;
 use std::process::Command;
@@ -323,6 +325,80 @@ async fn a_database_from_before_accounts_gets_its_pending_senders_recorded() {
         .await
         .unwrap();
     assert_eq!(history_texts(&sim, "old").len(), 6);
+    sim.shutdown().await;
+}
+
+/// The server's own multiaccount_import quota is lower than the daemon's setting: its 60007
+/// answers are waited out like any rate limit, nothing fails; the account counters are on
+/// /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_account_requests_are_waited_out_and_counted_on_metrics() {
+    let env = Env::new().await;
+    let mut cfg = strict_sim();
+    cfg.account_requests_per_second = 1;
+    let sim = start_sim(cfg).await;
+    let db = db_of(&env);
+    let config = child_config(&env, &sim.base_url(), &db, "");
+    let lines: Vec<String> = (0..250)
+        .map(|i| line("rl", &format!("r{i:03}"), T0 + i, &format!("m{i}")))
+        .collect();
+    env.drop_in_spool("rl.ndjson", &ndjson(&lines));
+    let log = env.dir.path().join("rl.log");
+    let mut child = daemon::spawn_with_env(
+        &config,
+        &log,
+        &[("TIMPORT__HTTP__LISTEN", "127.0.0.1:0")],
+        &[],
+        |_| {},
+    );
+    let listening = daemon::wait_line(&mut child, &log, Duration::from_secs(60), |l| {
+        l.contains("health and metrics listening")
+    })
+    .await;
+    let at = listening.find("\"address\":\"").expect("address") + "\"address\":\"".len();
+    let addr = listening[at..].split('"').next().unwrap().to_string();
+    let started = Instant::now();
+    let metrics = loop {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("timport_accounts{state=\"imported\"} 250")
+            && history_texts(&sim, "rl").len() == 250
+        {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{text}\n{}",
+            daemon::log_text(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        metrics.contains("timport_accounts_imported_total 250"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("timport_accounts{state=\"pending\"} 0"),
+        "{metrics}"
+    );
+    daemon::signal(&child, "TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    let limited = sim
+        .state()
+        .requests_to("multiaccount_import")
+        .filter(|r| r.error_code == Some(60007))
+        .count();
+    assert!(limited > 0, "the server's account quota was hit");
+    let store = Store::open_read_only(&db, &StoreOptions::default())
+        .await
+        .unwrap();
+    let t = store.totals(None).await.unwrap();
+    assert_eq!((t.imported, t.failed), (250, 0));
     sim.shutdown().await;
 }
 

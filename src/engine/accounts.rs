@@ -129,6 +129,7 @@ pub async fn work(sh: Arc<Shared>) {
         last_start: None,
         interval,
         failures: 0,
+        limited: 0,
         one_at_a_time: false,
         last_gauges: None,
     };
@@ -156,6 +157,8 @@ struct Sender {
     interval: Duration,
     /// Transient failures in a row (for the backoff).
     failures: i64,
+    /// Rate-limited answers in a row.
+    limited: i64,
     /// A whole request was refused: send accounts one by one to find the bad one.
     one_at_a_time: bool,
     last_gauges: Option<Instant>,
@@ -227,6 +230,7 @@ impl Sender {
         match answer {
             Ok(resp) => {
                 self.failures = 0;
+                self.limited = 0;
                 let failed_ids: HashSet<&str> =
                     resp.fail_accounts.iter().map(String::as_str).collect();
                 let imported: Vec<&str> = batch
@@ -260,7 +264,13 @@ impl Sender {
                 Ok(None)
             }
             Err(e) => match e.class() {
-                ErrorClass::RateLimited => Ok(Some(Duration::from_millis(200))),
+                ErrorClass::RateLimited => {
+                    // The client already slowed the app-wide pacer; multiaccount_import has a
+                    // quota of its own too, so wait longer each time in a row (200 ms to 6.4 s).
+                    self.limited += 1;
+                    let exp = u32::try_from(self.limited.clamp(1, 6) - 1).unwrap_or(0);
+                    Ok(Some(Duration::from_millis(200 * 2u64.pow(exp))))
+                }
                 ErrorClass::Retryable | ErrorClass::Unknown => {
                     // Idempotent on the server: the same accounts are simply sent again.
                     self.failures += 1;
