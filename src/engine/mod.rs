@@ -10,6 +10,10 @@
 //! flight when it starts (an unknown outcome, or a crash or stop mid-request) first asks the
 //! server what it already has ([`reconcile`]); nothing is re-sent before that.
 //!
+//! Accounts first ([`accounts`], `import.accounts = "auto"`): while any sender, owner or member
+//! waits to be imported as an account, no lane starts and no group step runs, and each lane
+//! checks the senders of a batch before it sends it.
+//!
 //! Stopping: when `shutdown` fires, no lane claims another batch; requests in flight get
 //! `import.shutdown_grace` to finish and record their answer, then are abandoned: their messages
 //! stay in flight and are reconciled at the next start, so stopping at any instant (SIGKILL
