@@ -259,7 +259,8 @@ async fn show_status(
         readers: 2,
     };
     let store = Store::open_read_only(db, &opts).await?;
-    let r = status::report(&store, group).await?;
+    let mut r = status::report(&store, group).await?;
+    r.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -543,7 +544,8 @@ async fn run(
     let code = match result {
         Ok(EngineExit::Stopped) => ExitCode::SUCCESS,
         Ok(EngineExit::Idle(t)) => {
-            let report = status::report(&store, None).await?;
+            let mut report = status::report(&store, None).await?;
+            report.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
             print!("\n{}", status::render(&report));
             println!(
                 "\nimport finished: {} imported, {} failed, {} blocked",

@@ -30,6 +30,10 @@ pub struct StatusReport {
     pub members: MemberTotals,
     /// Accounts (import.accounts = "auto"): imported, pending, failed.
     pub accounts: AccountTotals,
+    /// `import.accounts = "off"`: the accounts are not imported by timport (set by the caller,
+    /// which knows the settings).
+    #[serde(skip)]
+    pub accounts_off: bool,
     /// Messages imported per second, recent average (0 when no daemon runs).
     pub rate: f64,
     pub eta_seconds: Option<u64>,
@@ -79,6 +83,7 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         totals,
         members: store.member_totals(group).await?,
         accounts,
+        accounts_off: false,
         rate,
         eta_seconds: if fresh && stalled.is_none() {
             eta_seconds(&totals, rate)
@@ -180,7 +185,7 @@ pub fn render(r: &StatusReport) -> String {
             m.imported, m.pending, m.unread_pending, m.failed
         );
     }
-    render_accounts(&mut s, &r.accounts);
+    render_accounts(&mut s, &r.accounts, r.accounts_off);
     if !r.blocked_lanes.is_empty() {
         let _ = writeln!(
             s,
@@ -269,8 +274,14 @@ fn accounts_first(
 }
 
 /// The accounts line (only when the database knows accounts).
-fn render_accounts(s: &mut String, a: &AccountTotals) {
-    if a.imported + a.pending + a.failed > 0 {
+fn render_accounts(s: &mut String, a: &AccountTotals, off: bool) {
+    if off {
+        let _ = writeln!(
+            s,
+            "accounts   not imported by timport (import.accounts = \"off\"): {} named by the queue are taken to exist",
+            a.imported + a.pending + a.failed
+        );
+    } else if a.imported + a.pending + a.failed > 0 {
         let _ = writeln!(
             s,
             "accounts   {} imported, {} pending, {} failed{}",
