@@ -265,10 +265,13 @@ fn accounts_first(
     active_lanes: Option<usize>,
 ) -> Option<String> {
     match stalled {
-        Some(_) if a.pending > 0 && active_lanes == Some(0) => Some(format!(
-            "importing accounts first ({} pending); the messages that need them follow",
-            a.pending
-        )),
+        // Only the "no lane at work" reading: a blocked queue or an outage stays what it is.
+        Some(why) if a.pending > 0 && active_lanes == Some(0) && why.starts_with("no lane") => {
+            Some(format!(
+                "importing accounts first ({} pending); the messages that need them follow",
+                a.pending
+            ))
+        }
         other => other,
     }
 }
@@ -324,6 +327,27 @@ mod tests {
             lanes: 2,
             lanes_blocked: i64::from(blocked > 0),
         }
+    }
+
+    #[test]
+    fn the_accounts_stage_is_not_called_a_stall() {
+        let pending = AccountTotals {
+            imported: 0,
+            pending: 5,
+            failed: 0,
+        };
+        let idle = stall_reason(&totals(100, 0), true, None, Some(0), 0.0);
+        let why = accounts_first(idle, &pending, Some(0)).unwrap();
+        assert!(
+            why.contains("importing accounts first (5 pending)"),
+            "{why}"
+        );
+        // A blocked queue stays blocked, accounts or not.
+        let blocked = stall_reason(&totals(0, 40), true, None, Some(0), 0.0);
+        let why = accounts_first(blocked, &pending, Some(0)).unwrap();
+        assert!(why.contains("blocked"), "{why}");
+        let none = accounts_first(None, &pending, Some(0));
+        assert_eq!(none, None);
     }
 
     #[test]
