@@ -197,9 +197,9 @@ pub async fn step(
 }
 
 /// Accounts first: the part of `batch` whose senders are imported accounts (the rest goes back to
-/// pending), or what the step ends with: a head whose account failed fails with
-/// [`ACCOUNT_FAILED_REASON`] (the rest of the lane goes on); a head whose account is not imported
-/// yet waits (the lane ends until the accounts are in).
+/// pending), or what the step ends with: when the head's account failed, the messages of the
+/// batch whose account failed fail with [`ACCOUNT_FAILED_REASON`] (the rest of the lane goes on);
+/// a head whose account is not imported yet waits (the lane ends until the accounts are in).
 async fn senders_ready(
     sh: &Shared,
     lane: &Lane,
@@ -215,29 +215,32 @@ async fn senders_ready(
         return Ok(Ok(batch));
     }
     match &ready[0] {
-        Readiness::Failed(why) => {
-            let head = batch[0].id;
-            let reason = format!(
-                "{ACCOUNT_FAILED_REASON}: {:?} ({why}); fix it, then `timport retry --accounts`",
-                batch[0].from_account
-            );
-            tracing::info!(group = %lane.group_id, message = head, reason = %reason, "message failed");
-            metrics::counter!("timport_messages_failed_total", "code" => "account").increment(1);
-            sh.failed.fetch_add(1, Ordering::Relaxed);
-            let updates: Vec<_> = batch
-                .iter()
-                .map(|m| match m.id == head {
-                    true => MessageUpdate::Failed {
-                        id: head,
-                        code: None,
-                        reason: reason.clone(),
-                    },
-                    false => MessageUpdate::Pending {
+        Readiness::Failed(_) => {
+            // Every message of the batch whose account failed fails now; the others go back.
+            let mut updates = Vec::with_capacity(batch.len());
+            for (m, r) in batch.iter().zip(&ready) {
+                match r {
+                    Readiness::Failed(why) => {
+                        let reason = format!(
+                            "{ACCOUNT_FAILED_REASON}: {:?} ({why}); fix it, then `timport retry --accounts`",
+                            m.from_account
+                        );
+                        tracing::info!(group = %lane.group_id, message = m.id, reason = %reason, "message failed");
+                        metrics::counter!("timport_messages_failed_total", "code" => "account")
+                            .increment(1);
+                        sh.failed.fetch_add(1, Ordering::Relaxed);
+                        updates.push(MessageUpdate::Failed {
+                            id: m.id,
+                            code: None,
+                            reason,
+                        });
+                    }
+                    _ => updates.push(MessageUpdate::Pending {
                         id: m.id,
                         refund: true,
-                    },
-                })
-                .collect();
+                    }),
+                }
+            }
             sh.store
                 .record(lane.id, &updates, &LaneUpdate::default())
                 .await?;
