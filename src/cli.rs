@@ -82,12 +82,16 @@ pub enum Command {
     },
     /// Put failed messages and blocked lanes back to pending.
     Retry {
-        #[arg(long, conflicts_with_all = ["job", "all"])]
+        #[arg(long, conflicts_with_all = ["job", "all", "accounts"])]
         group: Option<String>,
-        #[arg(long, conflicts_with_all = ["group", "all"])]
+        #[arg(long, conflicts_with_all = ["group", "all", "accounts"])]
         job: Option<i64>,
-        #[arg(long, conflicts_with_all = ["group", "job"])]
+        #[arg(long, conflicts_with_all = ["group", "job", "accounts"])]
         all: bool,
+        /// Failed accounts back to pending, with the messages and memberships that failed for
+        /// them.
+        #[arg(long, conflicts_with_all = ["group", "job", "all"])]
+        accounts: bool,
     },
     /// A local stand-in for Tencent's REST endpoints, with fault injection.
     Simulate(SimulateArgs),
@@ -138,7 +142,10 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Run { until_idle, ingest } => run(settings, until_idle, ingest).await,
         Command::Ingest { dry_run, files } => ingest(&settings, dry_run, &files).await,
         Command::Status { json, group } => show_status(&settings, json, group.as_deref()).await,
-        Command::Retry { group, job, all } => retry(&settings, group, job, all).await,
+        Command::Retry { accounts: true, .. } => retry_accounts(&settings).await,
+        Command::Retry {
+            group, job, all, ..
+        } => retry(&settings, group, job, all).await,
         Command::Simulate(_) => Ok(ExitCode::SUCCESS),
     };
     match result {
@@ -262,7 +269,8 @@ async fn show_status(
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     let store = Store::open_read_only(db, &store_options(settings)).await?;
-    let r = status::report(&store, group).await?;
+    let mut r = status::report(&store, group).await?;
+    r.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -283,7 +291,7 @@ async fn retry(
         (None, Some(j), false) => RetryScope::Job(j),
         (None, None, true) => RetryScope::All,
         _ => {
-            eprintln!("timport retry: give exactly one of --group G, --job J, --all");
+            eprintln!("timport retry: give exactly one of --group G, --job J, --all, --accounts");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
@@ -300,6 +308,23 @@ async fn retry(
     let (messages, lanes) = store.retry(scope).await?;
     tracing::info!(messages, lanes, ?scope, "retry requested");
     println!("{messages} failed message(s) back to pending, {lanes} blocked lane(s) unblocked");
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry_accounts(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let store = open_store(settings).await?;
+    let r = store.retry_accounts().await?;
+    tracing::info!(
+        accounts = r.accounts,
+        messages = r.messages,
+        members = r.members,
+        "account retry requested"
+    );
+    println!(
+        "{} failed account(s) back to pending, with {} message(s) and {} membership(s) that failed for them",
+        r.accounts, r.messages, r.members
+    );
     store.close().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -418,6 +443,7 @@ async fn run(
                 message: format!("{e}"),
             })?;
         cfg.auto_create_groups = settings.simulator.auto_create_groups;
+        cfg.require_accounts = settings.simulator.require_accounts;
         cfg.requests_per_second = settings.import.requests_per_second.max(200);
         cfg.faults.latency = settings.simulator.latency;
         for g in &settings.simulator.groups {
@@ -545,13 +571,18 @@ async fn run(
     let code = match result {
         Ok(EngineExit::Stopped) => ExitCode::SUCCESS,
         Ok(EngineExit::Idle(t)) => {
-            let report = status::report(&store, None).await?;
+            let mut report = status::report(&store, None).await?;
+            report.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
             print!("\n{}", status::render(&report));
             println!(
                 "\nimport finished: {} imported, {} failed, {} blocked",
                 t.imported, t.failed, t.blocked
             );
-            if t.failed > 0 || t.blocked > 0 || report.members.failed > 0 {
+            if t.failed > 0
+                || t.blocked > 0
+                || report.members.failed > 0
+                || report.accounts.failed > 0
+            {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

@@ -94,6 +94,16 @@ pub enum Synchronous {
     Full,
 }
 
+/// `import.accounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountsMode {
+    /// Import every sender, owner and member as an account before it is needed.
+    Auto,
+    /// Assume the accounts exist.
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TiePolicy {
@@ -119,6 +129,8 @@ pub struct ImportSettings {
     pub progress_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub commit_window: Duration,
+    pub accounts: AccountsMode,
+    pub account_requests_per_second: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -150,6 +162,7 @@ pub struct SimulatorSettings {
     pub auto_create_groups: bool,
     #[serde(with = "humantime_serde")]
     pub latency: Duration,
+    pub require_accounts: bool,
 }
 
 /// Which file to layer over the defaults: the `--config` flag, else `$TIMPORT_CONFIG`, else
@@ -239,6 +252,12 @@ impl Settings {
         if i.requests_per_second == 0 {
             return Err(SettingsError::key(
                 "import.requests_per_second",
+                "must be at least 1",
+            ));
+        }
+        if i.account_requests_per_second == 0 {
+            return Err(SettingsError::key(
+                "import.account_requests_per_second",
                 "must be at least 1",
             ));
         }
@@ -412,6 +431,12 @@ impl Settings {
             w.push(format!(
                 "import.requests_per_second = {} is above the documented limit of {DOCUMENTED_REQUESTS_PER_SECOND} requests/s per app; keep it only if Tencent raised this app's quota, or the excess is answered with rate-limit errors",
                 self.import.requests_per_second
+            ));
+        }
+        if self.import.account_requests_per_second > 100 {
+            w.push(format!(
+                "import.account_requests_per_second = {} is above the documented limit of 100 multiaccount_import calls/s",
+                self.import.account_requests_per_second
             ));
         }
         w

@@ -1287,6 +1287,9 @@ pub struct JobWriter {
     /// The job's kind and file name, to name an earlier message of the same job.
     kind: String,
     source: String,
+    /// Accounts the job names (senders, owners, members) and lists with profile data: written
+    /// to `accounts` at commit, in the job's transaction (see [`JobAccounts`]).
+    accounts: JobAccounts,
 }
 
 /// What became of a job.
@@ -1380,6 +1383,7 @@ impl Store {
             callers: Vec::new(),
             conflicts: Vec::new(),
             count: 0,
+            accounts: JobAccounts::default(),
             kind: kind.to_string(),
             source: if kind == "intake" {
                 "intake table".to_string()
@@ -1403,6 +1407,7 @@ impl JobWriter {
     /// An assigned Random skips every counter whose value a caller already gave in the group.
     pub async fn push(&mut self, msg: NewMessage) -> Result<u32, StoreError> {
         let lane_id = self.lane_id(&msg.group_id, &msg.topic_id).await?;
+        self.accounts.name(&msg.from_account);
         let (random, assigned) = match msg.random {
             Some(r) => {
                 let g = self.group_acc(&msg.group_id)?;
@@ -1588,6 +1593,7 @@ impl JobWriter {
     /// already created by an earlier job stays created.
     pub async fn set_group_spec(&mut self, group: &str, spec: &str) -> Result<(), StoreError> {
         self.ensure_lane(group, "").await?;
+        self.accounts.name_owner(spec);
         sqlx::query(
             "UPDATE groups SET spec = ?,
                 create_state = CASE WHEN create_state IN ('created', 'blocked') THEN create_state
@@ -1606,6 +1612,7 @@ impl JobWriter {
     /// group is kept as it is).
     pub async fn add_member(&mut self, group: &str, m: &NewMember) -> Result<(), StoreError> {
         self.ensure_lane(group, "").await?;
+        self.accounts.name(&m.account);
         sqlx::query(
             "INSERT OR IGNORE INTO members(group_id, job_id, member_account, role, join_time,
                 unread_msg_num, updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
@@ -1882,6 +1889,7 @@ impl JobWriter {
                 )),
             });
         }
+        self.accounts.write(&self.store, &mut self.tx).await?;
         let store = self.store.clone();
         let err = |e| store.err(e);
         let mut tx = self.tx;
@@ -2982,6 +2990,307 @@ pub enum RetryScope<'a> {
     All,
     Group(&'a str),
     Job(i64),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounts (import.accounts = "auto"): every sender, owner and member a job names is recorded in
+// the job's own transaction; the engine imports them before anything that needs them is sent.
+
+/// The reason a message (or membership) fails when its account could not be imported; `timport
+/// retry --accounts` finds them by it.
+pub const ACCOUNT_FAILED_REASON: &str = "sender account could not be imported";
+
+/// An account listed with profile data in a job file (`AccountList`, NDJSON `{"UserID", ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAccount {
+    pub user_id: String,
+    pub nick: Option<String>,
+    pub face_url: Option<String>,
+}
+
+/// The accounts one job names, written at its commit.
+#[derive(Debug, Default)]
+struct JobAccounts {
+    /// Named as sender, owner or member (IDs only).
+    named: FastMap<String, ()>,
+    /// Listed with profile data.
+    profiles: Vec<NewAccount>,
+}
+
+impl JobAccounts {
+    fn name(&mut self, id: &str) {
+        if !id.is_empty() && !self.named.contains_key(id) {
+            self.named.insert(id.to_string(), ());
+        }
+    }
+
+    /// The `Owner_Account` of an import_group body, if it has one.
+    fn name_owner(&mut self, spec: &str) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(spec)
+            && let Some(owner) = v.get("Owner_Account").and_then(|o| o.as_str())
+        {
+            self.name(owner);
+        }
+    }
+
+    /// Inserts the accounts not known yet (as pending). A profile given again with other data
+    /// than was imported puts the account back to pending, to be sent in the profile form.
+    async fn write(
+        &self,
+        store: &Store,
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> Result<(), StoreError> {
+        let now = unix_now();
+        if !self.profiles.is_empty() {
+            let rows: Vec<(&str, Option<&str>, Option<&str>)> = self
+                .profiles
+                .iter()
+                .map(|a| (a.user_id.as_str(), a.nick.as_deref(), a.face_url.as_deref()))
+                .collect();
+            sqlx::query(
+                "INSERT INTO accounts(user_id, profile, nick, face_url, updated_at)
+                 SELECT value ->> 0, 1, value ->> 1, value ->> 2, ?2 FROM json_each(?1) WHERE true
+                 ON CONFLICT(user_id) DO UPDATE SET
+                    state = CASE WHEN accounts.state = 'imported' AND (accounts.profile = 0
+                                      OR accounts.nick IS NOT excluded.nick
+                                      OR accounts.face_url IS NOT excluded.face_url)
+                                 THEN 'pending' ELSE accounts.state END,
+                    profile = 1, nick = excluded.nick, face_url = excluded.face_url,
+                    updated_at = excluded.updated_at",
+            )
+            .bind(serde_json::to_string(&rows).unwrap_or_default())
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        }
+        if !self.named.is_empty() {
+            let ids: Vec<&str> = self.named.keys().map(String::as_str).collect();
+            sqlx::query(
+                "INSERT OR IGNORE INTO accounts(user_id, updated_at)
+                 SELECT value, ?2 FROM json_each(?1)",
+            )
+            .bind(serde_json::to_string(&ids).unwrap_or_default())
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| store.err(e))?;
+        }
+        Ok(())
+    }
+}
+
+impl JobWriter {
+    /// Lists an account with profile data (written at commit).
+    pub fn add_account(&mut self, a: NewAccount) {
+        self.accounts.profiles.push(a);
+    }
+}
+
+/// A pending account as the engine sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAccount {
+    pub user_id: String,
+    pub nick: Option<String>,
+    pub face_url: Option<String>,
+}
+
+/// Where an account stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountState {
+    Pending,
+    Imported,
+    Failed(String),
+}
+
+/// Account counts for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AccountTotals {
+    pub imported: i64,
+    pub pending: i64,
+    pub failed: i64,
+}
+
+/// What `timport retry --accounts` put back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountRetry {
+    pub accounts: u64,
+    pub messages: u64,
+    pub members: u64,
+}
+
+impl Store {
+    /// Up to `limit` pending accounts of one form: with profile data (`profile`) or IDs only.
+    pub async fn pending_accounts(
+        &self,
+        profile: bool,
+        limit: i64,
+    ) -> Result<Vec<PendingAccount>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id, nick, face_url FROM accounts
+             WHERE state = 'pending' AND profile = ? ORDER BY user_id LIMIT ?",
+        )
+        .bind(i64::from(profile))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| PendingAccount {
+                user_id: r.get("user_id"),
+                nick: r.get("nick"),
+                face_url: r.get("face_url"),
+            })
+            .collect())
+    }
+
+    /// The states of these accounts (an ID the table does not hold is absent).
+    pub async fn account_states(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, AccountState>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id, state, reason FROM accounts
+             WHERE user_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::to_string(ids).unwrap_or_default())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let state: String = r.get("state");
+                let st = match state.as_str() {
+                    "imported" => AccountState::Imported,
+                    "failed" => AccountState::Failed(
+                        r.get::<Option<String>, _>("reason").unwrap_or_default(),
+                    ),
+                    _ => AccountState::Pending,
+                };
+                (r.get("user_id"), st)
+            })
+            .collect())
+    }
+
+    /// Records an account request's answer in one transaction: `imported` are on the server;
+    /// `failed` (ID, reason) are not, and the pending memberships that need them fail with them
+    /// (their messages fail as their lanes reach them).
+    pub async fn record_accounts(
+        &self,
+        imported: &[&str],
+        failed: &[(&str, String)],
+    ) -> Result<(), StoreError> {
+        let now = unix_now();
+        let mut tx = self.begin().await?;
+        if !imported.is_empty() {
+            sqlx::query(
+                "UPDATE accounts SET state = 'imported', attempts = attempts + 1, reason = NULL,
+                 updated_at = ?2 WHERE user_id IN (SELECT value FROM json_each(?1))
+                 AND state = 'pending'",
+            )
+            .bind(serde_json::to_string(imported).unwrap_or_default())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        if !failed.is_empty() {
+            let rows = serde_json::to_string(failed).unwrap_or_default();
+            sqlx::query(
+                "UPDATE accounts SET state = 'failed', attempts = attempts + 1,
+                 reason = v.value ->> 1, updated_at = ?2
+                 FROM json_each(?1) AS v WHERE accounts.user_id = v.value ->> 0
+                 AND accounts.state = 'pending'",
+            )
+            .bind(&rows)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            sqlx::query(
+                "UPDATE members SET state = 'failed',
+                 result_text = 'member ' || ?3 || ': ' || (v.value ->> 1), updated_at = ?2
+                 FROM json_each(?1) AS v WHERE members.member_account = v.value ->> 0
+                 AND members.state = 'pending'",
+            )
+            .bind(&rows)
+            .bind(now)
+            .bind(ACCOUNT_FAILED_REASON.trim_start_matches("sender "))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Whether any account waits to be imported.
+    pub async fn accounts_pending(&self) -> Result<bool, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM accounts WHERE state = 'pending')")
+                .fetch_one(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(n != 0)
+    }
+
+    /// Account counts.
+    pub async fn account_totals(&self) -> Result<AccountTotals, StoreError> {
+        let r = sqlx::query(
+            "SELECT COALESCE(SUM(state = 'imported'), 0) AS imported,
+                    COALESCE(SUM(state = 'pending'), 0) AS pending,
+                    COALESCE(SUM(state = 'failed'), 0) AS failed FROM accounts",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(AccountTotals {
+            imported: r.get("imported"),
+            pending: r.get("pending"),
+            failed: r.get("failed"),
+        })
+    }
+
+    /// `timport retry --accounts`: failed accounts back to pending, with the messages and
+    /// memberships that failed for them.
+    pub async fn retry_accounts(&self) -> Result<AccountRetry, StoreError> {
+        let now = unix_now();
+        let mut tx = self.begin().await?;
+        let a = sqlx::query(
+            "UPDATE accounts SET state = 'pending', reason = NULL, updated_at = ?
+             WHERE state = 'failed'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        let m = sqlx::query(
+            "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
+             result_text = NULL, updated_at = ?1
+             WHERE state = 'failed' AND result_code IS NULL AND result_text LIKE ?2 || '%'",
+        )
+        .bind(now)
+        .bind(ACCOUNT_FAILED_REASON)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        let g = sqlx::query(
+            "UPDATE members SET state = 'pending', result_text = NULL, updated_at = ?1
+             WHERE state = 'failed' AND result_text LIKE 'member ' || ?2 || '%'",
+        )
+        .bind(now)
+        .bind(ACCOUNT_FAILED_REASON.trim_start_matches("sender "))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(AccountRetry {
+            accounts: a.rows_affected(),
+            messages: m.rows_affected(),
+            members: g.rows_affected(),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -57,14 +57,28 @@ pub async fn work(sh: std::sync::Arc<Shared>) {
 /// One pass over the due group steps; true when any ran.
 async fn step_all(sh: &Shared) -> Result<bool, StoreError> {
     let mut did = false;
-    for g in sh.store.groups_to_create(unix_now_ms(), 16).await? {
+    // Owners and members are accounts: none of their steps before the accounts are in.
+    if sh.accounts.busy() {
+        return Ok(false);
+    }
+    let to_create = sh.store.groups_to_create(unix_now_ms(), 16).await?;
+    let with_members = sh.store.groups_with_member_work(unix_now_ms(), 16).await?;
+    // Read after the work: a group or member seen above was queued with its accounts, so a
+    // pending one among them is seen here (the flag above may not have caught up yet).
+    if sh.cfg.accounts
+        && !(to_create.is_empty() && with_members.is_empty())
+        && sh.store.accounts_pending().await?
+    {
+        return Ok(false);
+    }
+    for g in to_create {
         if sh.stop.is_cancelled() {
             return Ok(did);
         }
         create(sh, &g).await?;
         did = true;
     }
-    for group in sh.store.groups_with_member_work(unix_now_ms(), 16).await? {
+    for group in with_members {
         if sh.stop.is_cancelled() {
             return Ok(did);
         }

@@ -12,9 +12,13 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
+use super::accounts::Readiness;
 use super::commit::Outstanding;
 use super::{EngineError, Shared, reconcile};
-use crate::store::{Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record, unix_now_ms};
+use crate::store::{
+    ACCOUNT_FAILED_REASON, Claim, Lane, LaneUpdate, MessageUpdate, QueuedMessage, Record,
+    unix_now_ms,
+};
 use crate::tencent::{
     ApiError, ErrorClass, ImportGroupMsgRequest, ImportMsg, ImportMsgResult, codes,
 };
@@ -138,6 +142,10 @@ pub async fn step(
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
+    let batch = match senders_ready(sh, lane, batch).await? {
+        Ok(b) => b,
+        Err(step) => return Ok(step),
+    };
     if batch[0].effective_time() < lane.last_send_time && batch[0].id > lane.checked_id {
         // Queued while the lane ran, older than what it imported: looked for first.
         release(sh, lane, &batch).await?;
@@ -194,6 +202,70 @@ pub async fn step(
         }
         Err(e) => on_error(sh, lane, &batch, e, max_batch).await,
     }
+}
+
+/// Accounts first: the part of `batch` whose senders are imported accounts (the rest goes back to
+/// pending), or what the step ends with: when the head's account failed, the messages of the
+/// batch whose account failed fail with [`ACCOUNT_FAILED_REASON`] (the rest of the lane goes on);
+/// a head whose account is not imported yet waits (the lane ends until the accounts are in).
+async fn senders_ready(
+    sh: &Shared,
+    lane: &Lane,
+    mut batch: Vec<QueuedMessage>,
+) -> Result<Result<Vec<QueuedMessage>, Step>, EngineError> {
+    let ready = sh.accounts.check(sh, &batch).await?;
+    let Some(cut) = ready.iter().position(|r| *r != Readiness::Ready) else {
+        return Ok(Ok(batch));
+    };
+    if cut > 0 {
+        release(sh, lane, &batch[cut..]).await?;
+        batch.truncate(cut);
+        return Ok(Ok(batch));
+    }
+    match &ready[0] {
+        Readiness::Failed(_) => {
+            // Every message of the batch whose account failed fails now; the others go back.
+            let mut updates = Vec::with_capacity(batch.len());
+            for (m, r) in batch.iter().zip(&ready) {
+                match r {
+                    Readiness::Failed(why) => {
+                        let reason = format!(
+                            "{ACCOUNT_FAILED_REASON}: {:?} ({why}); fix it, then `timport retry --accounts`",
+                            m.from_account
+                        );
+                        tracing::info!(group = %lane.group_id, message = m.id, reason = %reason, "message failed");
+                        metrics::counter!("timport_messages_failed_total", "code" => "account")
+                            .increment(1);
+                        sh.failed.fetch_add(1, Ordering::Relaxed);
+                        updates.push(MessageUpdate::Failed {
+                            id: m.id,
+                            code: None,
+                            reason,
+                        });
+                    }
+                    _ => updates.push(MessageUpdate::Pending {
+                        id: m.id,
+                        refund: true,
+                    }),
+                }
+            }
+            sh.store
+                .record(lane.id, &updates, &LaneUpdate::default())
+                .await?;
+            Ok(Err(Step::Progress))
+        }
+        _ => {
+            release(sh, lane, &batch).await?;
+            Ok(Err(Step::Idle))
+        }
+    }
+}
+
+/// Why Tencent refused a message for its sender: it is not an account of the app.
+fn not_an_account(code: i64, sender: &str) -> String {
+    format!(
+        "the sender {sender:?} is not an account of the app (Tencent answered {code}, the requested account does not exist); import the account (import.accounts = \"auto\" does), then `timport retry`"
+    )
 }
 
 /// The request for `batch`. Each body goes out as the text that was queued (validated and
@@ -320,6 +392,9 @@ async fn on_results(
                     80001 => "the message contains restricted words (80001)".to_string(),
                     80002 => {
                         "the message body is longer than Tencent's 12,000 bytes (80002)".to_string()
+                    }
+                    c @ (codes::ACCOUNT_NOT_FOUND | codes::ACCOUNT_NOT_FOUND_70107) => {
+                        not_an_account(c, &m.from_account)
                     }
                     c => format!("refused by Tencent with result {c}"),
                 };
@@ -542,7 +617,13 @@ async fn on_error(
                     return Ok(Step::Progress);
                 }
                 *max_batch = sh.cfg.batch_size;
-                let reason = format!("refused by Tencent ({c}: {info})");
+                let reason = match c {
+                    codes::ACCOUNT_NOT_FOUND | codes::ACCOUNT_NOT_FOUND_70107 => {
+                        let sender = batch.first().map(|m| m.from_account.as_str());
+                        format!("{} ({info})", not_an_account(c, sender.unwrap_or_default()))
+                    }
+                    _ => format!("refused by Tencent ({c}: {info})"),
+                };
                 tracing::info!(group = %lane.group_id, code = c, reason = %reason, "message failed");
                 metrics::counter!("timport_messages_failed_total", "code" => c.to_string())
                     .increment(1);

@@ -10,6 +10,10 @@
 //! flight when it starts (an unknown outcome, or a crash or stop mid-request) first asks the
 //! server what it already has ([`reconcile`]); nothing is re-sent before that.
 //!
+//! Accounts first ([`accounts`], `import.accounts = "auto"`): while any sender, owner or member
+//! waits to be imported as an account, no lane starts and no group step runs, and each lane
+//! checks the senders of a batch before it sends it.
+//!
 //! Stopping: when `shutdown` fires, no lane claims another batch; requests in flight get
 //! `import.shutdown_grace` to finish and record their answer, then are abandoned: their messages
 //! stay in flight and are reconciled at the next start, so stopping at any instant (SIGKILL
@@ -22,6 +26,7 @@
 //! recorded is neither lost nor sent twice. A corrupt, deleted or replaced database stops the
 //! engine with [`EngineError::Database`] and no further watchdog tick.
 
+pub mod accounts;
 pub mod commit;
 pub mod group;
 pub mod lane;
@@ -55,6 +60,10 @@ pub struct EngineConfig {
     pub commit_window: Duration,
     /// Exit once nothing is pending or in flight (`timport run --until-idle`).
     pub until_idle: bool,
+    /// `import.accounts = "auto"`: import accounts before anything that needs them.
+    pub accounts: bool,
+    /// `import.account_requests_per_second`.
+    pub account_rps: u32,
 }
 
 impl EngineConfig {
@@ -70,6 +79,8 @@ impl EngineConfig {
             progress_interval: s.progress_interval,
             commit_window: s.commit_window,
             until_idle,
+            accounts: s.accounts == crate::settings::AccountsMode::Auto,
+            account_rps: s.account_requests_per_second,
         }
     }
 }
@@ -129,6 +140,8 @@ pub struct Shared {
     pub outage: outage::Outage,
     /// Batched get_group_info for the lanes' catch-up.
     pub group_infos: reconcile::GroupInfos,
+    /// Which senders are accounts already (see [`accounts`]).
+    pub accounts: accounts::Gate,
 }
 
 impl Shared {
@@ -207,6 +220,7 @@ pub async fn run(
         committer,
         outage: outage::Outage::new(),
         group_infos,
+        accounts: accounts::Gate::new(cfg.accounts),
         store: store.clone(),
         client,
         cfg: cfg.clone(),
@@ -238,6 +252,7 @@ pub async fn run(
         "import engine started"
     );
     let group_task = tokio::spawn(group::work(shared.clone()));
+    let account_task = tokio::spawn(accounts::work(shared.clone()));
     let info_task = tokio::spawn(reconcile::GroupInfos::work(shared.clone(), info_requests));
     let mut last_file_check = Instant::now();
     let exit = loop {
@@ -259,7 +274,8 @@ pub async fn run(
         // record. The store probes with backoff and clears the refusal itself.
         let refused = store.writes_refused();
         // Fill free slots with runnable lanes.
-        if running.len() < cfg.max_lanes && refused.is_none() {
+        // While accounts wait to be imported, no lane starts (see `accounts`).
+        if running.len() < cfg.max_lanes && refused.is_none() && !shared.accounts.busy() {
             let want = i64::try_from(cfg.max_lanes + running.len()).unwrap_or(i64::MAX);
             match store.runnable_lanes(unix_now_ms(), want).await {
                 Ok(lanes) => {
@@ -315,7 +331,7 @@ pub async fn run(
                 }
             }
         }
-        if cfg.until_idle && running.is_empty() && refused.is_none() {
+        if cfg.until_idle && running.is_empty() && refused.is_none() && !shared.accounts.busy() {
             match store.totals(None).await {
                 Ok(t) if t.pending == 0 && t.in_flight == 0 => {
                     if let Ok(false) = store.group_work_left().await {
@@ -350,6 +366,12 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("a group step was still running at the end of the grace period");
+    }
+    if tokio::time::timeout(cfg.shutdown_grace, account_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("an account request was still running at the end of the grace period");
     }
     let grace = tokio::time::sleep(cfg.shutdown_grace);
     tokio::pin!(grace);

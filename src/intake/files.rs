@@ -135,6 +135,14 @@ enum Event {
 struct WholeGroups {
     defs: Vec<(String, validate::GroupDef, u64)>,
     members: Vec<(String, crate::store::NewMember)>,
+    /// Accounts listed with profile data (`AccountList`, NDJSON `{"UserID", ...}` lines).
+    accounts: Vec<crate::store::NewAccount>,
+}
+
+impl WholeGroups {
+    fn is_empty(&self) -> bool {
+        self.defs.is_empty() && self.members.is_empty() && self.accounts.is_empty()
+    }
 }
 
 /// Validates `path` and, with a store, queues it. `follow_symlinks` is false for the spool, where
@@ -298,14 +306,14 @@ pub async fn ingest_file(
             problems,
         });
     }
-    if messages == 0 && whole.defs.is_empty() && whole.members.is_empty() {
+    if messages == 0 && whole.is_empty() {
         if let Some(w) = writer {
             w.rollback().await?;
         }
         return Ok(rejected_whole("the file holds no message".into()));
     }
     if let Some(store) = store
-        && !(whole.defs.is_empty() && whole.members.is_empty())
+        && !whole.is_empty()
     {
         if writer.is_none() {
             writer = Some(store.job_writer("file", &display_name(path)).await?);
@@ -316,6 +324,9 @@ pub async fn ingest_file(
             }
             for (group, m) in &whole.members {
                 w.add_member(group, m).await?;
+            }
+            for a in std::mem::take(&mut whole.accounts) {
+                w.add_account(a);
             }
         }
     }
@@ -467,6 +478,8 @@ struct Collector<'a> {
     randoms: crate::store::FastMap<String, crate::store::FastMap<u32, (i64, i64)>>,
     /// The request body being parsed (.json arrays), for problems found per message.
     body_index: Option<u64>,
+    /// UserIDs listed with profile data so far, and the line of each.
+    account_lines: crate::store::FastMap<String, u64>,
     /// False once the receiver is gone (cancelled): stop parsing.
     open: bool,
 }
@@ -484,6 +497,7 @@ impl<'a> Collector<'a> {
             next_index: 0,
             randoms: crate::store::FastMap::default(),
             body_index: None,
+            account_lines: crate::store::FastMap::default(),
             open: true,
         }
     }
@@ -599,6 +613,29 @@ impl<'a> Collector<'a> {
             groups,
             whole: self.whole,
         });
+    }
+
+    /// An account listed with profile data at `line` (`at` names it in problems).
+    fn account(&mut self, v: &serde_json::Value, at: &str, line: u64) {
+        match validate::account(v, at) {
+            Ok(a) => {
+                if let Some(first) = self.account_lines.get(&a.user_id) {
+                    let p = format!(
+                        "{at}: account {:?} is listed already at line {first}; list each account once",
+                        a.user_id
+                    );
+                    self.problem(line, None, self.body_index, p);
+                    return;
+                }
+                self.account_lines.insert(a.user_id.clone(), line);
+                self.whole.accounts.push(a);
+            }
+            Err(ps) => {
+                for p in ps {
+                    self.problem(line, None, self.body_index, p);
+                }
+            }
+        }
     }
 
     fn validate(
@@ -717,6 +754,14 @@ fn parse_ndjson(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Resu
             c.message(m);
             continue;
         }
+        // An account line (`{"UserID", "Nick"?, "FaceUrl"?}`) rather than a message.
+        if text.contains("\"UserID\"")
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(text)
+            && validate::looks_like_account(&v)
+        {
+            c.account(&v, "the account", line_no);
+            continue;
+        }
         let raw = serde_json::from_str::<RawMessage<'_>>(text)
             .map_err(|e| format!("not a valid message object: {e}"));
         c.validate(raw, None, now, line_no, None, 0);
@@ -741,6 +786,8 @@ struct RawBody<'a> {
     group: Option<&'a RawValue>,
     #[serde(rename = "Members", borrow, default)]
     members: Option<&'a RawValue>,
+    #[serde(rename = "AccountList", borrow, default)]
+    account_list: Option<&'a RawValue>,
 }
 
 fn parse_json(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result<u64> {
@@ -800,6 +847,41 @@ fn parse_json(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result
                 continue;
             }
         };
+        if let Some(raw) = body.account_list {
+            let line = lines.line_of(text, raw.get());
+            match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
+                Ok(list) => {
+                    for (i, item) in list.into_iter().enumerate() {
+                        let item_line = lines.line_of(text, item.get());
+                        match serde_json::from_str::<serde_json::Value>(item.get()) {
+                            Ok(v) => c.account(&v, &format!("AccountList[{i}]"), item_line),
+                            Err(e) => c.problem(
+                                item_line,
+                                None,
+                                body_index,
+                                format!("AccountList[{i}]: {e}"),
+                            ),
+                        }
+                    }
+                }
+                Err(e) => c.problem(
+                    line,
+                    None,
+                    body_index,
+                    format!("AccountList must be an array of accounts: {e}"),
+                ),
+            }
+            if body.group_id.is_none()
+                && body.msg_list.is_none()
+                && body.group.is_none()
+                && body.members.is_none()
+                && body.topic_id.is_none()
+                && body.recent_contact_flag.is_none()
+            {
+                // A body of accounts only.
+                continue;
+            }
+        }
         let mut inherited = Inherited::default();
         let mut body_ok = true;
         let mut fields = Fields::default();
@@ -877,7 +959,7 @@ fn parse_json(file: File, now: i64, tx: &mpsc::Sender<Event>) -> std::io::Result
             }
         }
         let Some(list) = body.msg_list else {
-            if body.group.is_none() && body.members.is_none() {
+            if body.group.is_none() && body.members.is_none() && body.account_list.is_none() {
                 c.problem(body_line, None, body_index, "MsgList is missing".into());
             }
             continue;

@@ -1214,3 +1214,129 @@ pub fn members(
         Err(problems)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Accounts with profile data: `AccountList` entries of a .json body and NDJSON lines
+// `{"UserID", "Nick"?, "FaceUrl"?}` (tencent-api.md section 3.8).
+
+/// Longest UserID, bytes (D-MACC).
+pub const MAX_USER_ID_BYTES: usize = 32;
+/// Longest Nick and FaceUrl, bytes: the limits of the profile fields they set (Tag_Profile_IM_Nick
+/// and Tag_Profile_IM_Image, 500 bytes each).
+pub const MAX_PROFILE_BYTES: usize = 500;
+
+/// Whether an NDJSON line is an account rather than a message (it has a `UserID` key).
+pub fn looks_like_account(v: &Value) -> bool {
+    v.as_object().is_some_and(|o| o.contains_key("UserID"))
+}
+
+/// Validates one account; `at` names it in problems (e.g. `AccountList[3]`, or "the account").
+pub fn account(v: &Value, at: &str) -> Result<crate::store::NewAccount, Vec<String>> {
+    let Value::Object(obj) = v else {
+        return Err(vec![format!(
+            "{at} must be an object {{\"UserID\", \"Nick\"?, \"FaceUrl\"?}}"
+        )]);
+    };
+    let mut problems = Vec::new();
+    for k in obj.keys() {
+        if !["UserID", "Nick", "FaceUrl"].contains(&k.as_str()) {
+            problems.push(format!(
+                "{at} has an unknown field {k:?} (an account has UserID, Nick and FaceUrl)"
+            ));
+        }
+    }
+    let user_id = match obj.get("UserID") {
+        Some(Value::String(id)) if id.trim().is_empty() => {
+            problems.push(format!("{at}.UserID is empty"));
+            String::new()
+        }
+        Some(Value::String(id)) if id.len() > MAX_USER_ID_BYTES => {
+            problems.push(format!(
+                "{at}.UserID is {} bytes; Tencent takes at most {MAX_USER_ID_BYTES}",
+                id.len()
+            ));
+            String::new()
+        }
+        Some(Value::String(id)) if id.chars().any(char::is_control) => {
+            problems.push(format!("{at}.UserID holds a control character"));
+            String::new()
+        }
+        Some(Value::String(id)) => id.clone(),
+        None | Some(Value::Null) => {
+            problems.push(format!("{at}.UserID is missing"));
+            String::new()
+        }
+        Some(other) => {
+            problems.push(format!(
+                "{at}.UserID must be a string, got {}",
+                type_name(other)
+            ));
+            String::new()
+        }
+    };
+    let mut field = |key: &str| match obj.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if t.len() > MAX_PROFILE_BYTES => {
+            problems.push(format!(
+                "{at}.{key} is {} bytes; Tencent takes at most {MAX_PROFILE_BYTES}",
+                t.len()
+            ));
+            None
+        }
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(other) => {
+            problems.push(format!(
+                "{at}.{key} must be a string, got {}",
+                type_name(other)
+            ));
+            None
+        }
+    };
+    let nick = field("Nick");
+    let face_url = field("FaceUrl");
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(crate::store::NewAccount {
+        user_id,
+        nick,
+        face_url,
+    })
+}
+
+#[cfg(test)]
+mod account_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn accounts_are_validated_field_by_field() {
+        let a = account(&json!({"UserID": "u1", "Nick": "Ann"}), "the account").expect("valid");
+        assert_eq!(a.user_id, "u1");
+        assert_eq!(a.nick.as_deref(), Some("Ann"));
+        assert_eq!(a.face_url, None);
+        let long = "x".repeat(33);
+        for (v, needle) in [
+            (json!({"UserID": ""}), "UserID is empty"),
+            (json!({"UserID": long}), "33 bytes"),
+            (json!({"Nick": "a"}), "UserID is missing"),
+            (json!({"UserID": 5}), "must be a string"),
+            (json!({"UserID": "u", "Age": 3}), "unknown field \"Age\""),
+            (
+                json!({"UserID": "u", "Nick": "n".repeat(501)}),
+                "Nick is 501 bytes",
+            ),
+            (
+                json!({"UserID": "u", "FaceUrl": 1}),
+                "FaceUrl must be a string",
+            ),
+        ] {
+            let e = account(&v, "AccountList[0]")
+                .expect_err("invalid")
+                .join("; ");
+            assert!(e.contains(needle), "{v}: {e}");
+            assert!(e.contains("AccountList[0]"), "{e}");
+        }
+        assert!(account(&json!({"UserID": "x".repeat(32)}), "a").is_ok());
+    }
+}

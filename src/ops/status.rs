@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::engine::outage::Waiting;
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
 use crate::store::{
-    FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals, unix_now,
+    AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals,
+    unix_now,
 };
 
 /// A snapshot older than this means no daemon is importing.
@@ -27,6 +28,12 @@ pub struct StatusReport {
     pub totals: Totals,
     /// Members of whole-group jobs (imported after their group's history).
     pub members: MemberTotals,
+    /// Accounts (import.accounts = "auto"): imported, pending, failed.
+    pub accounts: AccountTotals,
+    /// `import.accounts = "off"`: the accounts are not imported by timport (set by the caller,
+    /// which knows the settings).
+    #[serde(skip)]
+    pub accounts_off: bool,
     /// Messages imported per second, recent average (0 when no daemon runs).
     pub rate: f64,
     pub eta_seconds: Option<u64>,
@@ -69,10 +76,14 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         progress.as_ref().map(|p| p.active_lanes),
         rate,
     );
+    let accounts = store.account_totals().await?;
+    let stalled = accounts_first(stalled, &accounts, active_lanes(progress.as_ref()));
     Ok(StatusReport {
         database: store.path().display().to_string(),
         totals,
         members: store.member_totals(group).await?,
+        accounts,
+        accounts_off: false,
         rate,
         eta_seconds: if fresh && stalled.is_none() {
             eta_seconds(&totals, rate)
@@ -174,6 +185,7 @@ pub fn render(r: &StatusReport) -> String {
             m.imported, m.pending, m.unread_pending, m.failed
         );
     }
+    render_accounts(&mut s, &r.accounts, r.accounts_off);
     if !r.blocked_lanes.is_empty() {
         let _ = writeln!(
             s,
@@ -242,6 +254,52 @@ pub fn render(r: &StatusReport) -> String {
     s
 }
 
+fn active_lanes(p: Option<&Progress>) -> Option<usize> {
+    p.map(|p| p.active_lanes)
+}
+
+/// No lane at work while accounts are pending is the accounts stage, not a stall: say so.
+fn accounts_first(
+    stalled: Option<String>,
+    a: &AccountTotals,
+    active_lanes: Option<usize>,
+) -> Option<String> {
+    match stalled {
+        // Only the "no lane at work" reading: a blocked queue or an outage stays what it is.
+        Some(why) if a.pending > 0 && active_lanes == Some(0) && why.starts_with("no lane") => {
+            Some(format!(
+                "importing accounts first ({} pending); the messages that need them follow",
+                a.pending
+            ))
+        }
+        other => other,
+    }
+}
+
+/// The accounts line (only when the database knows accounts).
+fn render_accounts(s: &mut String, a: &AccountTotals, off: bool) {
+    if off {
+        let _ = writeln!(
+            s,
+            "accounts   not imported by timport (import.accounts = \"off\"): {} named by the queue are taken to exist",
+            a.imported + a.pending + a.failed
+        );
+    } else if a.imported + a.pending + a.failed > 0 {
+        let _ = writeln!(
+            s,
+            "accounts   {} imported, {} pending, {} failed{}",
+            a.imported,
+            a.pending,
+            a.failed,
+            if a.failed > 0 {
+                " (fix them, then `timport retry --accounts`)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 fn esc(text: &str) -> std::borrow::Cow<'_, str> {
     crate::telemetry::escape_control(text)
 }
@@ -269,6 +327,27 @@ mod tests {
             lanes: 2,
             lanes_blocked: i64::from(blocked > 0),
         }
+    }
+
+    #[test]
+    fn the_accounts_stage_is_not_called_a_stall() {
+        let pending = AccountTotals {
+            imported: 0,
+            pending: 5,
+            failed: 0,
+        };
+        let idle = stall_reason(&totals(100, 0), true, None, Some(0), 0.0);
+        let why = accounts_first(idle, &pending, Some(0)).unwrap();
+        assert!(
+            why.contains("importing accounts first (5 pending)"),
+            "{why}"
+        );
+        // A blocked queue stays blocked, accounts or not.
+        let blocked = stall_reason(&totals(0, 40), true, None, Some(0), 0.0);
+        let why = accounts_first(blocked, &pending, Some(0)).unwrap();
+        assert!(why.contains("blocked"), "{why}");
+        let none = accounts_first(None, &pending, Some(0));
+        assert_eq!(none, None);
     }
 
     #[test]

@@ -39,6 +39,15 @@
 //!   JoinTime is not strictly between CreateTime and now or Role is not "Admin"; unread capped.
 //! - set_unread_msg_num: capped at the group's message count; group missing 10010; not a member
 //!   10007*.
+//! - `POST /v4/im_open_login_svc/multiaccount_import`: both forms, `{"Accounts": [ids]}` (creates
+//!   missing accounts, keeps existing profiles) and `{"AccountList": [{UserID, Nick?, FaceUrl?}]}`
+//!   (creates or overwrites the profile); 1–100 per request (else 70206*), its own quota
+//!   (`account_requests_per_second`, 60007); IDs that are empty, over 32 bytes or hold a control
+//!   character come back in `FailAccounts`*.
+//! - `require_accounts` (`--require-accounts`): a From_Account that is not an account refuses the
+//!   whole import_group_msg with 10019 (`--unknown-sender whole-request`, the strict reading) or
+//!   gets Result 10019 alone (`per-message`); an unknown Owner_Account refuses import_group
+//!   (10019); an unknown member gets Result 0 from import_group_member.
 //!
 //! Faults, drawn per request after `latency`: `p_http_502` (HTTP 502, nothing applied),
 //! `p_reset_before` (connection aborted with RST before processing, nothing applied),
@@ -72,7 +81,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use state::{
-    GroupSnapshot, Limiter, MemberSnapshot, RequestRecord, SimSnapshot, StoredMessage,
+    AccountSnapshot, GroupSnapshot, Limiter, MemberSnapshot, RequestRecord, SimSnapshot,
+    StoredMessage, UnknownSender,
 };
 
 use server::{ConnKill, KillableListener, OutageSwitch, Shared};
@@ -139,6 +149,12 @@ pub struct SimConfig {
     pub auto_create_groups: bool,
     /// Messages with a SendTime older than this read back as holes (expired history).
     pub history_retention: Option<Duration>,
+    /// Senders, owners and members must be accounts (imported by multiaccount_import).
+    pub require_accounts: bool,
+    /// With `require_accounts`: refuse the whole import_group_msg, or answer per message.
+    pub unknown_sender: UnknownSender,
+    /// multiaccount_import's own quota, calls/s (documented: 100).
+    pub account_requests_per_second: u32,
 }
 
 impl SimConfig {
@@ -158,6 +174,9 @@ impl SimConfig {
             faults: Faults::default(),
             auto_create_groups: false,
             history_retention: None,
+            require_accounts: false,
+            unknown_sender: UnknownSender::default(),
+            account_requests_per_second: 100,
         }
     }
 }
@@ -266,6 +285,17 @@ pub struct SimulateArgs {
     /// history does. Off by default.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
+    /// Senders, owners and members must be accounts, imported by multiaccount_import first.
+    #[arg(long)]
+    pub require_accounts: bool,
+    /// With --require-accounts, a sender that is not an account: `whole-request` (the strict
+    /// reading: the whole import_group_msg is refused with 10019) or `per-message` (Result 10019
+    /// for that message alone).
+    #[arg(long, value_enum, default_value_t = UnknownSender::WholeRequest)]
+    pub unknown_sender: UnknownSender,
+    /// multiaccount_import's own quota, calls/s.
+    #[arg(long, default_value_t = 100)]
+    pub account_rps: u32,
 }
 
 impl From<SimulateArgs> for SimConfig {
@@ -295,6 +325,9 @@ impl From<SimulateArgs> for SimConfig {
             },
             auto_create_groups: a.auto_create_groups,
             history_retention: a.retention,
+            require_accounts: a.require_accounts,
+            unknown_sender: a.unknown_sender,
+            account_requests_per_second: a.account_rps,
         }
     }
 }
@@ -342,6 +375,11 @@ impl SimHandle {
         self.shared.outage.set(refuse, then_502);
     }
 
+    /// Create an account; false if it already exists.
+    pub fn add_account(&self, id: &str) -> bool {
+        self.shared.world().add_account(id)
+    }
+
     /// Create a group; false if it already exists.
     pub fn add_group(&self, id: &str, create_time: i64) -> bool {
         self.shared.world().add_group(id, create_time, "Public")
@@ -371,6 +409,9 @@ pub async fn start(cfg: SimConfig) -> anyhow::Result<SimHandle> {
         strict_equal_time: cfg.strict_equal_time,
         auto_create_groups: cfg.auto_create_groups,
         history_retention: cfg.history_retention,
+        require_accounts: cfg.require_accounts,
+        unknown_sender: cfg.unknown_sender,
+        account_requests_per_second: cfg.account_requests_per_second,
     });
     for (id, create_time) in &cfg.groups {
         world.add_group(id, create_time.unwrap_or(0), "Public");

@@ -351,6 +351,7 @@ async fn v4(
         results: Vec::new(),
         fault: None,
         applied: false,
+        accounts: Vec::new(),
     };
     let mono = Instant::now();
     let now = unix_now();
@@ -406,6 +407,17 @@ async fn v4(
             Answer::fail(60011, "SDKAppID request rate exceeded")
         } else if let Err(a) = check_query(&shared, &query, now) {
             a
+        } else if service == crate::tencent::LOGIN_SERVICE && command == "multiaccount_import" {
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(v) if v.is_object() => match world.multiaccount_import(&v, mono) {
+                    Ok((answer, done)) => {
+                        rec.accounts = done;
+                        answer
+                    }
+                    Err(a) => a,
+                },
+                _ => Answer::fail(60003, "request body is not a JSON object"),
+            }
         } else if service != super::GROUP_SERVICE {
             Answer::fail(60009, format!("unknown service {service}"))
         } else {

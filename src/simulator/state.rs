@@ -24,6 +24,10 @@ pub const MAX_MEMBERS_PER_IMPORT: usize = 300;
 pub const MAX_PAGE: u32 = 20;
 /// Most groups per get_group_info request.
 pub const MAX_GROUP_INFO: usize = 50;
+/// Most accounts per multiaccount_import request.
+pub const MAX_ACCOUNTS_PER_IMPORT: usize = 100;
+/// Longest UserID, bytes.
+pub const MAX_USER_ID_BYTES: usize = 32;
 /// Request records kept for [`SimSnapshot::requests`] (oldest dropped first).
 pub const MAX_REQUEST_RECORDS: usize = 100_000;
 
@@ -110,6 +114,9 @@ pub struct RequestRecord {
     pub fault: Option<String>,
     /// Whether the request changed state.
     pub applied: bool,
+    /// multiaccount_import: the accounts it imported (created or updated), in order.
+    #[serde(default)]
+    pub accounts: Vec<String>,
 }
 
 /// Full state dump.
@@ -117,6 +124,32 @@ pub struct RequestRecord {
 pub struct SimSnapshot {
     pub groups: Vec<GroupSnapshot>,
     pub requests: Vec<RequestRecord>,
+    /// The app's accounts (imported by multiaccount_import), by UserID.
+    #[serde(default)]
+    pub accounts: Vec<AccountSnapshot>,
+}
+
+/// One account of the app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSnapshot {
+    #[serde(rename = "UserID")]
+    pub user_id: String,
+    #[serde(rename = "Nick")]
+    pub nick: Option<String>,
+    #[serde(rename = "FaceUrl")]
+    pub face_url: Option<String>,
+}
+
+/// What import_group_msg does with a sender that is not an account (`--require-accounts`):
+/// `tencent-api.md` §9 does not know which Tencent does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownSender {
+    /// The strict reading (default): the whole request is refused with 10019.
+    #[default]
+    WholeRequest,
+    /// That message alone gets Result 10019.
+    PerMessage,
 }
 
 impl SimSnapshot {
@@ -201,6 +234,11 @@ pub struct Rules {
     pub auto_create_groups: bool,
     /// Messages older than this (by SendTime) read back as holes.
     pub history_retention: Option<Duration>,
+    /// Senders, owners and members must be accounts (imported by multiaccount_import).
+    pub require_accounts: bool,
+    pub unknown_sender: UnknownSender,
+    /// multiaccount_import's own quota, calls/s (60007 above it).
+    pub account_requests_per_second: u32,
 }
 
 /// An answer: the JSON body (envelope included) and whether state changed.
@@ -246,6 +284,10 @@ pub struct World {
     /// The app quota.
     quota: QuotaLimiter,
     next_group_id: u64,
+    /// Accounts: UserID to (Nick, FaceUrl).
+    accounts: BTreeMap<String, (Option<String>, Option<String>)>,
+    /// multiaccount_import's own quota.
+    account_quota: QuotaLimiter,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, Answer> {
@@ -290,6 +332,12 @@ impl World {
     pub fn new(rules: Rules) -> Self {
         World {
             quota: QuotaLimiter::new(rules.limiter, rules.requests_per_second, Instant::now()),
+            account_quota: QuotaLimiter::new(
+                Limiter::Sliding,
+                rules.account_requests_per_second,
+                Instant::now(),
+            ),
+            accounts: BTreeMap::new(),
             rules,
             groups: BTreeMap::new(),
             requests: VecDeque::new(),
@@ -344,7 +392,99 @@ impl World {
                 })
                 .collect(),
             requests: self.requests.iter().cloned().collect(),
+            accounts: self
+                .accounts
+                .iter()
+                .map(|(id, (nick, face))| AccountSnapshot {
+                    user_id: id.clone(),
+                    nick: nick.clone(),
+                    face_url: face.clone(),
+                })
+                .collect(),
         }
+    }
+
+    /// Create an account (admin use); false if it exists.
+    pub fn add_account(&mut self, id: &str) -> bool {
+        if self.accounts.contains_key(id) {
+            return false;
+        }
+        self.accounts.insert(id.to_owned(), (None, None));
+        true
+    }
+
+    /// With `require_accounts`, whether `id` is an account (always true without).
+    fn is_account(&self, id: &str) -> bool {
+        !self.rules.require_accounts || self.accounts.contains_key(id)
+    }
+
+    /// `multiaccount_import` (`im_open_login_svc`): the old form `{"Accounts": [ids]}` creates
+    /// the accounts not there yet and leaves existing ones as they are; the new form
+    /// `{"AccountList": [{UserID, Nick?, FaceUrl?}]}` creates or updates, setting Nick and
+    /// FaceUrl to what is given (absent ones are cleared*). At most 100 per request (else 70206*);
+    /// its own quota (60007). IDs that break the rules (empty, over 32 bytes, not a string, a
+    /// control character*) come back in `FailAccounts`; the rest are imported.
+    pub fn multiaccount_import(
+        &mut self,
+        body: &Value,
+        mono: Instant,
+    ) -> Result<(Answer, Vec<String>), Answer> {
+        if !self.account_quota.admit(mono) {
+            return Err(Answer::fail(
+                60007,
+                "REST API call rate exceeded (multiaccount_import)",
+            ));
+        }
+        let (list, profiles) = match (body.get("Accounts"), body.get("AccountList")) {
+            (Some(Value::Array(a)), None) => (a.clone(), false),
+            (None, Some(Value::Array(a))) => (a.clone(), true),
+            _ => {
+                return Err(Answer::fail(
+                    70402,
+                    "invalid parameter: give Accounts (IDs) or AccountList (objects), one of them",
+                ));
+            }
+        };
+        if list.is_empty() || list.len() > MAX_ACCOUNTS_PER_IMPORT {
+            return Err(Answer::fail(
+                70206,
+                format!("invalid batch size {} (1 to 100 accounts)", list.len()),
+            ));
+        }
+        let mut failed = Vec::new();
+        let mut done = Vec::new();
+        for item in list {
+            let (id, nick, face) = if profiles {
+                let id = item
+                    .get("UserID")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let nick = item.get("Nick").and_then(Value::as_str).map(str::to_owned);
+                let face = item
+                    .get("FaceUrl")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                (id, nick, face)
+            } else {
+                (item.as_str().map(str::to_owned), None, None)
+            };
+            let Some(id) = id else {
+                failed.push(item.to_string());
+                continue;
+            };
+            if id.is_empty() || id.len() > MAX_USER_ID_BYTES || id.chars().any(char::is_control) {
+                failed.push(id);
+                continue;
+            }
+            if profiles {
+                self.accounts.insert(id.clone(), (nick, face));
+            } else {
+                self.accounts.entry(id.clone()).or_insert((None, None));
+            }
+            done.push(id);
+        }
+        let applied = !done.is_empty();
+        Ok((Answer::ok(json!({"FailAccounts": failed}), applied), done))
     }
 
     /// Dispatch one command of `group_open_http_svc`. `raw` is the request body as received
@@ -388,6 +528,22 @@ impl World {
         for m in &req.msg_list {
             check_message(m).map_err(|e| Answer::fail(10004, format!("invalid parameter: {e}")))?;
         }
+        let unknown: Vec<bool> = req
+            .msg_list
+            .iter()
+            .map(|m| !self.is_account(&m.from_account))
+            .collect();
+        if self.rules.unknown_sender == UnknownSender::WholeRequest
+            && let Some(i) = unknown.iter().position(|u| *u)
+        {
+            return Err(Answer::fail(
+                10019,
+                format!(
+                    "the requested account does not exist: From_Account {:?}",
+                    req.msg_list[i].from_account
+                ),
+            ));
+        }
         let rules = self.rules.clone();
         let group = self
             .groups
@@ -401,7 +557,12 @@ impl World {
         let mut items = Vec::with_capacity(req.msg_list.len());
         let mut results = Vec::with_capacity(req.msg_list.len());
         let mut applied = false;
-        for m in req.msg_list {
+        for (i, m) in req.msg_list.into_iter().enumerate() {
+            if unknown[i] {
+                items.push(json!({"Result": 10019, "MsgTime": m.send_time}));
+                results.push(10019);
+                continue;
+            }
             let random = m.random.unwrap_or_else(|| rand::rng().random());
             // Dedup first: a repeat inside the window is absorbed, whatever its SendTime.
             if let Some(&idx) = history.by_random.get(&random) {
@@ -570,6 +731,14 @@ impl World {
         if self.groups.contains_key(&id) {
             return Err(Answer::fail(10021, "group id already used"));
         }
+        if let Some(owner) = req.owner_account.as_deref()
+            && !self.is_account(owner)
+        {
+            return Err(Answer::fail(
+                10019,
+                format!("the requested account does not exist: Owner_Account {owner:?}"),
+            ));
+        }
         let create_time = req.create_time.unwrap_or(now);
         self.groups.insert(
             id.clone(),
@@ -588,6 +757,8 @@ impl World {
             return Err(Answer::fail(10004, "MemberList must hold 1 to 300 members"));
         }
         let count = group.message_count();
+        let require = self.rules.require_accounts;
+        let accounts = &self.accounts;
         let mut out = Vec::with_capacity(req.member_list.len());
         let mut applied = false;
         for m in req.member_list {
@@ -598,6 +769,7 @@ impl World {
             {
                 2
             } else if m.member_account.is_empty()
+                || (require && !accounts.contains_key(&m.member_account))
                 || m.role.as_deref().is_some_and(|r| r != "Admin")
                 || m.join_time
                     .is_some_and(|t| t <= group.create_time || t >= now)

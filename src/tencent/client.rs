@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::{ApiError, ApiErrorKind, ClientBuildError, ErrorClass};
 use super::types::*;
 use super::usersig::gen_usersig;
-use super::{ClientConfig, GROUP_SERVICE};
+use super::{ClientConfig, GROUP_SERVICE, LOGIN_SERVICE};
 use crate::pacing::Pacer;
 
 const REDACTED: &str = "<redacted>";
@@ -199,6 +199,16 @@ impl TencentClient {
         self.call("set_unread_msg_num", Envelope::Plain, req).await
     }
 
+    /// Import up to 100 accounts (`im_open_login_svc`); those that failed are listed in
+    /// [`MultiaccountImportResponse::fail_accounts`]. Idempotent on the server, so an unknown
+    /// outcome is simply sent again.
+    pub async fn multiaccount_import(
+        &self,
+        req: &MultiaccountImportRequest,
+    ) -> Result<MultiaccountImportResponse, ApiError> {
+        self.call("multiaccount_import", Envelope::Plain, req).await
+    }
+
     /// Replace the cached UserSig with `usersig`, treated as freshly issued. For tests that
     /// need the server to see a forged or expired signature; not for production use.
     #[doc(hidden)]
@@ -297,7 +307,11 @@ impl TencentClient {
     fn url(&self, command: &str, sig: &SecretString) -> Result<Url, ApiErrorKind> {
         let mut url = self.inner.base_url.clone();
         let prefix = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{prefix}/v4/{GROUP_SERVICE}/{command}"));
+        let service = match command {
+            "multiaccount_import" => LOGIN_SERVICE,
+            _ => GROUP_SERVICE,
+        };
+        url.set_path(&format!("{prefix}/v4/{service}/{command}"));
         let random: u32 = rand::rng().random();
         url.query_pairs_mut()
             .append_pair("sdkappid", &self.inner.sdkappid.to_string())

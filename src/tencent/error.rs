@@ -69,6 +69,10 @@ pub mod codes {
     pub const REST_RATE_LIMIT: i64 = 60007;
     /// Internal error, retry.
     pub const INTERNAL_RETRY: i64 = 10002;
+    /// The requested account does not exist (group APIs): import the account first.
+    pub const ACCOUNT_NOT_FOUND: i64 = 10019;
+    /// The requested account does not exist (other APIs): import the account first.
+    pub const ACCOUNT_NOT_FOUND_70107: i64 = 70107;
 }
 
 /// Classify a non-zero Tencent `ErrorCode` (or per-message `Result`).
@@ -84,7 +88,9 @@ pub fn classify(code: i64) -> ErrorClass {
         10002 | 20004 | 20005 | 60008 | 60013 | 60014 | 70169 | 70202 | 70500 | 80003 | 90992
         | 90994 | 90995 | 91000 => ErrorClass::Retryable,
         70001 | 20002 => ErrorClass::Auth,
-        10004 | 10020 | 80001 | 80002 | 80004 | 93000 => ErrorClass::PerMessage,
+        // 10019 / 70107: the sender (or member) is not an account of the app; only that message
+        // is at fault (a whole-request refusal is bisected to find it).
+        10004 | 10019 | 10020 | 70107 | 80001 | 80002 | 80004 | 93000 => ErrorClass::PerMessage,
         _ => ErrorClass::Permanent,
     }
 }
@@ -226,7 +232,7 @@ mod tests {
         }
         assert_eq!(classify(70001), ErrorClass::Auth);
         assert_eq!(classify(20002), ErrorClass::Auth);
-        for c in [10004, 10020, 80001, 80002, 80004, 93000] {
+        for c in [10004, 10019, 10020, 70107, 80001, 80002, 80004, 93000] {
             assert_eq!(classify(c), ErrorClass::PerMessage, "{c}");
         }
         for c in [70009, 70013, 70014, 10010, 10021, 60006, 20003, 123456] {

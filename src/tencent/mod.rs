@@ -35,6 +35,8 @@ pub use types::*;
 
 /// The service every import endpoint lives under.
 pub const GROUP_SERVICE: &str = "group_open_http_svc";
+/// The service name of account imports (`multiaccount_import`).
+pub const LOGIN_SERVICE: &str = "im_open_login_svc";
 
 /// Default per-request timeout (the server's own is 3 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -349,6 +349,40 @@ pub struct SetUnreadMsgNumRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SetUnreadMsgNumResponse {}
 
+/// `multiaccount_import` request (service `im_open_login_svc`), at most 100 accounts. IDs alone
+/// go in the old form, which leaves an existing account's profile as it is; accounts with profile
+/// data in the new form, which sets (and overwrites) Nick and FaceUrl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MultiaccountImportRequest {
+    Ids {
+        #[serde(rename = "Accounts")]
+        accounts: Vec<String>,
+    },
+    Profiles {
+        #[serde(rename = "AccountList")]
+        account_list: Vec<AccountItem>,
+    },
+}
+
+/// One account of the `AccountList` form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountItem {
+    #[serde(rename = "UserID")]
+    pub user_id: String,
+    #[serde(rename = "Nick", default, skip_serializing_if = "Option::is_none")]
+    pub nick: Option<String>,
+    #[serde(rename = "FaceUrl", default, skip_serializing_if = "Option::is_none")]
+    pub face_url: Option<String>,
+}
+
+/// `multiaccount_import` response: the accounts that could not be imported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MultiaccountImportResponse {
+    #[serde(rename = "FailAccounts", default)]
+    pub fail_accounts: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

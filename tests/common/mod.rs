@@ -107,6 +107,9 @@ pub fn engine_config() -> EngineConfig {
         progress_interval: Duration::from_secs(60),
         commit_window: Duration::from_millis(10),
         until_idle: true,
+        // Library tests assume the accounts exist; tests/accounts.rs turns this on.
+        accounts: false,
+        account_rps: 100,
     }
 }
 
