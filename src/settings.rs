@@ -51,6 +51,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub http: HttpSettings,
     pub simulator: SimulatorSettings,
+    pub verify: VerifySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +150,15 @@ pub struct SimulatorSettings {
     pub latency: Duration,
 }
 
+/// `timport verify`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySettings {
+    /// Read requests per second (at most `import.requests_per_second - 1`, shared with a running
+    /// daemon; see docs/OPERATIONS.md).
+    pub requests_per_second: u32,
+}
+
 /// Which file to layer over the defaults: the `--config` flag, else `$TIMPORT_CONFIG`, else
 /// `config/timport.toml` if it exists. An explicitly named file must exist.
 pub fn config_path(flag: Option<&Path>, env: &HashMap<String, String>) -> Option<(PathBuf, bool)> {
@@ -236,6 +246,12 @@ impl Settings {
         if i.requests_per_second == 0 {
             return Err(SettingsError::key(
                 "import.requests_per_second",
+                "must be at least 1",
+            ));
+        }
+        if self.verify.requests_per_second == 0 {
+            return Err(SettingsError::key(
+                "verify.requests_per_second",
                 "must be at least 1",
             ));
         }
