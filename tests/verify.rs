@@ -105,7 +105,14 @@ fn lines(group: &str, topic: Option<&str>, n: i64, t0: i64) -> String {
     s
 }
 
-/// The most requests that arrived inside any one second (sliding), of those matching `keep`.
+/// Arrival times on the server jitter (the machine is shared, the simulator runs on the test's
+/// own threads): a request started on time may arrive up to this much late, bunching with the
+/// next ones. Windows this much shorter than the pacer's second are counted.
+const JITTER_MS: i64 = 100;
+
+/// The most requests that arrived inside any window of one second less [`JITTER_MS`] (sliding),
+/// of those matching `keep`: at most the rate, since the pacer starts at most that many in any
+/// second.
 fn busiest_second(requests: &[RequestRecord], keep: impl Fn(&RequestRecord) -> bool) -> usize {
     let times: Vec<i64> = requests
         .iter()
@@ -115,7 +122,7 @@ fn busiest_second(requests: &[RequestRecord], keep: impl Fn(&RequestRecord) -> b
     let mut best = 0;
     let mut from = 0;
     for (i, t) in times.iter().enumerate() {
-        while times[from] + 1000 <= *t {
+        while times[from] + 1000 - JITTER_MS <= *t {
             from += 1;
         }
         best = best.max(i + 1 - from);
@@ -342,37 +349,52 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
     sim.punch_hole("vk-1", None, 3).unwrap();
     let want = [1197, 1, 1, 1, 1, 0];
 
-    // Killed midway (some pages recorded, not all), then resumed.
-    let mut child = verify_command(&config, &["--json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM verify_results")
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM verify_results")
             .fetch_one(env.store.reader())
             .await
-            .unwrap_or(0);
-        if n >= 300 {
-            break;
+            .unwrap_or(0)
+    };
+    let spawn_until = |at_least: i64| {
+        let config = config.clone();
+        async move {
+            let child = verify_command(&config, &["--json"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let started = Instant::now();
+            while recorded().await < at_least {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "verify made no progress"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            child
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "verify made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM verify_results")
+    };
+    // Stopped by SIGTERM midway: exit 1 ("run it again"), the claim withdrawn.
+    let mut child = spawn_until(200).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1));
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM verify_claim")
         .fetch_one(env.store.reader())
         .await
         .unwrap();
-    assert!(
-        recorded < 1200,
-        "killed before the end ({recorded} recorded)"
-    );
+    assert_eq!(claims, 0, "the claim is withdrawn on SIGTERM");
+    // Resumed, then killed with SIGKILL midway (more pages recorded, not all).
+    let after_term = recorded().await;
+    let mut child = spawn_until(after_term + 200).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let n = recorded().await;
+    assert!(n < 1200, "killed before the end ({n} recorded)");
     let before = sim.state().requests.len();
     let (code, resumed, stderr) = verify_json(&config, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
@@ -399,16 +421,12 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
         "the resumed run read less ({resumed_reads} vs {})",
         reads.len()
     );
-    // At most RATE starts in any second; arrivals on loopback may bunch by one.
     let busiest = busiest_second(&reads, |_| true);
     eprintln!(
         "verify alone: {} reads, busiest second {busiest} (rate {RATE}); resumed run {resumed_reads} reads",
         reads.len()
     );
-    assert!(
-        busiest <= RATE as usize + 1,
-        "{busiest} reads in one second"
-    );
+    assert!(busiest <= RATE as usize, "{busiest} reads in one second");
     let span = (reads.last().unwrap().at_ms - reads[0].at_ms) as f64 / 1000.0;
     assert!(
         reads.len() as f64 <= f64::from(RATE) * span + 2.0,
@@ -468,6 +486,12 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     daemon.kill().unwrap();
     daemon.wait().unwrap();
+    let daemon_log = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
+    assert!(
+        daemon_log.contains("a verify shares the quota")
+            && daemon_log.contains("share of the quota is back"),
+        "the daemon lowered its rate and took it back:\n{daemon_log}"
+    );
     let state = sim.state();
     let reads: Vec<&RequestRecord> = state.requests[..verify_done]
         .iter()
@@ -476,7 +500,7 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
     assert!(reads.len() >= 30, "verify read ({} pages)", reads.len());
     let (first, last) = (reads[0].at_ms, reads.last().unwrap().at_ms);
     let all = &state.requests;
-    // Together: within the import's rate in every second (arrivals may bunch by one).
+    // Together: within the import's rate in every second.
     let busiest = busiest_second(all, |_| true);
     let busiest_reads = busiest_second(all, |r| r.endpoint == "group_msg_get_simple");
     let busiest_imports = busiest_second(all, |r| r.endpoint == "import_group_msg");
@@ -485,7 +509,7 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
         reads.len()
     );
     assert!(
-        busiest <= IMPORT as usize + 1,
+        busiest <= IMPORT as usize,
         "{busiest} requests in one second"
     );
     // And the daemon did give up part of it while verify read: its imports in verify's time
