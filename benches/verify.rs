@@ -131,6 +131,8 @@ fn main() {
             let cfg = config(dir.path(), &sim.base_url(), 200, rate);
             let before = sim.state().requests.len();
             let started = Instant::now();
+            // Reaped by wait_with_usage (wait4), which also reads its CPU time.
+            #[allow(clippy::zombie_processes)]
             let child = Command::new(&bin)
                 .args(["verify", "--restart", "--json", "--config"])
                 .arg(&cfg)

@@ -47,3 +47,8 @@ CREATE TABLE verify_claim (
     ack_ms       INTEGER,
     ack_ceiling  REAL
 ) STRICT;
+
+-- queue.keep_bodies: the body of an imported message may be dropped (set to '') once it is no
+-- longer needed; body_sha256 keeps the SHA-256 of its canonical JSON text, so verify still
+-- compares it (tencent::body::digest).
+ALTER TABLE messages ADD COLUMN body_sha256 TEXT;

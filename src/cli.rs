@@ -609,6 +609,15 @@ async fn run(
         .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
     table::poll_once(&store).await?;
 
+    // Bodies no longer needed (queue.keep_bodies): one pass now, then one a minute.
+    if let Err(e) = crate::retention::pass(&store, settings.queue.keep_bodies).await {
+        tracing::warn!(error = %e, "dropping imported bodies failed; retrying at the next pass");
+    }
+    let retention_task = tokio::spawn(crate::retention::run(
+        store.clone(),
+        settings.queue.keep_bodies,
+        shutdown.clone(),
+    ));
     let intake_task = tokio::spawn(intake::run(
         store.clone(),
         IntakeConfig {
@@ -662,6 +671,7 @@ async fn run(
     };
     shutdown.cancel();
     let _ = intake_task.await;
+    let _ = retention_task.await;
     if let Some(t) = http_task {
         let _ = t.await;
     }

@@ -10,6 +10,7 @@
 //! - [`engine`]: ordered lanes, checkpoints, reconciliation, exactly-once resume.
 //! - [`verify`]: `timport verify`: every imported message read back and classed.
 //! - [`simulator`]: a local stand-in for Tencent's endpoints with fault injection.
+//! - [`retention`]: `queue.keep_bodies`: bodies of imported messages dropped when not needed.
 //! - [`ops`]: health, readiness and metrics over HTTP, systemd notify and watchdog.
 //! - [`cli`]: the commands of the `timport` binary.
 
@@ -18,6 +19,7 @@ pub mod engine;
 pub mod intake;
 pub mod ops;
 pub mod pacing;
+pub mod retention;
 pub mod settings;
 pub mod simulator;
 pub mod store;

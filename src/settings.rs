@@ -83,6 +83,40 @@ pub struct QueueSettings {
     pub synchronous: Synchronous,
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// How long the bodies of imported messages are kept (see [`KeepBodies`]).
+    pub keep_bodies: KeepBodies,
+}
+
+/// `queue.keep_bodies`: when the body of an imported message is dropped (its checkpoint fields,
+/// MsgSeq, sender, times and Random, and a SHA-256 of the body stay for `status` and `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum KeepBodies {
+    /// `"forever"`: never dropped.
+    Forever,
+    /// `"until_verified"` (the default): dropped once `timport verify` found the message verified.
+    UntilVerified,
+    /// A duration such as `"30d"`: dropped that long after the message was imported, verified or
+    /// not.
+    For(Duration),
+}
+
+impl TryFrom<String> for KeepBodies {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.trim() {
+            "forever" => Ok(KeepBodies::Forever),
+            "until_verified" => Ok(KeepBodies::UntilVerified),
+            other => humantime::parse_duration(other)
+                .map(KeepBodies::For)
+                .map_err(|e| {
+                    format!(
+                        "queue.keep_bodies: {other:?} is not \"until_verified\", \"forever\" or a duration such as \"30d\" ({e})"
+                    )
+                }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

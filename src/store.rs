@@ -2818,7 +2818,9 @@ pub struct VerifyOurs {
     /// The SendTime actually sent.
     pub time: i64,
     pub random: u32,
+    /// Empty once dropped (`queue.keep_bodies`); then `body_sha256` stands for it.
     pub body: String,
+    pub body_sha256: Option<String>,
 }
 
 /// One class recorded for a message (ours: `message_id` set) or a server message not ours.
@@ -2983,7 +2985,8 @@ impl Store {
         hi: i64,
     ) -> Result<Vec<VerifyOurs>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, msg_seq, from_account, COALESCE(sent_time, send_time) AS t, random, body
+            "SELECT id, msg_seq, from_account, COALESCE(sent_time, send_time) AS t, random, body,
+                    body_sha256
              FROM messages WHERE lane_id = ? AND state = 'imported' AND msg_seq BETWEEN ? AND ?
              ORDER BY msg_seq, id",
         )
@@ -3007,7 +3010,8 @@ impl Store {
         // send_time ≤ the time sent (a nudge only moves it forward), within a day of it.
         let rows = sqlx::query(
             "SELECT id, COALESCE(msg_seq, 0) AS msg_seq, from_account,
-                    COALESCE(sent_time, send_time) AS t, random, body, state = 'imported' AS imported
+                    COALESCE(sent_time, send_time) AS t, random, body, body_sha256,
+                    state = 'imported' AS imported
              FROM messages
              WHERE lane_id = ?1 AND state IN ('pending', 'in_flight', 'imported', 'failed')
                AND send_time BETWEEN ?3 - 86400 AND ?3
@@ -3254,6 +3258,126 @@ fn verify_ours_row(r: &sqlx::sqlite::SqliteRow) -> VerifyOurs {
         time: r.get("t"),
         random: u32::try_from(random).unwrap_or_default(),
         body: r.get("body"),
+        body_sha256: r.get("body_sha256"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `queue.keep_bodies`: the bodies of imported messages dropped once they are no longer needed.
+
+/// Where the "until verified" pass stands: the last `verify_results.id` looked at.
+const BODIES_CURSOR_KEY: &str = "bodies_dropped_through_result";
+
+/// Imported messages whose bodies may be dropped now, and the cursor to store with them.
+#[derive(Debug, Default)]
+pub struct BodiesToDrop {
+    /// (message id, body).
+    pub messages: Vec<(i64, String)>,
+    /// For "until verified": the `verify_results.id` looked at through.
+    pub cursor: Option<i64>,
+    /// Fewer than asked for: nothing more to do for now.
+    pub last: bool,
+}
+
+impl Store {
+    /// Up to `limit` imported messages whose bodies `keep` lets go at `now` (Unix seconds).
+    pub async fn bodies_to_drop(
+        &self,
+        keep: crate::settings::KeepBodies,
+        now: i64,
+        limit: i64,
+    ) -> Result<BodiesToDrop, StoreError> {
+        use crate::settings::KeepBodies;
+        match keep {
+            KeepBodies::Forever => Ok(BodiesToDrop {
+                last: true,
+                ..BodiesToDrop::default()
+            }),
+            KeepBodies::UntilVerified => {
+                let cursor: i64 = self
+                    .meta(BODIES_CURSOR_KEY)
+                    .await?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let rows = sqlx::query(
+                    "SELECT r.id AS rid, r.kind, m.id, m.state, m.body
+                     FROM verify_results r JOIN messages m ON m.id = r.message_id
+                     WHERE r.id > ? ORDER BY r.id LIMIT ?",
+                )
+                .bind(cursor)
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+                let through = rows.last().map(|r| r.get::<i64, _>("rid"));
+                Ok(BodiesToDrop {
+                    last: (rows.len() as i64) < limit,
+                    cursor: through,
+                    messages: rows
+                        .iter()
+                        .filter(|r| {
+                            r.get::<String, _>("kind") == "verified"
+                                && r.get::<String, _>("state") == "imported"
+                        })
+                        .map(|r| (r.get::<i64, _>("id"), r.get::<String, _>("body")))
+                        .filter(|(_, b)| !b.is_empty())
+                        .collect(),
+                })
+            }
+            KeepBodies::For(d) => {
+                let before = now - i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2);
+                let rows: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT id, body FROM messages
+                     WHERE state = 'imported' AND body <> '' AND updated_at < ? LIMIT ?",
+                )
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+                Ok(BodiesToDrop {
+                    last: (rows.len() as i64) < limit,
+                    cursor: None,
+                    messages: rows,
+                })
+            }
+        }
+    }
+
+    /// Drops the bodies of these imported messages, keeping each one's digest (`(id, sha256)`),
+    /// and stores the cursor, in one transaction. Returns how many were dropped.
+    pub async fn drop_bodies(
+        &self,
+        digests: &[(i64, String)],
+        cursor: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut n = 0;
+        if !digests.is_empty() {
+            n = sqlx::query(
+                "UPDATE messages SET body = '', body_sha256 = v.value ->> 1
+                 FROM json_each(?) AS v
+                 WHERE messages.id = v.value ->> 0 AND messages.state = 'imported'",
+            )
+            .bind(serde_json::to_string(digests).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .rows_affected();
+        }
+        if let Some(c) = cursor {
+            sqlx::query(
+                "INSERT INTO meta(key, value) VALUES(?, ?)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(BODIES_CURSOR_KEY)
+            .bind(c.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(n)
     }
 }
 

@@ -86,6 +86,14 @@ async fn import(env: &Env, config: &Path, name: &str, text: &str) {
     );
 }
 
+/// `timport run --until-idle` with nothing new to import.
+async fn run_idle(env: &Env, config: &Path) {
+    let log = std::fs::File::create(env.dir.path().join("idle.log")).unwrap();
+    let mut child = spawn_run(config, &log, &["--until-idle"]);
+    let status = wait_exit(&mut child, Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
 fn lines(group: &str, topic: Option<&str>, n: i64, t0: i64) -> String {
     let mut s = String::new();
     for i in 0..n {
@@ -524,5 +532,70 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
         imports <= f64::from(IMPORT - VERIFY) * secs + f64::from(IMPORT),
         "{imports} imports in {secs} s"
     );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them() {
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let config = config_with_verify(&env, &sim, "max_lanes = 8", 50);
+    import(
+        &env,
+        &config,
+        "a.ndjson",
+        &[lines("kb-1", None, 40, T0), lines("kb-2", None, 40, T0)].concat(),
+    )
+    .await;
+    let bodies = |group: &'static str| {
+        let store = env.store.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT SUM(m.body = ''), SUM(m.body_sha256 IS NOT NULL) FROM messages m
+                 JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?",
+            )
+            .bind(group)
+            .fetch_one(store.reader())
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(bodies("kb-1").await, (0, 0), "kept until verified");
+    let (code, _, _) = verify_json(&config, &[]).await;
+    assert_eq!(code, Some(0));
+    // The daemon's next pass (at start) drops the verified bodies.
+    run_idle(&env, &config).await;
+    assert_eq!(bodies("kb-1").await, (40, 40));
+    assert_eq!(bodies("kb-2").await, (40, 40));
+    // verify still compares them, by digest.
+    sim.alter_message("kb-1", None, 9, text_body("changed"))
+        .unwrap();
+    let (code, report, stderr) = verify_json(&config, &["--restart"]).await;
+    assert_eq!(
+        (code, totals(&report)),
+        (Some(1), [79, 0, 1, 0, 0, 0]),
+        "{stderr}"
+    );
+    let p = &report["problems"][0];
+    assert!(p["expected"]["MsgBodySha256"].is_string(), "{p}");
+    assert_eq!(p["found"]["MsgBody"], text_body("changed"));
+
+    // A duration: bodies older than it go, verified or not.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nkeep_bodies = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+    import(&env, &config, "c.ndjson", &lines("kb-3", None, 30, T0)).await;
+    assert_eq!(bodies("kb-3").await, (0, 0));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    run_idle(&env, &config).await;
+    assert_eq!(bodies("kb-3").await, (30, 30));
+    let (code, report, _) = verify_json(&config, &["--group", "kb-3"]).await;
+    assert_eq!((code, totals(&report)), (Some(0), [30, 0, 0, 0, 0, 0]));
+    // Status works as before.
+    let t = env.store.totals(None).await.unwrap();
+    assert_eq!((t.imported, t.pending), (110, 0));
     sim.shutdown().await;
 }

@@ -64,8 +64,7 @@ pub fn classify<'a>(
             continue;
         }
         paired[i] = true;
-        let equal = m.is_place_msg == 0
-            && body::canonical_text(&o.body).is_some_and(|b| b == body::canonical(&m.msg_body));
+        let equal = m.is_place_msg == 0 && same_body(o, &body::canonical(&m.msg_body));
         rows.push(if equal {
             row("verified", None)
         } else {
@@ -81,6 +80,17 @@ pub fn classify<'a>(
     (rows, strangers)
 }
 
+/// Whether our message's body equals a server body given as its canonical text: by the body
+/// itself, or, once `queue.keep_bodies` dropped it, by the digest kept.
+pub fn same_body(o: &VerifyOurs, server_canonical: &str) -> bool {
+    if !o.body.is_empty() {
+        return body::canonical_text(&o.body).is_some_and(|b| b == server_canonical);
+    }
+    o.body_sha256
+        .as_deref()
+        .is_some_and(|h| h == body::digest(server_canonical))
+}
+
 /// A server message's MsgSeq as stored.
 pub fn seq_of(m: &RspMsg) -> i64 {
     i64::try_from(m.msg_seq).unwrap_or(i64::MAX)
@@ -88,13 +98,18 @@ pub fn seq_of(m: &RspMsg) -> i64 {
 
 /// Our message as `expected` shows it.
 pub fn expected(o: &VerifyOurs) -> Value {
-    json!({
+    let mut v = json!({
         "MsgSeq": o.msg_seq,
         "From_Account": o.from_account,
         "MsgTimeStamp": o.time,
         "MsgRandom": o.random,
-        "MsgBody": serde_json::from_str::<Value>(&o.body).unwrap_or(Value::String(o.body.clone())),
-    })
+        "MsgBody": serde_json::from_str::<Value>(&o.body).unwrap_or(Value::Null),
+    });
+    if o.body.is_empty() {
+        // Dropped by queue.keep_bodies: its digest stands for it.
+        v["MsgBodySha256"] = json!(o.body_sha256);
+    }
+    v
 }
 
 /// A server message as `found` shows it.
@@ -126,6 +141,7 @@ mod tests {
             time: 1000 + seq,
             random: 7 + seq as u32,
             body: format!(r#"[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"{text}"}}}}]"#),
+            body_sha256: None,
         }
     }
 
@@ -176,5 +192,14 @@ mod tests {
         assert_eq!(seqs, [6, 4]);
         let (rows, _) = classify(&o[2..3], &[], Some(10));
         assert_eq!(rows[0].kind, "unverifiable");
+        // A dropped body is compared by its digest.
+        let mut dropped = ours(1, 1, "a");
+        let canonical = body::canonical_text(&dropped.body).unwrap();
+        dropped.body = String::new();
+        dropped.body_sha256 = Some(body::digest(&canonical));
+        let (rows, _) = classify(&[dropped.clone()], &s[4..], None);
+        assert_eq!(rows[0].kind, "verified");
+        let (rows, _) = classify(&[dropped], &[server(1, "A", 0)], None);
+        assert_eq!(rows[0].kind, "altered");
     }
 }

@@ -543,7 +543,7 @@ async fn stranger(
     };
     let equal: Vec<_> = candidates
         .into_iter()
-        .filter(|(o, _)| body::canonical_text(&o.body).is_some_and(|b| b == server_body))
+        .filter(|(o, _)| classify::same_body(o, &server_body))
         .collect();
     let seq = seq_of(m);
     if let Some((o, _)) = equal
