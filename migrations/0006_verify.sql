@@ -30,7 +30,6 @@ CREATE TABLE verify_results (
     found      TEXT
 ) STRICT;
 CREATE INDEX verify_results_lane ON verify_results (lane_id, msg_seq);
-CREATE INDEX verify_results_message ON verify_results (message_id) WHERE message_id IS NOT NULL;
 
 -- A lane's imported messages by MsgSeq: verify reads each page's messages by range.
 CREATE INDEX messages_lane_seq ON messages (lane_id, msg_seq) WHERE state = 'imported';

@@ -6,8 +6,9 @@
 //! by a cursor over the verify results), or those imported longer ago than a duration. Each body
 //! is replaced by `''` and its SHA-256 of the canonical JSON text kept (`body_sha256`), so
 //! `verify` still compares it; MsgSeq, sender, times and Random stay for `status` and `verify`.
-//! Pending, in-flight and failed messages keep their bodies (they may still be sent). SQLite
-//! reuses the freed pages for new rows; the file does not shrink (VACUUM INTO a copy does).
+//! Pending, in-flight and failed messages keep their bodies (they may still be sent). The bytes
+//! freed stay inside the table's pages (SQLite keeps a shrunk row in place, and new rows are
+//! appended), so the file does not grow for them; a compact copy (VACUUM INTO) gives them back.
 //!
 //! Stopping and recovery: [`run`] does a pass every [`EVERY`] until its token fires; a batch is
 //! one transaction, so a stop or crash between batches loses nothing and the next pass goes on.

@@ -56,8 +56,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Problems left out of `problems` (beyond [`MAX_PROBLEMS`]).
     pub problems_not_listed: i64,
-    /// Lanes in scope whose import is not finished (pending or in flight): only what is
-    /// imported was verified.
+    /// Lanes in scope whose import is not finished (pending or in flight) or that were imported
+    /// into since their pass began: only what was imported then was verified.
     pub lanes_still_importing: Vec<String>,
 }
 
@@ -93,11 +93,11 @@ pub async fn build(
     let all =
         totals.missing + totals.altered + totals.duplicated + totals.unverifiable + totals.foreign;
     let scope = store.verify_scope(group, job).await?;
-    let complete = scope.iter().all(|l| {
-        l.pass
-            .as_ref()
-            .is_some_and(|p| p.done && p.imported == l.imported)
-    });
+    // Imported into since its pass began: listed under lanes_still_importing, read again next
+    // time; what was imported when the pass began is proven.
+    let complete = scope
+        .iter()
+        .all(|l| l.pass.as_ref().is_some_and(|p| p.done));
     Ok(Report {
         database: store.path().display().to_string(),
         complete,
@@ -106,7 +106,9 @@ pub async fn build(
         problems,
         lanes_still_importing: scope
             .iter()
-            .filter(|l| l.unfinished > 0)
+            .filter(|l| {
+                l.unfinished > 0 || l.pass.as_ref().is_some_and(|p| p.imported != l.imported)
+            })
             .map(|l| lane_name(&l.group_id, &l.topic_id))
             .collect(),
         groups,
@@ -179,7 +181,7 @@ pub fn render(r: &Report) -> String {
     if !r.lanes_still_importing.is_empty() {
         let _ = writeln!(
             s,
-            "note       {} lane(s) still importing (only imported messages were verified): {}",
+            "note       {} lane(s) still importing (only what was imported when verify began is verified; run it again later): {}",
             r.lanes_still_importing.len(),
             r.lanes_still_importing
                 .iter()
