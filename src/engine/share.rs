@@ -97,3 +97,38 @@ pub async fn start(
     apply(store, &pacer, &mut share).await;
     Some(tokio::spawn(watch(store.clone(), pacer, share, stop)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    #[tokio::test]
+    async fn a_fresh_claim_lowers_the_pacer_and_is_acknowledged_a_stale_one_gives_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db"), &StoreOptions::default())
+            .await
+            .unwrap();
+        let pacer = Pacer::new(100);
+        let mut share = Share::default();
+        apply(&store, &pacer, &mut share).await;
+        assert_eq!((pacer.max_rate(), share.token.is_none()), (100.0, true));
+        store.verify_claim("t1", 40.0, unix_now_ms()).await.unwrap();
+        apply(&store, &pacer, &mut share).await;
+        assert_eq!(pacer.max_rate(), 60.0);
+        let c = store.verify_claim_read().await.unwrap().unwrap();
+        assert_eq!(c.ack_token.as_deref(), Some("t1"), "acknowledged");
+        // A heartbeat older than CLAIM_FRESH: the share is back.
+        let old = unix_now_ms() - CLAIM_FRESH.as_millis() as i64 - 1000;
+        assert!(store.verify_heartbeat("t1", old).await.unwrap());
+        apply(&store, &pacer, &mut share).await;
+        assert_eq!((pacer.max_rate(), share.token.is_none()), (100.0, true));
+        // Withdrawn: the same.
+        store.verify_claim("t2", 30.0, unix_now_ms()).await.unwrap();
+        apply(&store, &pacer, &mut share).await;
+        assert_eq!(pacer.max_rate(), 70.0);
+        store.verify_release("t2").await.unwrap();
+        apply(&store, &pacer, &mut share).await;
+        assert_eq!(pacer.max_rate(), 100.0);
+    }
+}

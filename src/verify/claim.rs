@@ -27,6 +27,8 @@ use crate::store::{Store, StoreError, unix_now_ms};
 pub const BEAT: Duration = Duration::from_millis(500);
 /// Requests go out only while the last heartbeat written is younger than this.
 pub const SEND_WHILE: Duration = Duration::from_millis(2000);
+/// A daemon silent this long about the claim is warned about.
+pub const NO_ACK_WARNING: Duration = Duration::from_secs(10);
 /// After the daemon's acknowledgement, wait this long (its pacer's window and a margin).
 pub const AFTER_ACK: Duration = Duration::from_millis(1100);
 
@@ -123,6 +125,8 @@ async fn beat(
     let mut last_beat = Instant::now();
     let mut acked_at: Option<Instant> = None;
     let mut waiting_logged = false;
+    let mut waiting_since: Option<Instant> = None;
+    let mut stuck_logged = false;
     loop {
         let daemon = lock.as_deref().is_some_and(lock_held);
         if acked_at.is_none()
@@ -134,11 +138,20 @@ async fn beat(
         }
         let fresh = last_beat.elapsed() < SEND_WHILE;
         let shared = !daemon || acked_at.is_some_and(|a| a.elapsed() >= AFTER_ACK);
-        if daemon && acked_at.is_none() && !waiting_logged {
-            waiting_logged = true;
-            tracing::info!(
-                "a daemon runs on this database: waiting for it to lower its rate before reading"
-            );
+        if daemon && acked_at.is_none() {
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            if !waiting_logged {
+                waiting_logged = true;
+                tracing::info!(
+                    "a daemon runs on this database: waiting for it to lower its rate before reading"
+                );
+            }
+            if since.elapsed() > NO_ACK_WARNING && !stuck_logged {
+                stuck_logged = true;
+                tracing::warn!(
+                    "the daemon on this database has not acknowledged the verify's share of the quota; a timport older than verify does not: upgrade it, or stop it while verifying"
+                );
+            }
         }
         open.send_replace(fresh && shared);
         tokio::select! {
