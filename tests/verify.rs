@@ -599,3 +599,62 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
     assert_eq!((t.imported, t.pending), (110, 0));
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
+    const IMPORT: u32 = 30;
+    const VERIFY: u32 = 20;
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.faults.latency = Duration::from_millis(10);
+    let sim = start_sim(cfg).await;
+    let config = config_with_verify(
+        &env,
+        &sim,
+        &format!("requests_per_second = {IMPORT}\nmax_lanes = 16"),
+        VERIFY,
+    );
+    import(
+        &env,
+        &config,
+        "first.ndjson",
+        &lines("vd-old", None, 2000, T0),
+    )
+    .await;
+    let mut second = String::new();
+    for g in 0..8 {
+        second.push_str(&lines(&format!("vd-new-{g}"), None, 200, T0));
+    }
+    env.drop_in_spool("second.ndjson", &second);
+    // Verify first (100 pages at 20/s: about 5 s), the daemon started once it reads.
+    let mut c = verify_command(&config, &["--json", "--group", "vd-old"]);
+    let verify = tokio::task::spawn_blocking(move || c.output().unwrap());
+    let started = Instant::now();
+    while sim.state().requests_to("group_msg_get_simple").count() < 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "verify reads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut daemon = spawn_run(&config, &log, &[]);
+    let out = verify.await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(totals(&report), [2000, 0, 0, 0, 0, 0]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let state = sim.state();
+    let imports = state.requests_to("import_group_msg").count();
+    assert!(
+        imports > 20,
+        "the daemon imported meanwhile ({imports} requests)"
+    );
+    let busiest = busiest_second(&state.requests, |_| true);
+    eprintln!("daemon started during verify: busiest second {busiest} (import rate {IMPORT})");
+    assert!(
+        busiest <= IMPORT as usize,
+        "{busiest} requests in one second"
+    );
+    sim.shutdown().await;
+}
