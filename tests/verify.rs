@@ -1,8 +1,9 @@
 //! `timport verify` on real child processes against the simulator: after an import under faults
 //! every message is verified; messages the server loses, alters, duplicates or turns into holes
 //! are reported exactly, in their classes, with exit 1; a verify killed with SIGKILL resumes to
-//! the same totals; its requests stay within its rate; and beside a running daemon the two
-//! together stay within the import's rate.
+//! the same totals (and one stopped by SIGTERM too); its requests stay within its rate; beside a
+//! running daemon, whether it started first or second, the two together stay within the
+//! import's rate; and bodies dropped by `queue.keep_bodies` are still compared, by digest.
 
 mod common;
 
