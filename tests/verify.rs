@@ -319,11 +319,18 @@ async fn lost_altered_duplicated_and_holed_messages_are_reported_exactly() {
     assert_eq!((code, totals(&report)), (Some(0), [30, 0, 0, 0, 0, 1]));
     let (code, report, _) = verify_json(&config, &["--group", "vb"]).await;
     assert_eq!((code, totals(&report)), (Some(1), [29, 0, 0, 1, 1, 0]));
+    // The lanes of one job (here: all of them).
+    let (code, report, _) = verify_json(&config, &["--job", "1"]).await;
+    assert_eq!((code, totals(&report)), (Some(1), [96, 2, 1, 1, 1, 1]));
     // Usage errors: exit 2.
-    let out = verify_command(&config, &["--group", "nope"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    for args in [
+        &["--group", "nope"][..],
+        &["--job", "99"],
+        &["--group", "va", "--job", "1"],
+    ] {
+        let out = verify_command(&config, args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
     let mut missing_db = config_with_verify(&env, &sim, "", 50);
     let text = std::fs::read_to_string(&missing_db).unwrap().replace(
         &path_str(&env.db_path()),
