@@ -83,9 +83,12 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["group", "job"])]
         all: bool,
     },
-    /// Read every group's history back and prove the import: each imported message verified,
-    /// missing, altered or unverifiable; server copies duplicated or foreign. Exit 0 when
-    /// nothing is missing, altered or duplicated, 1 otherwise, 2 for usage or configuration.
+    /// Read every group's history back and prove the import, message by message.
+    ///
+    /// Each imported message ends verified, missing, altered or unverifiable; server messages
+    /// that are not ours are duplicated or foreign. Results are kept (a stopped verify resumes).
+    /// Exit 0 when nothing is missing, altered or duplicated, 1 otherwise or when stopped, 2 for
+    /// usage or configuration errors.
     Verify {
         /// One JSON object for scripts.
         #[arg(long)]
