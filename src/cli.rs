@@ -612,10 +612,8 @@ async fn run(
         .with_context(|| format!("scanning the spool {}", settings.queue.spool_dir.display()))?;
     table::poll_once(&store).await?;
 
-    // Bodies no longer needed (queue.keep_bodies): one pass now, then one a minute.
-    if let Err(e) = crate::retention::pass(&store, settings.queue.keep_bodies).await {
-        tracing::warn!(error = %e, "dropping imported bodies failed; retrying at the next pass");
-    }
+    // Bodies no longer needed (queue.keep_bodies): a pass now (beside the engine), then one a
+    // minute.
     let retention_task = tokio::spawn(crate::retention::run(
         store.clone(),
         settings.queue.keep_bodies,
@@ -675,6 +673,18 @@ async fn run(
     shutdown.cancel();
     let _ = intake_task.await;
     let _ = retention_task.await;
+    if until_idle {
+        // The last pass a batch run owes (the daemon's passes were cut short by the stop).
+        if let Err(e) = crate::retention::pass(
+            &store,
+            settings.queue.keep_bodies,
+            &CancellationToken::new(),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "dropping imported bodies failed");
+        }
+    }
     if let Some(t) = http_task {
         let _ = t.await;
     }

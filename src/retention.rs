@@ -10,8 +10,10 @@
 //! freed stay inside the table's pages (SQLite keeps a shrunk row in place, and new rows are
 //! appended), so the file does not grow for them; a compact copy (VACUUM INTO) gives them back.
 //!
-//! Stopping and recovery: [`run`] does a pass every [`EVERY`] until its token fires; a batch is
-//! one transaction, so a stop or crash between batches loses nothing and the next pass goes on.
+//! Stopping and recovery: [`run`] does a pass at once and then every [`EVERY`] until its token
+//! fires, which also ends a pass between batches; a batch is one transaction, so a stop or crash
+//! anywhere loses nothing and the next pass goes on (`timport run --until-idle` does one last
+//! pass before it exits).
 
 use std::time::Duration;
 
@@ -26,10 +28,15 @@ pub const BATCH: i64 = 2_000;
 /// Time between passes.
 pub const EVERY: Duration = Duration::from_secs(60);
 
-/// Drops every body `keep` lets go now; returns how many.
-pub async fn pass(store: &Store, keep: KeepBodies) -> Result<u64, StoreError> {
+/// Drops every body `keep` lets go now (stopping between batches once `stop` fires); returns
+/// how many.
+pub async fn pass(
+    store: &Store,
+    keep: KeepBodies,
+    stop: &CancellationToken,
+) -> Result<u64, StoreError> {
     let mut dropped = 0;
-    loop {
+    while !stop.is_cancelled() {
         let batch = store.bodies_to_drop(keep, unix_now(), BATCH).await?;
         let digests: Vec<(i64, String)> = batch
             .messages
@@ -54,18 +61,18 @@ pub async fn pass(store: &Store, keep: KeepBodies) -> Result<u64, StoreError> {
     Ok(dropped)
 }
 
-/// A pass every [`EVERY`] until `stop` fires.
+/// A pass now, then one every [`EVERY`], until `stop` fires.
 pub async fn run(store: Store, keep: KeepBodies, stop: CancellationToken) {
     if keep == KeepBodies::Forever {
         return;
     }
     loop {
+        if let Err(e) = pass(&store, keep, &stop).await {
+            tracing::warn!(error = %e, "dropping imported bodies failed; retrying at the next pass");
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(EVERY) => {}
-        }
-        if let Err(e) = pass(&store, keep).await {
-            tracing::warn!(error = %e, "dropping imported bodies failed; retrying at the next pass");
         }
     }
 }
