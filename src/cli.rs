@@ -1,4 +1,5 @@
-//! The commands of the `timport` binary: `run`, `ingest`, `status`, `retry`, `simulate`.
+//! The commands of the `timport` binary: `run`, `ingest`, `status`, `retry`, `verify`,
+//! `simulate`.
 //!
 //! This is orchestration: it loads the settings (exit code 2 on any configuration error, naming
 //! the key), installs telemetry, opens the store (`run` takes the single-instance lock first; see
@@ -93,6 +94,26 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["group", "job", "all"])]
         accounts: bool,
     },
+    /// Read every group's history back and prove the import, message by message.
+    ///
+    /// Each imported message ends verified, missing, altered or unverifiable; server messages
+    /// that are not ours are duplicated or foreign. Results are kept (a stopped verify resumes).
+    /// Exit 0 when nothing is missing, altered or duplicated, 1 otherwise or when stopped, 2 for
+    /// usage or configuration errors.
+    Verify {
+        /// One JSON object for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Only this group.
+        #[arg(long, conflicts_with = "job")]
+        group: Option<String>,
+        /// Only the lanes of this job.
+        #[arg(long, conflicts_with = "group")]
+        job: Option<i64>,
+        /// Forget earlier results (of the scope) and read everything again.
+        #[arg(long)]
+        restart: bool,
+    },
     /// A local stand-in for Tencent's REST endpoints, with fault injection.
     Simulate(SimulateArgs),
 }
@@ -115,9 +136,11 @@ pub fn main() -> ExitCode {
 /// the work itself (docs/BENCHMARKS.md). Parsing job files happens on blocking threads anyway.
 fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     match command {
-        Command::Run { .. } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
+        Command::Run { .. } | Command::Verify { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
         _ => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
@@ -146,6 +169,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Retry {
             group, job, all, ..
         } => retry(&settings, group, job, all).await,
+        Command::Verify {
+            json,
+            group,
+            job,
+            restart,
+        } => verify(&settings, json, group, job, restart).await,
         Command::Simulate(_) => Ok(ExitCode::SUCCESS),
     };
     match result {
@@ -280,6 +309,23 @@ async fn show_status(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Opens an existing queue, for the commands that must never create one (`retry`, `verify`): a
+/// missing or empty file, or an SQLite file that is not a timport queue, is a usage error (exit 2)
+/// naming it.
+async fn open_existing(
+    settings: &Settings,
+    command: &str,
+) -> anyhow::Result<Result<Store, ExitCode>> {
+    match Store::open_existing(&settings.queue.database, &store_options(settings)).await {
+        Ok(s) => Ok(Ok(s)),
+        Err(e @ StoreError::NotFound { .. }) => {
+            eprintln!("timport {command}: {e}");
+            Ok(Err(ExitCode::from(EXIT_CONFIG)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn retry(
     settings: &Settings,
     group: Option<String>,
@@ -295,15 +341,9 @@ async fn retry(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    // An existing queue only: a mistyped path must not create an empty one.
-    let store = match Store::open_existing(&settings.queue.database, &store_options(settings)).await
-    {
+    let store = match open_existing(settings, "retry").await? {
         Ok(s) => s,
-        Err(e @ StoreError::NotFound { .. }) => {
-            eprintln!("timport: {e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-        Err(e) => return Err(e.into()),
+        Err(code) => return Ok(code),
     };
     let (messages, lanes) = store.retry(scope).await?;
     tracing::info!(messages, lanes, ?scope, "retry requested");
@@ -313,7 +353,10 @@ async fn retry(
 }
 
 async fn retry_accounts(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let store = open_store(settings).await?;
+    let store = match open_existing(settings, "retry").await? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
     let r = store.retry_accounts().await?;
     tracing::info!(
         accounts = r.accounts,
@@ -327,6 +370,147 @@ async fn retry_accounts(settings: &Settings) -> anyhow::Result<ExitCode> {
     );
     store.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `timport verify`: see [`crate::verify`].
+async fn verify(
+    settings: &Settings,
+    json: bool,
+    group: Option<String>,
+    job: Option<i64>,
+    restart: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::verify::{self, Ended, VerifyOptions, claim, report};
+    let usage = |msg: String| {
+        eprintln!("timport verify: {msg}");
+        Ok(ExitCode::from(EXIT_CONFIG))
+    };
+    if settings.simulator.enabled {
+        return usage(
+            "simulator.enabled: the built-in simulator lives inside the daemon and has no history \
+             to read back; point tencent.base_url at `timport simulate` (or Tencent) instead"
+                .into(),
+        );
+    }
+    let db = &settings.queue.database;
+    if !db.is_file() {
+        return usage(format!(
+            "database {} does not exist (queue.database); nothing was imported there",
+            db.display()
+        ));
+    }
+    let _verify_lock = match claim::lock_verify(db) {
+        Ok(f) => f,
+        Err(e) => return usage(e),
+    };
+    let store = match open_existing(settings, "verify").await? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    if let Some(g) = &group
+        && store.totals(Some(g)).await?.lanes == 0
+    {
+        store.close().await;
+        return usage(format!("no group {g} in the database"));
+    }
+    if let Some(j) = job
+        && !store.jobs(i64::MAX).await?.iter().any(|x| x.id == j)
+    {
+        store.close().await;
+        return usage(format!("no job {j} in the database"));
+    }
+    let region: Region = settings
+        .tencent
+        .region
+        .parse()
+        .map_err(|_| SettingsError::Key {
+            key: "tencent.region",
+            message: format!("unknown region {:?}", settings.tencent.region),
+        })?;
+    // Shared with a daemon: verify takes at most import.requests_per_second − 1, so the daemon
+    // keeps at least one.
+    let import_rate = settings.import.requests_per_second;
+    let rate = settings
+        .verify
+        .requests_per_second
+        .min(import_rate.saturating_sub(1))
+        .max(1);
+    let client_cfg = ClientConfig {
+        sdkappid: settings.tencent.sdkappid,
+        identifier: settings.tencent.identifier.clone(),
+        secret_key: settings.secret_key()?,
+        base_url: (!settings.tencent.base_url.is_empty())
+            .then(|| settings.tencent.base_url.clone()),
+        region,
+        request_timeout: settings.tencent.request_timeout,
+        usersig_validity: settings.tencent.usersig_validity,
+    };
+    // Unpaced client: verify paces its own requests (see `verify`).
+    let client = TencentClient::new(client_cfg, None).map_err(|e| SettingsError::Key {
+        key: "tencent.base_url",
+        message: e.to_string(),
+    })?;
+    let pacer = Arc::new(Pacer::new(rate));
+    let cancel = CancellationToken::new();
+    let signal_token = cancel.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: verify stops; run it again to resume");
+        signal_token.cancel();
+    });
+    let claim = claim::Claim::start(&store, f64::from(rate), db).await?;
+    let mut opts = VerifyOptions::for_rate(f64::from(rate));
+    opts.group = group.clone();
+    opts.job = job;
+    opts.restart = restart;
+    let counters = Arc::new(verify::Counters::default());
+    let started = std::time::Instant::now();
+    let ended = verify::run(
+        &store,
+        &client,
+        pacer,
+        &opts,
+        claim.gate(),
+        &cancel,
+        counters.clone(),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    claim.release().await;
+    signals.abort();
+    let requests = counters.requests.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        requests,
+        messages = counters.messages.load(std::sync::atomic::Ordering::Relaxed),
+        seconds = elapsed.as_secs_f64(),
+        requests_per_second = requests as f64 / elapsed.as_secs_f64().max(1e-9),
+        configured = rate,
+        "verify ended"
+    );
+    let r = report::build(&store, group.as_deref(), job).await?;
+    store.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", report::render(&r));
+    }
+    match ended {
+        Ok(Ended::Complete) if !r.totals.failed() => Ok(ExitCode::SUCCESS),
+        Ok(Ended::Complete) => Ok(ExitCode::FAILURE),
+        Ok(Ended::Stopped) => {
+            eprintln!("timport verify: stopped before the end; run it again to resume");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e @ verify::VerifyError::Read { .. }) if matches!(&e, verify::VerifyError::Read { error, .. } if error.class() == crate::tencent::ErrorClass::Auth) =>
+        {
+            eprintln!("timport verify: {e}; check tencent.secret_key and tencent.identifier");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(e) => {
+            eprintln!("timport verify: {e}; what was read is kept, run it again to resume");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn simulate(args: SimulateArgs) -> ExitCode {
@@ -552,6 +736,13 @@ async fn run(
         tracing::warn!(error = %e, "intake table poll failed; the intake loop retries it");
     }
 
+    // Bodies no longer needed (queue.keep_bodies): a pass now (beside the engine), then one a
+    // minute.
+    let retention_task = tokio::spawn(crate::retention::run(
+        store.clone(),
+        settings.queue.keep_bodies,
+        shutdown.clone(),
+    ));
     let intake_task = tokio::spawn(intake::run_with(
         store.clone(),
         intake_cfg,
@@ -614,6 +805,19 @@ async fn run(
     shutdown.cancel();
     let _ = health_task.await;
     let _ = intake_task.await;
+    let _ = retention_task.await;
+    if until_idle {
+        // The last pass a batch run owes (the daemon's passes were cut short by the stop).
+        if let Err(e) = crate::retention::pass(
+            &store,
+            settings.queue.keep_bodies,
+            &CancellationToken::new(),
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "dropping imported bodies failed");
+        }
+    }
     if let Some(t) = http_task {
         let _ = t.await;
     }

@@ -8,7 +8,9 @@
 //! - [`tencent`]: the REST client for Tencent Cloud Chat, UserSig, outcome classification.
 //! - [`pacing`]: the app-wide request pacer: evenly spaced starts, learns a lower real quota.
 //! - [`engine`]: ordered lanes, checkpoints, reconciliation, exactly-once resume.
+//! - [`verify`]: `timport verify`: every imported message read back and classed.
 //! - [`simulator`]: a local stand-in for Tencent's endpoints with fault injection.
+//! - [`retention`]: `queue.keep_bodies`: bodies of imported messages dropped when not needed.
 //! - [`ops`]: health, readiness and metrics over HTTP, systemd notify and watchdog.
 //! - [`cli`]: the commands of the `timport` binary.
 
@@ -17,8 +19,10 @@ pub mod engine;
 pub mod intake;
 pub mod ops;
 pub mod pacing;
+pub mod retention;
 pub mod settings;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
 pub mod tencent;
+pub mod verify;

@@ -90,6 +90,8 @@ struct Probe {
 /// The clock-free state machine.
 #[derive(Debug)]
 struct Core {
+    /// The configured maximum; `max` is this less any share reserved by another process.
+    configured: f64,
     max: f64,
     ceiling: f64,
     /// Starts of the last [`LOG_KEEP`], oldest first, strictly increasing.
@@ -114,6 +116,7 @@ fn spacing(ceiling: f64) -> Duration {
 impl Core {
     fn new(max: f64) -> Self {
         Core {
+            configured: max,
             max,
             ceiling: max,
             log: VecDeque::new(),
@@ -319,6 +322,27 @@ impl Pacer {
         self.lock().ceiling
     }
 
+    /// Reserves `reserved` requests/s of the configured maximum for another process sharing the
+    /// quota (a running `timport verify`, see `engine::share`): the maximum becomes the
+    /// configured one less `reserved` (at least [`MIN_RATE`]), and the ceiling at most that; 0
+    /// gives the share back (a ceiling that was at the maximum follows it up at once). The start
+    /// log's window rule holds the lowered ceiling from the next start on. Returns the maximum.
+    pub fn set_reserved(&self, reserved: f64) -> f64 {
+        self.with(|c| {
+            let max = (c.configured - reserved.max(0.0)).max(MIN_RATE);
+            if max != c.max {
+                let at_max = c.ceiling >= c.max;
+                c.max = max;
+                c.step = max * PROBE_STEP;
+                if at_max || c.ceiling > max {
+                    c.ceiling = max;
+                    c.probe = None;
+                }
+            }
+            max
+        })
+    }
+
     /// Requests waiting in [`Pacer::acquire`] right now: above zero, the quota is what limits
     /// the import, so a short extra delay of one lane costs no throughput.
     pub fn waiting(&self) -> usize {
@@ -404,6 +428,43 @@ mod tests {
         // Woken a little late: the slot stays on the grid.
         let due = p.try_start_at(prev).expect_err("not yet");
         assert_eq!(p.try_start_at(due + ms(1)), Ok(due));
+    }
+
+    /// Starts inside the window of one second ending at `at`.
+    fn in_window(starts: &[Instant], at: Instant) -> usize {
+        starts
+            .iter()
+            .filter(|s| **s <= at && at.saturating_duration_since(**s) < WINDOW)
+            .count()
+    }
+
+    #[test]
+    fn a_reserved_share_lowers_every_window_from_the_next_start_and_comes_back() {
+        let t0 = Instant::now();
+        let p = Pacer::new(100);
+        let mut starts = vec![p.try_start_at(t0).expect("first")];
+        while *starts.last().expect("start") < t0 + Duration::from_secs(2) {
+            starts.push(next(&p, *starts.last().expect("start")));
+        }
+        let lowered_at = *starts.last().expect("start");
+        assert_eq!(p.set_reserved(40.0), 60.0);
+        assert_eq!(p.current_rate(), 60.0);
+        let mut after = Vec::new();
+        let mut t = lowered_at;
+        while t < lowered_at + Duration::from_secs(4) {
+            t = next(&p, t);
+            after.push(t);
+        }
+        // Every window ending at a start after the change holds at most 60 starts.
+        let all: Vec<Instant> = starts.iter().chain(&after).copied().collect();
+        for s in &after {
+            assert!(in_window(&all, *s) <= 60, "{} starts", in_window(&all, *s));
+        }
+        // Given back: the full rate at once.
+        assert_eq!(p.set_reserved(0.0), 100.0);
+        assert_eq!(p.current_rate(), 100.0);
+        // A share above the maximum leaves the minimum.
+        assert_eq!(p.set_reserved(500.0), MIN_RATE);
     }
 
     #[test]

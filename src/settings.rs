@@ -51,6 +51,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub http: HttpSettings,
     pub simulator: SimulatorSettings,
+    pub verify: VerifySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +86,40 @@ pub struct QueueSettings {
     pub synchronous: Synchronous,
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// How long the bodies of imported messages are kept (see [`KeepBodies`]).
+    pub keep_bodies: KeepBodies,
+}
+
+/// `queue.keep_bodies`: when the body of an imported message is dropped (its checkpoint fields,
+/// MsgSeq, sender, times and Random, and a SHA-256 of the body stay for `status` and `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum KeepBodies {
+    /// `"forever"`: never dropped.
+    Forever,
+    /// `"until_verified"` (the default): dropped once `timport verify` found the message verified.
+    UntilVerified,
+    /// A duration such as `"30d"`: dropped that long after the message was imported, verified or
+    /// not.
+    For(Duration),
+}
+
+impl TryFrom<String> for KeepBodies {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.trim() {
+            "forever" => Ok(KeepBodies::Forever),
+            "until_verified" => Ok(KeepBodies::UntilVerified),
+            other => humantime::parse_duration(other)
+                .map(KeepBodies::For)
+                .map_err(|e| {
+                    format!(
+                        "queue.keep_bodies: {other:?} is not \"until_verified\", \"forever\" or a duration such as \"30d\" ({e})"
+                    )
+                }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -163,6 +198,15 @@ pub struct SimulatorSettings {
     #[serde(with = "humantime_serde")]
     pub latency: Duration,
     pub require_accounts: bool,
+}
+
+/// `timport verify`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySettings {
+    /// Read requests per second (at most `import.requests_per_second - 1`, shared with a running
+    /// daemon; see docs/OPERATIONS.md).
+    pub requests_per_second: u32,
 }
 
 /// Which file to layer over the defaults: the `--config` flag, else `$TIMPORT_CONFIG`, else
@@ -258,6 +302,12 @@ impl Settings {
         if i.account_requests_per_second == 0 {
             return Err(SettingsError::key(
                 "import.account_requests_per_second",
+                "must be at least 1",
+            ));
+        }
+        if self.verify.requests_per_second == 0 {
+            return Err(SettingsError::key(
+                "verify.requests_per_second",
                 "must be at least 1",
             ));
         }

@@ -3592,6 +3592,610 @@ impl Store {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// `timport verify`: the lanes it reads back, the class of every imported message, the quota claim.
+
+/// A lane in the scope of a verify, with where its last pass stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyLane {
+    pub lane_id: i64,
+    pub group_id: String,
+    pub topic_id: String,
+    /// Imported messages now.
+    pub imported: i64,
+    /// Pending and in flight now (the import of the lane is not finished).
+    pub unfinished: i64,
+    /// The oldest and newest MsgSeq recorded for the lane's imported messages.
+    pub low_seq: i64,
+    pub high_seq: i64,
+    /// The pass recorded for the lane, if any.
+    pub pass: Option<VerifyPass>,
+}
+
+/// Where a lane's verify pass stands (`verify_lanes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyPass {
+    /// The lane's imported count when the pass began.
+    pub imported: i64,
+    pub top_seq: Option<i64>,
+    pub low_seq: i64,
+    /// ReqMsgSeq of the next page to read; `None` with `top_seq` `None`: from the newest.
+    pub next_seq: Option<i64>,
+    pub done: bool,
+}
+
+/// One of our imported messages, as verify compares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyOurs {
+    pub id: i64,
+    pub msg_seq: i64,
+    pub from_account: String,
+    /// The SendTime actually sent.
+    pub time: i64,
+    pub random: u32,
+    /// Empty once dropped (`queue.keep_bodies`); then `body_sha256` stands for it.
+    pub body: String,
+    pub body_sha256: Option<String>,
+}
+
+/// One class recorded for a message (ours: `message_id` set) or a server message not ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyRow {
+    pub message_id: Option<i64>,
+    pub msg_seq: i64,
+    pub kind: &'static str,
+    /// JSON texts.
+    pub expected: Option<String>,
+    pub found: Option<String>,
+}
+
+/// Counts per lane of the recorded classes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyCounts {
+    pub group: String,
+    pub topic: String,
+    #[serde(skip)]
+    pub lane_id: i64,
+    pub verified: i64,
+    pub missing: i64,
+    pub altered: i64,
+    pub duplicated: i64,
+    pub unverifiable: i64,
+    pub foreign: i64,
+    /// The pass read the whole range.
+    pub done: bool,
+}
+
+/// A recorded problem (any class but verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyProblemRow {
+    pub group: String,
+    pub topic: String,
+    pub msg_seq: i64,
+    pub kind: String,
+    pub expected: Option<String>,
+    pub found: Option<String>,
+}
+
+/// The quota claim of a running verify (`verify_claim`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyClaim {
+    pub token: String,
+    pub rate: f64,
+    pub heartbeat_ms: i64,
+    pub ack_token: Option<String>,
+    pub ack_ms: Option<i64>,
+}
+
+fn verify_lane_filter() -> &'static str {
+    "l.imported > 0 AND (?1 IS NULL OR l.group_id = ?1)
+     AND (?2 IS NULL OR l.id IN (SELECT lane_id FROM job_lanes WHERE job_id = ?2))"
+}
+
+impl Store {
+    /// Lanes with imported messages, all or those of `group` or of `job`, with their passes.
+    pub async fn verify_scope(
+        &self,
+        group: Option<&str>,
+        job: Option<i64>,
+    ) -> Result<Vec<VerifyLane>, StoreError> {
+        let sql = format!(
+            "SELECT l.id, l.group_id, l.topic_id, l.imported, l.pending + l.in_flight AS unfinished,
+                    (SELECT MIN(msg_seq) FROM messages m
+                      WHERE m.lane_id = l.id AND m.state = 'imported') AS low_seq,
+                    (SELECT MAX(msg_seq) FROM messages m
+                      WHERE m.lane_id = l.id AND m.state = 'imported') AS high_seq,
+                    v.lane_id AS v_lane, v.imported AS v_imported, v.top_seq, v.low_seq AS v_low,
+                    v.next_seq, v.done
+             FROM lanes l LEFT JOIN verify_lanes v ON v.lane_id = l.id
+             WHERE {} ORDER BY l.group_id, l.topic_id",
+            verify_lane_filter()
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
+            .bind(job)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| VerifyLane {
+                lane_id: r.get("id"),
+                group_id: r.get("group_id"),
+                topic_id: r.get("topic_id"),
+                imported: r.get("imported"),
+                unfinished: r.get("unfinished"),
+                low_seq: r.get::<Option<i64>, _>("low_seq").unwrap_or(0),
+                high_seq: r.get::<Option<i64>, _>("high_seq").unwrap_or(0),
+                pass: r.get::<Option<i64>, _>("v_lane").map(|_| VerifyPass {
+                    imported: r.get("v_imported"),
+                    top_seq: r.get("top_seq"),
+                    low_seq: r.get("v_low"),
+                    next_seq: r.get("next_seq"),
+                    done: r.get::<i64, _>("done") != 0,
+                }),
+            })
+            .collect())
+    }
+
+    /// Starts a lane's pass over (its earlier results dropped): from `top_seq` (`None`: the
+    /// newest, learned by the first read) down to `low_seq`.
+    pub async fn verify_begin_lane(
+        &self,
+        lane_id: i64,
+        imported: i64,
+        top_seq: Option<i64>,
+        low_seq: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM verify_results WHERE lane_id = ?")
+            .bind(lane_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        sqlx::query(
+            "INSERT INTO verify_lanes(lane_id, imported, top_seq, low_seq, next_seq, done, started_at)
+             VALUES(?1, ?2, ?3, ?4, ?3, 0, unixepoch())
+             ON CONFLICT(lane_id) DO UPDATE SET imported = excluded.imported,
+                top_seq = excluded.top_seq, low_seq = excluded.low_seq,
+                next_seq = excluded.next_seq, done = 0, started_at = excluded.started_at,
+                finished_at = NULL",
+        )
+        .bind(lane_id)
+        .bind(imported)
+        .bind(top_seq)
+        .bind(low_seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Forgets every recorded pass and result of the lanes in scope (`timport verify --restart`).
+    pub async fn verify_reset(
+        &self,
+        group: Option<&str>,
+        job: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let lanes = format!("SELECT l.id FROM lanes l WHERE {}", verify_lane_filter());
+        let mut tx = self.begin().await?;
+        for table in ["verify_results", "verify_lanes"] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE lane_id IN ({lanes})"
+            )))
+            .bind(group)
+            .bind(job)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Our imported messages of the lane with a MsgSeq in `lo..=hi`, by MsgSeq.
+    pub async fn verify_ours(
+        &self,
+        lane_id: i64,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Vec<VerifyOurs>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, msg_seq, from_account, COALESCE(sent_time, send_time) AS t, random, body,
+                    body_sha256
+             FROM messages WHERE lane_id = ? AND state = 'imported' AND msg_seq BETWEEN ? AND ?
+             ORDER BY msg_seq, id",
+        )
+        .bind(lane_id)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows.iter().map(verify_ours_row).collect())
+    }
+
+    /// Our messages of the lane (any state) from `from` sent at `time` (the SendTime actually
+    /// sent), with whether each is imported: the candidates a server message not ours may copy.
+    pub async fn verify_lookalikes(
+        &self,
+        lane_id: i64,
+        from: &str,
+        time: i64,
+    ) -> Result<Vec<(VerifyOurs, bool)>, StoreError> {
+        // send_time ≤ the time sent (a nudge only moves it forward), within a day of it.
+        let rows = sqlx::query(
+            "SELECT id, COALESCE(msg_seq, 0) AS msg_seq, from_account,
+                    COALESCE(sent_time, send_time) AS t, random, body, body_sha256,
+                    state = 'imported' AS imported
+             FROM messages
+             WHERE lane_id = ?1 AND state IN ('pending', 'in_flight', 'imported', 'failed')
+               AND send_time BETWEEN ?3 - 86400 AND ?3
+               AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2",
+        )
+        .bind(lane_id)
+        .bind(from)
+        .bind(time)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (verify_ours_row(r), r.get::<i64, _>("imported") != 0))
+            .collect())
+    }
+
+    /// Records one page of a lane's pass in one transaction: the classes of the MsgSeq range
+    /// `lo..=hi` (replacing any recorded before, so a page read twice counts once), the next page
+    /// to read, whether the pass is done, and the top MsgSeq when it was learned by this read.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn verify_record(
+        &self,
+        lane_id: i64,
+        lo: i64,
+        hi: i64,
+        rows: &[VerifyRow],
+        top_seq: Option<i64>,
+        next_seq: i64,
+        done: bool,
+    ) -> Result<(), StoreError> {
+        let items: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!([r.message_id, r.msg_seq, r.kind, r.expected, r.found]))
+            .collect();
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM verify_results WHERE lane_id = ? AND msg_seq BETWEEN ? AND ?")
+            .bind(lane_id)
+            .bind(lo)
+            .bind(hi)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        if !items.is_empty() {
+            sqlx::query(
+                "INSERT INTO verify_results(lane_id, message_id, msg_seq, kind, expected, found)
+                 SELECT ?, v.value ->> 0, v.value ->> 1, v.value ->> 2, v.value ->> 3,
+                        v.value ->> 4
+                 FROM json_each(?) AS v",
+            )
+            .bind(lane_id)
+            .bind(serde_json::Value::Array(items).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        sqlx::query(
+            "UPDATE verify_lanes SET next_seq = ?2, done = ?3, top_seq = COALESCE(top_seq, ?4),
+                    finished_at = CASE WHEN ?3 THEN unixepoch() END
+             WHERE lane_id = ?1",
+        )
+        .bind(lane_id)
+        .bind(next_seq)
+        .bind(done)
+        .bind(top_seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// Recorded counts per lane that has a pass, all or those of `group` or `job`. Empty when
+    /// the database has never been verified (or predates verify: read-only status).
+    pub async fn verify_counts(
+        &self,
+        group: Option<&str>,
+        job: Option<i64>,
+    ) -> Result<Vec<VerifyCounts>, StoreError> {
+        let exists: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'verify_results'",
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT l.id, l.group_id, l.topic_id, v.done,
+                    COALESCE(SUM(r.kind = 'verified'), 0) AS verified,
+                    COALESCE(SUM(r.kind = 'missing'), 0) AS missing,
+                    COALESCE(SUM(r.kind = 'altered'), 0) AS altered,
+                    COALESCE(SUM(r.kind = 'duplicated'), 0) AS duplicated,
+                    COALESCE(SUM(r.kind = 'unverifiable'), 0) AS unverifiable,
+                    COALESCE(SUM(r.kind = 'foreign'), 0) AS foreign_
+             FROM verify_lanes v JOIN lanes l ON l.id = v.lane_id
+             LEFT JOIN verify_results r ON r.lane_id = v.lane_id
+             WHERE {} GROUP BY l.id ORDER BY l.group_id, l.topic_id",
+            verify_lane_filter()
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
+            .bind(job)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| VerifyCounts {
+                group: r.get("group_id"),
+                topic: r.get("topic_id"),
+                lane_id: r.get("id"),
+                verified: r.get("verified"),
+                missing: r.get("missing"),
+                altered: r.get("altered"),
+                duplicated: r.get("duplicated"),
+                unverifiable: r.get("unverifiable"),
+                foreign: r.get("foreign_"),
+                done: r.get::<i64, _>("done") != 0,
+            })
+            .collect())
+    }
+
+    /// Recorded problems (every class but verified) of the lanes in scope, by group, topic and
+    /// MsgSeq, at most `limit`.
+    pub async fn verify_problems(
+        &self,
+        group: Option<&str>,
+        job: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<VerifyProblemRow>, StoreError> {
+        let sql = format!(
+            "SELECT l.group_id, l.topic_id, r.msg_seq, r.kind, r.expected, r.found
+             FROM verify_results r JOIN lanes l ON l.id = r.lane_id
+             WHERE r.kind <> 'verified' AND {}
+             ORDER BY l.group_id, l.topic_id, r.msg_seq, r.kind LIMIT {limit}",
+            verify_lane_filter()
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(group)
+            .bind(job)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .iter()
+            .map(|r| VerifyProblemRow {
+                group: r.get("group_id"),
+                topic: r.get("topic_id"),
+                msg_seq: r.get("msg_seq"),
+                kind: r.get("kind"),
+                expected: r.get("expected"),
+                found: r.get("found"),
+            })
+            .collect())
+    }
+
+    /// A verify claims `rate` requests/s of the quota (replacing any earlier claim) and beats.
+    pub async fn verify_claim(
+        &self,
+        token: &str,
+        rate: f64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.write_one(
+            sqlx::query(
+                "INSERT INTO verify_claim(id, token, rate, heartbeat_ms) VALUES(1, ?, ?, ?)
+                 ON CONFLICT(id) DO UPDATE SET token = excluded.token, rate = excluded.rate,
+                    heartbeat_ms = excluded.heartbeat_ms, ack_token = NULL, ack_ms = NULL,
+                    ack_ceiling = NULL",
+            )
+            .bind(token)
+            .bind(rate)
+            .bind(now_ms),
+        )
+        .await
+    }
+
+    /// Renews the claim's heartbeat; false when the claim is no longer this token's.
+    pub async fn verify_heartbeat(&self, token: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = sqlx::query("UPDATE verify_claim SET heartbeat_ms = ? WHERE id = 1 AND token = ?")
+            .bind(now_ms)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .rows_affected();
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    /// Withdraws the claim (a verify ending).
+    pub async fn verify_release(&self, token: &str) -> Result<(), StoreError> {
+        self.write_one(
+            sqlx::query("DELETE FROM verify_claim WHERE id = 1 AND token = ?").bind(token),
+        )
+        .await
+    }
+
+    /// The current claim, if any (fresh or not).
+    pub async fn verify_claim_read(&self) -> Result<Option<VerifyClaim>, StoreError> {
+        let r = sqlx::query(
+            "SELECT token, rate, heartbeat_ms, ack_token, ack_ms FROM verify_claim WHERE id = 1",
+        )
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(r.map(|r| VerifyClaim {
+            token: r.get("token"),
+            rate: r.get("rate"),
+            heartbeat_ms: r.get("heartbeat_ms"),
+            ack_token: r.get("ack_token"),
+            ack_ms: r.get("ack_ms"),
+        }))
+    }
+
+    /// The daemon acknowledges a claim: its ceiling is lowered to `ceiling`.
+    pub async fn verify_ack(
+        &self,
+        token: &str,
+        now_ms: i64,
+        ceiling: f64,
+    ) -> Result<(), StoreError> {
+        self.write_one(
+            sqlx::query(
+                "UPDATE verify_claim SET ack_token = ?1, ack_ms = ?2, ack_ceiling = ?3
+                 WHERE id = 1 AND token = ?1",
+            )
+            .bind(token)
+            .bind(now_ms)
+            .bind(ceiling),
+        )
+        .await
+    }
+}
+
+fn verify_ours_row(r: &sqlx::sqlite::SqliteRow) -> VerifyOurs {
+    let random: i64 = r.get("random");
+    VerifyOurs {
+        id: r.get("id"),
+        msg_seq: r.get("msg_seq"),
+        from_account: r.get("from_account"),
+        time: r.get("t"),
+        random: u32::try_from(random).unwrap_or_default(),
+        body: r.get("body"),
+        body_sha256: r.get("body_sha256"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `queue.keep_bodies`: the bodies of imported messages dropped once they are no longer needed.
+
+/// Where the "until verified" pass stands: the last `verify_results.id` looked at.
+const BODIES_CURSOR_KEY: &str = "bodies_dropped_through_result";
+
+/// Imported messages whose bodies may be dropped now, and the cursor to store with them.
+#[derive(Debug, Default)]
+pub struct BodiesToDrop {
+    /// (message id, body).
+    pub messages: Vec<(i64, String)>,
+    /// For "until verified": the `verify_results.id` looked at through.
+    pub cursor: Option<i64>,
+    /// Fewer than asked for: nothing more to do for now.
+    pub last: bool,
+}
+
+impl Store {
+    /// Up to `limit` imported messages whose bodies `keep` lets go at `now` (Unix seconds).
+    pub async fn bodies_to_drop(
+        &self,
+        keep: crate::settings::KeepBodies,
+        now: i64,
+        limit: i64,
+    ) -> Result<BodiesToDrop, StoreError> {
+        use crate::settings::KeepBodies;
+        match keep {
+            KeepBodies::Forever => Ok(BodiesToDrop {
+                last: true,
+                ..BodiesToDrop::default()
+            }),
+            KeepBodies::UntilVerified => {
+                let cursor: i64 = self
+                    .meta(BODIES_CURSOR_KEY)
+                    .await?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let rows = sqlx::query(
+                    "SELECT r.id AS rid, r.kind, m.id, m.state, m.body
+                     FROM verify_results r JOIN messages m ON m.id = r.message_id
+                     WHERE r.id > ? ORDER BY r.id LIMIT ?",
+                )
+                .bind(cursor)
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+                let through = rows.last().map(|r| r.get::<i64, _>("rid"));
+                Ok(BodiesToDrop {
+                    last: (rows.len() as i64) < limit,
+                    cursor: through,
+                    messages: rows
+                        .iter()
+                        .filter(|r| {
+                            r.get::<String, _>("kind") == "verified"
+                                && r.get::<String, _>("state") == "imported"
+                        })
+                        .map(|r| (r.get::<i64, _>("id"), r.get::<String, _>("body")))
+                        .filter(|(_, b)| !b.is_empty())
+                        .collect(),
+                })
+            }
+            KeepBodies::For(d) => {
+                let before = now - i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2);
+                let rows: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT id, body FROM messages
+                     WHERE state = 'imported' AND body <> '' AND updated_at < ? LIMIT ?",
+                )
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(|e| self.err(e))?;
+                Ok(BodiesToDrop {
+                    last: (rows.len() as i64) < limit,
+                    cursor: None,
+                    messages: rows,
+                })
+            }
+        }
+    }
+
+    /// Drops the bodies of these imported messages, keeping each one's digest (`(id, sha256)`),
+    /// and stores the cursor, in one transaction. Returns how many were dropped.
+    pub async fn drop_bodies(
+        &self,
+        digests: &[(i64, String)],
+        cursor: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut n = 0;
+        if !digests.is_empty() {
+            n = sqlx::query(
+                "UPDATE messages SET body = '', body_sha256 = v.value ->> 1
+                 FROM json_each(?) AS v
+                 WHERE messages.id = v.value ->> 0 AND messages.state = 'imported'",
+            )
+            .bind(serde_json::to_string(digests).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .rows_affected();
+        }
+        if let Some(c) = cursor {
+            sqlx::query(
+                "INSERT INTO meta(key, value) VALUES(?, ?)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(BODIES_CURSOR_KEY)
+            .bind(c.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;

@@ -32,6 +32,7 @@ pub mod group;
 pub mod lane;
 pub mod outage;
 pub mod reconcile;
+pub mod share;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -251,6 +252,9 @@ pub async fn run(
         batch_size = cfg.batch_size,
         "import engine started"
     );
+    // A verify sharing the quota lowers the pacer before the first request (see `share`).
+    let share_task =
+        share::start(&store, shared.client.pacer().cloned(), shared.stop.clone()).await;
     let group_task = tokio::spawn(group::work(shared.clone()));
     let account_task = tokio::spawn(accounts::work(shared.clone()));
     let info_task = tokio::spawn(reconcile::GroupInfos::work(shared.clone(), info_requests));
@@ -387,6 +391,9 @@ pub async fn run(
         }
     }
     info_task.abort();
+    if let Some(t) = share_task {
+        t.abort();
+    }
     // The lanes are done: the committer records what is still queued, then ends.
     committer_done.cancel();
     if let Err(e) = committer_task.await {

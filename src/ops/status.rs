@@ -16,7 +16,7 @@ use crate::engine::outage::Waiting;
 use crate::engine::{PROGRESS_KEY, Progress, eta_seconds};
 use crate::store::{
     AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals,
-    unix_now,
+    VerifyCounts, unix_now,
 };
 
 /// A snapshot older than this means no daemon is importing.
@@ -48,6 +48,8 @@ pub struct StatusReport {
     pub failure_reasons: Vec<FailureReason>,
     pub groups: Vec<LaneStatus>,
     pub jobs: Vec<JobStatus>,
+    /// What `timport verify` recorded, per lane (empty when never verified).
+    pub verification: Vec<VerifyCounts>,
 }
 
 /// Builds the report; `group` narrows totals, lanes and failures to one group.
@@ -104,6 +106,7 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
         } else {
             store.jobs(20).await?
         },
+        verification: store.verify_counts(group, None).await?,
     })
 }
 
@@ -250,6 +253,46 @@ pub fn render(r: &StatusReport) -> String {
                 j.failed
             );
         }
+    }
+    s.push_str(&render_verification(&r.verification));
+    s
+}
+
+/// The verify section of the table: counts per group as `timport verify` last recorded them.
+fn render_verification(v: &[VerifyCounts]) -> String {
+    let mut s = String::new();
+    if v.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}  (timport verify)",
+        "verified group", "verified", "missing", "altered", "duplicated", "unverifiable", "foreign"
+    );
+    for g in v.iter().take(50) {
+        let _ = writeln!(
+            s,
+            "{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}{}",
+            format!("{}{}", g.group, topic(&g.topic)),
+            g.verified,
+            g.missing,
+            g.altered,
+            g.duplicated,
+            g.unverifiable,
+            g.foreign,
+            if g.done {
+                ""
+            } else {
+                "  (verify not finished)"
+            }
+        );
+    }
+    if v.len() > 50 {
+        let _ = writeln!(
+            s,
+            "… and {} more groups (timport verify --json)",
+            v.len() - 50
+        );
     }
     s
 }

@@ -7,7 +7,10 @@
 //! checks and answer envelope as Tencent, plus admin routes outside `/v4`:
 //! `POST /admin/groups {GroupId, CreateTime?, Type?}`, `GET /admin/state` (the
 //! [`SimSnapshot`]), `POST|GET /admin/faults` ([`Faults`] as JSON, durations as "40ms"),
-//! `POST /admin/outage {"refuse": "90s", "then_502": "40s"}` (see Outage below).
+//! `POST /admin/outage {"refuse": "90s", "then_502": "40s"}` (see Outage below),
+//! `POST /admin/tamper {"GroupId", "TopicId"?, "MsgSeq", "Action": "lose" | "alter" |
+//! "duplicate" | "hole", "MsgBody"? }` (see Tampering below). Each request record carries its
+//! arrival time (`at_ms`), so tests can count requests per second.
 //!
 //! Rules (see `tencent-api.md`; choices where the doc is open are marked *):
 //! - Query: missing usersig 70002; sdkappid missing 60012, not this app 70014; identifier missing
@@ -55,6 +58,13 @@
 //! applied), `p_drop_response_after_apply` (processed and applied, then the connection is aborted
 //! without an answer). See `server` for how a connection is aborted.
 //!
+//! Tampering (for `timport verify`; [`Tamper`], [`SimHandle::lose_message`] and the others):
+//! a message the server *loses* is left out of every read (its MsgSeq stays used, so the page
+//! skips it); an *altered* one reads back with another body; a *duplicated* one gets a copy at
+//! the end of the history (same sender, SendTime, Random and body, the next MsgSeq); a
+//! *hole-punched* one reads back as a hole, as the retention switch (`--retention`) makes
+//! expired messages do.
+//!
 //! Outage ([`SimHandle::outage`], `POST /admin/outage`): for `refuse` the listening socket is
 //! closed, so new connections are refused by the kernel (ECONNREFUSED) and requests arriving on
 //! keep-alive connections opened before are aborted without an answer (fault `outage_refuse` in
@@ -82,7 +92,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::{
     AccountSnapshot, GroupSnapshot, Limiter, MemberSnapshot, RequestRecord, SimSnapshot,
-    StoredMessage, UnknownSender,
+    StoredMessage, Tamper, UnknownSender,
 };
 
 use server::{ConnKill, KillableListener, OutageSwitch, Shared};
@@ -378,6 +388,50 @@ impl SimHandle {
     /// Create an account; false if it already exists.
     pub fn add_account(&self, id: &str) -> bool {
         self.shared.world().add_account(id)
+    }
+
+    /// Tamper with the message at `seq` of `group` (or of its `topic`); see [`Tamper`].
+    pub fn tamper(
+        &self,
+        group: &str,
+        topic: Option<&str>,
+        seq: u64,
+        what: Tamper,
+    ) -> Result<Option<u64>, String> {
+        self.shared.world().tamper(group, topic, seq, what)
+    }
+
+    /// The server loses the message at `seq`: no read returns it.
+    pub fn lose_message(&self, group: &str, topic: Option<&str>, seq: u64) -> Result<(), String> {
+        self.tamper(group, topic, seq, Tamper::Lose).map(|_| ())
+    }
+
+    /// The message at `seq` reads back with `body`.
+    pub fn alter_message(
+        &self,
+        group: &str,
+        topic: Option<&str>,
+        seq: u64,
+        body: serde_json::Value,
+    ) -> Result<(), String> {
+        self.tamper(group, topic, seq, Tamper::Alter { msg_body: body })
+            .map(|_| ())
+    }
+
+    /// A copy of the message at `seq` lands at the end of the history; returns its MsgSeq.
+    pub fn duplicate_message(
+        &self,
+        group: &str,
+        topic: Option<&str>,
+        seq: u64,
+    ) -> Result<u64, String> {
+        self.tamper(group, topic, seq, Tamper::Duplicate)
+            .map(|s| s.unwrap_or_default())
+    }
+
+    /// The message at `seq` reads back as a hole (IsPlaceMsg 1).
+    pub fn punch_hole(&self, group: &str, topic: Option<&str>, seq: u64) -> Result<(), String> {
+        self.tamper(group, topic, seq, Tamper::Hole).map(|_| ())
     }
 
     /// Create a group; false if it already exists.

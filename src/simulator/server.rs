@@ -271,6 +271,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/admin/state", get(admin_state))
         .route("/admin/faults", post(admin_faults).get(admin_get_faults))
         .route("/admin/outage", post(admin_outage))
+        .route("/admin/tamper", post(admin_tamper))
         .with_state(shared)
 }
 
@@ -329,6 +330,10 @@ async fn v4(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
     let outage = shared.outage.phase();
     let mut faults = shared.faults();
     if !faults.endpoints.is_empty() && !faults.endpoints.contains(&command) {
@@ -344,6 +349,7 @@ async fn v4(
     let query = query.map(|Query(q)| q).unwrap_or_default();
     let mut rec = RequestRecord {
         seq: 0,
+        at_ms,
         endpoint: command.clone(),
         query_random: query.get("random").and_then(|r| r.parse().ok()),
         http_status: Some(200),
@@ -514,4 +520,28 @@ struct OutagePlan {
 async fn admin_outage(State(shared): State<Arc<Shared>>, Json(p): Json<OutagePlan>) -> Response {
     shared.outage.set(p.refuse, p.then_502);
     Json(p).into_response()
+}
+
+/// `POST /admin/tamper {"GroupId": "g", "TopicId": "t"?, "MsgSeq": 5, "Action": "lose" | "alter"
+/// | "duplicate" | "hole", "MsgBody": [...] (alter)}`: answers `{"MsgSeq": copy}` for a duplicate.
+#[derive(Debug, Deserialize)]
+struct TamperRequest {
+    #[serde(rename = "GroupId")]
+    group_id: String,
+    #[serde(rename = "TopicId", default)]
+    topic_id: Option<String>,
+    #[serde(rename = "MsgSeq")]
+    msg_seq: u64,
+    #[serde(flatten)]
+    what: super::state::Tamper,
+}
+
+async fn admin_tamper(State(shared): State<Arc<Shared>>, Json(t): Json<TamperRequest>) -> Response {
+    let done = shared
+        .world()
+        .tamper(&t.group_id, t.topic_id.as_deref(), t.msg_seq, t.what);
+    match done {
+        Ok(copy) => Json(serde_json::json!({"MsgSeq": copy})).into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, e).into_response(),
+    }
 }

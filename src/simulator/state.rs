@@ -99,6 +99,9 @@ pub struct GroupSnapshot {
 pub struct RequestRecord {
     /// Arrival order, from 1.
     pub seq: u64,
+    /// Arrival time, Unix milliseconds (before the injected latency).
+    #[serde(default)]
+    pub at_ms: i64,
     /// The command, e.g. `import_group_msg`.
     pub endpoint: String,
     /// The `random` query parameter, when it was a valid u32.
@@ -167,6 +170,29 @@ impl SimSnapshot {
 struct Msg {
     stored: StoredMessage,
     arrived: Instant,
+    /// Tampered by [`World::tamper`]: gone from every read (its MsgSeq stays used).
+    lost: bool,
+    /// Tampered: reads back as a hole (IsPlaceMsg 1, no sender, no Random).
+    hole: bool,
+}
+
+/// What [`World::tamper`] does to a stored message (`POST /admin/tamper`), for tests of
+/// `timport verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "Action", rename_all = "lowercase")]
+pub enum Tamper {
+    /// The server loses it: no read returns it any more.
+    Lose,
+    /// Its body becomes `MsgBody`.
+    Alter {
+        #[serde(rename = "MsgBody")]
+        msg_body: Value,
+    },
+    /// A copy (same sender, SendTime, Random and body) lands at the end of the history with the
+    /// next MsgSeq, as a message sent twice would.
+    Duplicate,
+    /// It reads back as a hole (IsPlaceMsg 1), as an expired or deleted message does.
+    Hole,
 }
 
 #[derive(Default)]
@@ -177,8 +203,13 @@ struct History {
 }
 
 impl History {
+    /// The stored messages, without those lost by [`World::tamper`].
     fn snapshot(&self) -> Vec<StoredMessage> {
-        self.messages.iter().map(|m| m.stored.clone()).collect()
+        self.messages
+            .iter()
+            .filter(|m| !m.lost)
+            .map(|m| m.stored.clone())
+            .collect()
     }
 
     fn latest_time(&self) -> Option<i64> {
@@ -487,6 +518,57 @@ impl World {
         Ok((Answer::ok(json!({"FailAccounts": failed}), applied), done))
     }
 
+    /// Tampers with the message at `seq` of a group's history (or a topic's); for a duplicate,
+    /// returns the copy's MsgSeq.
+    pub fn tamper(
+        &mut self,
+        group: &str,
+        topic: Option<&str>,
+        seq: u64,
+        what: Tamper,
+    ) -> Result<Option<u64>, String> {
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| format!("no group {group}"))?;
+        let history = match topic.filter(|t| !t.is_empty()) {
+            Some(t) => g
+                .topics
+                .get_mut(t)
+                .ok_or_else(|| format!("no topic {t} in group {group}"))?,
+            None => &mut g.main,
+        };
+        let idx = usize::try_from(seq)
+            .ok()
+            .and_then(|s| s.checked_sub(1))
+            .filter(|i| *i < history.messages.len())
+            .ok_or_else(|| format!("no MsgSeq {seq} in {group}"))?;
+        match what {
+            Tamper::Lose => history.messages[idx].lost = true,
+            Tamper::Hole => history.messages[idx].hole = true,
+            Tamper::Alter { msg_body } => {
+                let m = &mut history.messages[idx].stored;
+                m.msg_body_bytes = msg_body.to_string();
+                m.msg_body = msg_body;
+            }
+            Tamper::Duplicate => {
+                let original = &history.messages[idx];
+                let mut stored = original.stored.clone();
+                let arrived = original.arrived;
+                let new_seq = history.messages.len() as u64 + 1;
+                stored.msg_seq = new_seq;
+                history.messages.push(Msg {
+                    stored,
+                    arrived,
+                    lost: false,
+                    hole: false,
+                });
+                return Ok(Some(new_seq));
+            }
+        }
+        Ok(None)
+    }
+
     /// Dispatch one command of `group_open_http_svc`. `raw` is the request body as received
     /// (import_group_msg keeps each MsgBody's exact bytes from it), `body` the same parsed.
     pub fn handle(
@@ -610,6 +692,8 @@ impl World {
                     msg_body_bytes: m.msg_body.get().to_owned(),
                 },
                 arrived: mono,
+                lost: false,
+                hole: false,
             });
             items.push(json!({"Result": 0, "MsgSeq": seq, "MsgTime": m.send_time}));
             results.push(0);
@@ -646,15 +730,21 @@ impl World {
             None => &group.main,
         };
         let upto = req.req_msg_seq.unwrap_or(u64::MAX);
-        // Seqs are 1..=len in order, so index = seq - 1.
+        // Seqs are 1..=len in order, so index = seq - 1; messages lost by tampering are skipped.
         let end = (history.messages.len() as u64).min(upto) as usize;
-        let start = end.saturating_sub(n);
-        let list: Vec<Value> = history.messages[start..end]
+        let mut picked = Vec::with_capacity(n);
+        let mut i = end;
+        while i > 0 && picked.len() < n {
+            i -= 1;
+            if !history.messages[i].lost {
+                picked.push(&history.messages[i]);
+            }
+        }
+        let list: Vec<Value> = picked
             .iter()
-            .rev()
             .map(|m| {
-                if expired_before.is_some_and(|t| m.stored.send_time < t) {
-                    // Expired: a hole with its Seq only.
+                if m.hole || expired_before.is_some_and(|t| m.stored.send_time < t) {
+                    // Expired or deleted: a hole with its Seq only.
                     return json!({"IsPlaceMsg": 1, "MsgSeq": m.stored.msg_seq,
                                   "MsgTimeStamp": m.stored.send_time, "MsgBody": []});
                 }
@@ -670,7 +760,8 @@ impl World {
                 })
             })
             .collect();
-        let finished = if start == 0 { 1 } else { 0 };
+        let rest = history.messages[..i].iter().any(|m| !m.lost);
+        let finished = if rest { 0 } else { 1 };
         Ok(Answer::ok(
             json!({"GroupId": req.group_id, "IsFinished": finished, "RspMsgList": list}),
             false,

@@ -2,7 +2,7 @@
 //! return a body byte for byte as it was imported (the strict reading: numbers re-formatted, keys
 //! reordered), so bodies are compared as JSON values, through one canonical text.
 //!
-//! Role: [`canonical`] and [`canonical_text`], used wherever the engine (and `verify`) must tell
+//! Role: [`canonical`], [`canonical_text`] and [`digest`], used wherever the engine (and `verify`) must tell
 //! whether a message read back is one that was sent. Pure functions: nothing to stop or recover.
 
 use std::fmt::Write as _;
@@ -32,6 +32,13 @@ pub fn canonical_text(text: &str) -> Option<String> {
     serde_json::from_str::<Value>(text)
         .ok()
         .map(|v| canonical(&v))
+}
+
+/// The SHA-256 (hex) of a canonical text: what the store keeps of a body it dropped
+/// (`queue.keep_bodies`), so `verify` still compares bodies as JSON values.
+pub fn digest(canonical: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
 }
 
 fn write_canonical(v: &Value, out: &mut String) {
