@@ -372,6 +372,32 @@ async fn retry_accounts(settings: &Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The Tencent client's settings for `run` and `verify`; an unknown `tencent.region` is a
+/// configuration error naming the key.
+fn client_config(
+    settings: &Settings,
+    secret_key: SecretString,
+    base_url: Option<String>,
+) -> Result<ClientConfig, SettingsError> {
+    let region: Region = settings
+        .tencent
+        .region
+        .parse()
+        .map_err(|_| SettingsError::Key {
+            key: "tencent.region",
+            message: format!("unknown region {:?}", settings.tencent.region),
+        })?;
+    Ok(ClientConfig {
+        sdkappid: settings.tencent.sdkappid,
+        identifier: settings.tencent.identifier.clone(),
+        secret_key,
+        base_url,
+        region,
+        request_timeout: settings.tencent.request_timeout,
+        usersig_validity: settings.tencent.usersig_validity,
+    })
+}
+
 /// `timport verify`: see [`crate::verify`].
 async fn verify(
     settings: &Settings,
@@ -419,14 +445,6 @@ async fn verify(
         store.close().await;
         return usage(format!("no job {j} in the database"));
     }
-    let region: Region = settings
-        .tencent
-        .region
-        .parse()
-        .map_err(|_| SettingsError::Key {
-            key: "tencent.region",
-            message: format!("unknown region {:?}", settings.tencent.region),
-        })?;
     // Shared with a daemon: verify takes at most import.requests_per_second − 1, so the daemon
     // keeps at least one.
     let import_rate = settings.import.requests_per_second;
@@ -435,16 +453,11 @@ async fn verify(
         .requests_per_second
         .min(import_rate.saturating_sub(1))
         .max(1);
-    let client_cfg = ClientConfig {
-        sdkappid: settings.tencent.sdkappid,
-        identifier: settings.tencent.identifier.clone(),
-        secret_key: settings.secret_key()?,
-        base_url: (!settings.tencent.base_url.is_empty())
-            .then(|| settings.tencent.base_url.clone()),
-        region,
-        request_timeout: settings.tencent.request_timeout,
-        usersig_validity: settings.tencent.usersig_validity,
-    };
+    let client_cfg = client_config(
+        settings,
+        settings.secret_key()?,
+        (!settings.tencent.base_url.is_empty()).then(|| settings.tencent.base_url.clone()),
+    )?;
     // Unpaced client: verify paces its own requests (see `verify`).
     let client = TencentClient::new(client_cfg, None).map_err(|e| SettingsError::Key {
         key: "tencent.base_url",
@@ -649,23 +662,7 @@ async fn run(
     } else {
         Some(settings.tencent.base_url.clone())
     };
-    let region: Region = settings
-        .tencent
-        .region
-        .parse()
-        .map_err(|_| SettingsError::Key {
-            key: "tencent.region",
-            message: format!("unknown region {:?}", settings.tencent.region),
-        })?;
-    let client_cfg = ClientConfig {
-        sdkappid: settings.tencent.sdkappid,
-        identifier: settings.tencent.identifier.clone(),
-        secret_key,
-        base_url,
-        region,
-        request_timeout: settings.tencent.request_timeout,
-        usersig_validity: settings.tencent.usersig_validity,
-    };
+    let client_cfg = client_config(&settings, secret_key, base_url)?;
     // The recorder first, so the pacer's initial gauge is recorded.
     ops::metrics_handle();
     let pacer = Arc::new(Pacer::new(settings.import.requests_per_second));

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use rand::RngExt;
-use timport::simulator::Faults;
 
 const GROUPS: usize = 16;
 const PER_GROUP: i64 = 300;
@@ -42,19 +41,7 @@ fn job() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new().await;
-    let mut cfg = sim_config();
-    cfg.auto_create_groups = true;
-    cfg.dedup_window = Duration::from_secs(2);
-    cfg.faults = Faults {
-        latency: Duration::from_millis(3),
-        p_http_502: 0.04,
-        p_reset_before: 0.04,
-        p_drop_response_after_apply: 0.08,
-        p_error_10002: 0.04,
-        p_rate_limit: 0.0,
-        ..Faults::default()
-    };
-    let sim = start_sim(cfg).await;
+    let sim = start_sim(chaos_sim_config()).await;
     // In the spool, so a daemon killed before the ingest committed takes it again next start.
     env.drop_in_spool("chaos.ndjson", &job());
     let config = child_config(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::RngExt;
 use serde_json::{Value, json};
-use timport::simulator::{Faults, RequestRecord, SimHandle};
+use timport::simulator::{RequestRecord, SimHandle};
 
 /// The config of `child_config` with a `[verify]` section.
 fn config_with_verify(env: &Env, sim: &SimHandle, import: &str, verify_rate: u32) -> PathBuf {
@@ -151,18 +151,7 @@ async fn after_an_import_under_faults_every_message_is_verified() {
     const GROUPS: usize = 6;
     const PER_GROUP: i64 = 120;
     let env = Env::new().await;
-    let mut cfg = sim_config();
-    cfg.auto_create_groups = true;
-    cfg.dedup_window = Duration::from_secs(2);
-    cfg.faults = Faults {
-        latency: Duration::from_millis(3),
-        p_http_502: 0.04,
-        p_reset_before: 0.04,
-        p_drop_response_after_apply: 0.08,
-        p_error_10002: 0.04,
-        ..Faults::default()
-    };
-    let sim = start_sim(cfg).await;
+    let sim = start_sim(chaos_sim_config()).await;
     let mut job = String::new();
     for g in 0..GROUPS {
         job.push_str(&lines(&format!("vchaos-{g}"), None, PER_GROUP, T0));

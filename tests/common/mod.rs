@@ -78,6 +78,24 @@ pub fn sim_config() -> SimConfig {
     SimConfig::new(APP, ADMIN, SecretString::from(KEY.to_string()))
 }
 
+/// The chaos scenario's server: groups made on first use, a 2 s dedup window, and every fault
+/// that leaves an outcome unknown (502, resets before, answers lost after applying, 10002).
+pub fn chaos_sim_config() -> SimConfig {
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    cfg.dedup_window = Duration::from_secs(2);
+    cfg.faults = timport::simulator::Faults {
+        latency: Duration::from_millis(3),
+        p_http_502: 0.04,
+        p_reset_before: 0.04,
+        p_drop_response_after_apply: 0.08,
+        p_error_10002: 0.04,
+        p_rate_limit: 0.0,
+        ..timport::simulator::Faults::default()
+    };
+    cfg
+}
+
 pub async fn start_sim(cfg: SimConfig) -> SimHandle {
     simulator::start(cfg).await.unwrap()
 }
