@@ -294,6 +294,99 @@ async fn owners_and_members_are_imported_before_the_group_and_its_members() {
     sim.shutdown().await;
 }
 
+/// A member queued after its account already failed (a later job naming the same UserID) fails
+/// with the account's reason and is never sent; `retry --accounts` takes it back with the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_unsent() {
+    let env = Env::new().await;
+    let sim = start_sim(strict_sim()).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // First job: a message from the refused ID, so its account fails.
+    let p = env.write(
+        "first.ndjson",
+        &ndjson(&[
+            line("early", TOO_LONG, T0, "x"),
+            line("early", "ann", T0 + 1, "y"),
+        ]),
+    );
+    let out = timport::intake::files::ingest_file(Some(&env.store), &p, true, &cancel)
+        .await
+        .unwrap();
+    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
+        .await
+        .unwrap();
+    assert_eq!(env.store.account_totals().await.unwrap().failed, 1);
+    // Second job: a whole group naming the failed ID as a member, beside a good one.
+    let body = json!({
+        "GroupId": "late",
+        "Group": {"Type": "Public", "Name": "Late", "Owner_Account": "ann", "CreateTime": T0 - 100},
+        "Members": [
+            {"Member_Account": "mem2", "JoinTime": T0 - 50},
+            {"Member_Account": TOO_LONG, "JoinTime": T0 - 50}
+        ],
+        "MsgList": [{"From_Account": "ann", "SendTime": T0, "MsgBody": text_body("a")}]
+    });
+    let p = env.write("late.json", &body.to_string());
+    let out = timport::intake::files::ingest_file(Some(&env.store), &p, true, &cancel)
+        .await
+        .unwrap();
+    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
+        .await
+        .unwrap();
+    let s = sim.state();
+    let g = s.group("late").expect("created");
+    assert!(g.members.iter().any(|m| m.member_account == "mem2"));
+    assert!(
+        !g.members.iter().any(|m| m.member_account == TOO_LONG),
+        "never sent"
+    );
+    let m = env.store.member_totals(None).await.unwrap();
+    assert_eq!((m.imported, m.failed), (1, 1));
+    // Only a member failed with the account's reason is taken back by `retry --accounts`: one
+    // sent and refused by the server would carry the server's reason instead.
+    let r = env.store.retry_accounts().await.unwrap();
+    assert_eq!((r.accounts, r.messages, r.members), (1, 1, 1));
+    sim.shutdown().await;
+}
+
+/// A group whose owner's account failed is never sent to import_group: it is blocked with the
+/// account's reason, and its messages wait with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent() {
+    let env = Env::new().await;
+    let sim = start_sim(strict_sim()).await;
+    let body = json!({
+        "GroupId": "orphan",
+        "Group": {"Type": "Public", "Name": "O", "Owner_Account": TOO_LONG, "CreateTime": T0 - 100},
+        "MsgList": [{"From_Account": "ann", "SendTime": T0, "MsgBody": text_body("a")}]
+    });
+    let p = env.write("orphan.json", &body.to_string());
+    let out = timport::intake::files::ingest_file(
+        Some(&env.store),
+        &p,
+        true,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
+        .await
+        .unwrap();
+    let s = sim.state();
+    assert_eq!(s.requests_to("import_group").count(), 0, "never sent");
+    assert_eq!(s.requests_to("import_group_msg").count(), 0);
+    let blocked = env.store.blocked_lanes(10).await.unwrap();
+    let text = format!("{blocked:?}");
+    assert!(
+        text.contains("owner account could not be imported"),
+        "{text}"
+    );
+    sim.shutdown().await;
+}
+
 /// A database queued before accounts existed: migration 0007 records the senders its queue still
 /// has to send, so they are imported first too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

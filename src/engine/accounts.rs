@@ -75,14 +75,21 @@ impl Gate {
         sh: &Shared,
         batch: &[QueuedMessage],
     ) -> Result<Vec<Readiness>, StoreError> {
+        let ids: Vec<&str> = batch.iter().map(|m| m.from_account.as_str()).collect();
+        self.check_ids(sh, &ids).await
+    }
+
+    /// The readiness of each account of `ids`, in order (all ready when accounts are off): for
+    /// senders ([`Gate::check`]) and for members queued after their account already failed.
+    pub async fn check_ids(&self, sh: &Shared, ids: &[&str]) -> Result<Vec<Readiness>, StoreError> {
         if !self.enabled {
-            return Ok(vec![Readiness::Ready; batch.len()]);
+            return Ok(vec![Readiness::Ready; ids.len()]);
         }
         let unknown: Vec<&str> = {
             let cache = self.cache();
-            let mut v: Vec<&str> = batch
+            let mut v: Vec<&str> = ids
                 .iter()
-                .map(|m| m.from_account.as_str())
+                .copied()
                 .filter(|a| !cache.contains(*a))
                 .collect();
             v.sort_unstable();
@@ -100,13 +107,13 @@ impl Gate {
                 cache.insert(id.clone());
             }
         }
-        Ok(batch
+        Ok(ids
             .iter()
-            .map(|m| {
-                if cache.contains(&m.from_account) {
+            .map(|id| {
+                if cache.contains(*id) {
                     return Readiness::Ready;
                 }
-                match states.get(&m.from_account) {
+                match states.get(*id) {
                     Some(AccountState::Failed(reason)) => Readiness::Failed(reason.clone()),
                     // Not recorded at all: a message queued while accounts were off. It is
                     // taken to exist, as it was when queued.

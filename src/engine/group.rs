@@ -12,8 +12,11 @@
 
 use std::time::Duration;
 
+use super::accounts::Readiness;
 use super::{EngineError, Shared};
-use crate::store::{GroupToCreate, MemberUpdate, StoreError, unix_now_ms};
+use crate::store::{
+    ACCOUNT_FAILED_REASON, GroupToCreate, MemberRow, MemberUpdate, StoreError, unix_now_ms,
+};
 use crate::tencent::{
     ApiError, ErrorClass, ImportGroupMemberRequest, ImportGroupRequest, ImportMember,
     SetUnreadMsgNumRequest, codes,
@@ -88,6 +91,42 @@ async fn step_all(sh: &Shared) -> Result<bool, StoreError> {
     Ok(did)
 }
 
+/// Members queued after their account already failed are failed here, with the account's
+/// reason (as the accounts stage fails those pending when it fails), and never sent; members
+/// whose account is still pending wait for it. Returns the members to send now.
+async fn without_failed_accounts(
+    sh: &Shared,
+    group: &str,
+    batch: Vec<MemberRow>,
+) -> Result<Vec<MemberRow>, StoreError> {
+    let ids: Vec<&str> = batch.iter().map(|m| m.account.as_str()).collect();
+    let ready = sh.accounts.check_ids(sh, &ids).await?;
+    let mut send = Vec::with_capacity(batch.len());
+    let mut refused = Vec::new();
+    for (m, r) in batch.into_iter().zip(ready) {
+        match r {
+            Readiness::Ready => send.push(m),
+            Readiness::Wait => {}
+            Readiness::Failed(why) => {
+                let reason = format!(
+                    "member {}: {why}",
+                    ACCOUNT_FAILED_REASON.trim_start_matches("sender ")
+                );
+                tracing::info!(group, member = %m.account, reason = %reason, "member failed");
+                refused.push(MemberUpdate::Failed {
+                    id: m.id,
+                    result: None,
+                    reason,
+                });
+            }
+        }
+    }
+    if !refused.is_empty() {
+        sh.store.record_members(&refused).await?;
+    }
+    Ok(send)
+}
+
 /// What to do with an error of a group step.
 enum Next {
     /// Try again after a pause (rate limit, retryable, unknown outcome).
@@ -122,6 +161,18 @@ async fn create(sh: &Shared, g: &GroupToCreate) -> Result<(), StoreError> {
             return sh.store.group_blocked(&g.group_id, None, &reason).await;
         }
     };
+    // An owner whose account failed: the server would refuse the group; say why instead.
+    if let Some(owner) = req.owner_account.as_deref()
+        && let [Readiness::Failed(why)] = sh.accounts.check_ids(sh, &[owner]).await?.as_slice()
+    {
+        let reason = format!(
+            "owner {}: {owner:?} ({why}); fix it, then `timport retry --accounts` and `timport retry --group {}`",
+            ACCOUNT_FAILED_REASON.trim_start_matches("sender "),
+            g.group_id
+        );
+        tracing::warn!(group = %g.group_id, reason = %reason, "lane blocked");
+        return sh.store.group_blocked(&g.group_id, None, &reason).await;
+    }
     sh.store.count_create_attempt(&g.group_id).await?;
     let Some(answer) = call(sh, sh.client.import_group(&req)).await else {
         return Ok(());
@@ -166,6 +217,7 @@ async fn create(sh: &Shared, g: &GroupToCreate) -> Result<(), StoreError> {
 
 async fn members(sh: &Shared, group: &str) -> Result<(), StoreError> {
     let batch = sh.store.pending_members(group, MEMBERS_PER_REQUEST).await?;
+    let batch = without_failed_accounts(sh, group, batch).await?;
     if !batch.is_empty() {
         let req = ImportGroupMemberRequest {
             group_id: group.to_string(),
