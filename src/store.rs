@@ -3872,12 +3872,12 @@ impl Store {
                AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(lane_id)
-        .bind(from)
-        .bind(time)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.err(e))?;
+            .bind(lane_id)
+            .bind(from)
+            .bind(time)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(rows
             .iter()
             .map(|r| (verify_ours_row(r), r.get::<i64, _>("imported") != 0))

@@ -646,8 +646,14 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
              VALUES (999999, 999999, 1, 'a', 1, 1)",
             "FOREIGN KEY",
         ),
-        ("UPDATE messages SET state = 'done'", "CHECK constraint failed"),
-        ("UPDATE messages SET random = 4294967296", "CHECK constraint failed"),
+        (
+            "UPDATE messages SET state = 'done'",
+            "CHECK constraint failed",
+        ),
+        (
+            "UPDATE messages SET random = 4294967296",
+            "CHECK constraint failed",
+        ),
     ] {
         let e = sqlx::query(bad)
             .execute(&mut *tx)

@@ -620,7 +620,14 @@ async fn pages(env: &Env) -> (i64, i64) {
 /// `n` messages of `group` with bodies of about 1.5 KiB, one second apart from `t0`.
 fn big_lines(group: &str, n: i64, t0: i64) -> String {
     (0..n)
-        .map(|i| line(group, "alice", t0 + i, &format!("{i:06} {}", "x".repeat(1500))) + "\n")
+        .map(|i| {
+            line(
+                group,
+                "alice",
+                t0 + i,
+                &format!("{i:06} {}", "x".repeat(1500)),
+            ) + "\n"
+        })
         .collect()
 }
 
@@ -648,10 +655,11 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     run_idle(&env, &config).await;
     let (after_drop, free) = pages(&env).await;
-    let dropped: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL")
-        .fetch_one(env.store.reader())
-        .await
-        .unwrap();
+    let dropped: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL")
+            .fetch_one(env.store.reader())
+            .await
+            .unwrap();
     assert_eq!(dropped, N);
     assert!(
         free * 2 > took,
@@ -669,7 +677,10 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
         "the first {N} messages took {took} pages; the next {N}, queued after their bodies were \
          dropped, grew the file by {grew} ({free} free before, {free_left} after)"
     );
-    assert!(free_left * 4 < free, "{free_left} of {free} free pages left unused");
+    assert!(
+        free_left * 4 < free,
+        "{free_left} of {free} free pages left unused"
+    );
     // Nothing lost: the new bodies are there exactly, the old ones still verify by digest.
     let bodies: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM message_bodies b JOIN messages m ON m.id = b.message_id
