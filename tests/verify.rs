@@ -757,3 +757,73 @@ async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < "0008" {
+            std::fs::copy(&f, old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("q.db");
+    // Bodies exactly as queued: whitespace and key order are theirs, not re-serialized.
+    let kept = r#"[ {"MsgType":"TIMTextElem", "MsgContent":{"Text":"kept é"}} ]"#;
+    {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&db)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO jobs(id, kind, source, created_at) VALUES (1, 'file', 'old.ndjson', 0);
+             INSERT INTO groups(group_id) VALUES ('g');
+             INSERT INTO lanes(id, group_id) VALUES (1, 'g');
+             INSERT INTO messages(id, lane_id, job_id, source_line, from_account, send_time, random,
+                                  body, state, msg_seq, body_sha256)
+             VALUES (1, 1, 1, 1, 'a', 1, 1, ?1, 'pending', NULL, NULL),
+                    (2, 1, 1, 2, 'a', 2, 2, ?1, 'imported', 1, NULL),
+                    (3, 1, 1, 3, 'a', 3, 3, '', 'imported', 2, 'abc');",
+        )
+        .bind(kept)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let store = timport::store::Store::open(&db, &Default::default())
+        .await
+        .unwrap();
+    let bodies: Vec<(i64, String)> =
+        sqlx::query_as("SELECT message_id, body FROM message_bodies ORDER BY message_id")
+            .fetch_all(store.reader())
+            .await
+            .unwrap();
+    assert_eq!(bodies, vec![(1, kept.to_string()), (2, kept.to_string())]);
+    let columns: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM pragma_table_info('messages') WHERE name LIKE 'body%'")
+            .fetch_all(store.reader())
+            .await
+            .unwrap();
+    assert_eq!(columns, vec![("body_sha256".to_string(),)]);
+    let ours = store.verify_ours(1, 1, 2).await.unwrap();
+    assert_eq!(
+        ours.iter()
+            .map(|m| (m.id, m.body.as_str(), m.body_sha256.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(2, kept, None), (3, "", Some("abc"))]
+    );
+}
