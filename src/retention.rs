@@ -3,12 +3,14 @@
 //!
 //! Role: [`pass`] drops, in batches of [`BATCH`] (one short transaction each), the bodies the
 //! policy lets go: those `timport verify` found verified (`until_verified`, the default, followed
-//! by a cursor over the verify results), or those imported longer ago than a duration. Each body
-//! is replaced by `''` and its SHA-256 of the canonical JSON text kept (`body_sha256`), so
-//! `verify` still compares it; MsgSeq, sender, times and Random stay for `status` and `verify`.
-//! Pending, in-flight and failed messages keep their bodies (they may still be sent). The bytes
-//! freed stay inside the table's pages (SQLite keeps a shrunk row in place, and new rows are
-//! appended), so the file does not grow for them; a compact copy (VACUUM INTO) gives them back.
+//! by a cursor over the verify results), or those imported longer ago than a duration. Each body's
+//! row in `message_bodies` is deleted and the SHA-256 of its canonical JSON text kept
+//! (`messages.body_sha256`), so `verify` still compares it; MsgSeq, sender, times and Random stay
+//! for `status` and `verify`. Pending, in-flight and failed messages keep their bodies (they may
+//! still be sent). Bodies have their own table, keyed by message id, so a batch deletes whole
+//! runs of rows: their pages go to SQLite's freelist and the bodies and messages queued later
+//! take them before the file grows (the file itself only shrinks with a compact copy,
+//! VACUUM INTO).
 //!
 //! Stopping and recovery: [`run`] does a pass at once and then every [`EVERY`] until its token
 //! fires, which also ends a pass between batches; a batch is one transaction, so a stop or crash

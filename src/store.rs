@@ -1109,9 +1109,13 @@ impl RandomSequence {
 // OR FAIL: a multi-row INSERT that may abort needs a statement journal (a copy of every page it
 // touches, so it can undo itself); FAIL needs none. A failure rolls back the whole job anyway.
 const INSERT_COLUMNS: &str = "INSERT OR FAIL INTO messages (lane_id, job_id, source_line, source_index, \
-     from_account, send_time, random, random_assigned, recent_contact, body) VALUES ";
-const INSERT_TUPLE: &str = "(?,?,?,?,?,?,?,?,?,?)";
-/// Rows per multi-row INSERT: 10 parameters each, well under SQLite's 32766.
+     from_account, send_time, random, random_assigned, recent_contact) VALUES ";
+const INSERT_TUPLE: &str = "(?,?,?,?,?,?,?,?,?)";
+/// The bodies of the same rows, in their own table (so that dropping them frees whole pages; see
+/// migrations/0008_bodies.sql), keyed by message id.
+const INSERT_BODIES: &str = "INSERT OR FAIL INTO message_bodies (message_id, body) VALUES ";
+const INSERT_BODY_TUPLE: &str = "(?,?)";
+/// Rows per multi-row INSERT: 9 parameters each, well under SQLite's 32766.
 const INSERT_CHUNK: usize = 128;
 /// Messages buffered before they are written, sorted by lane (stable, so each lane keeps its file
 /// order and its queue order). A lane's messages then sit next to each other in the table and
@@ -1119,23 +1123,37 @@ const INSERT_CHUNK: usize = 128;
 /// of a batch (7 neighbours on one page instead of 7 pages). About 2 MiB of memory.
 const SORT_CHUNK: usize = 8192;
 
-/// The multi-row INSERT for `n` rows; the full-chunk one is built once.
-fn insert_sql(n: usize) -> Cow<'static, str> {
-    fn build(n: usize) -> String {
-        let mut s = String::from(INSERT_COLUMNS);
-        for i in 0..n {
-            if i > 0 {
-                s.push(',');
-            }
-            s.push_str(INSERT_TUPLE);
+/// A multi-row INSERT: `head` then `n` times `tuple`.
+fn multi_row(head: &str, tuple: &str, n: usize) -> String {
+    let mut s = String::from(head);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
         }
-        s
+        s.push_str(tuple);
     }
-    static FULL_CHUNK: LazyLock<String> = LazyLock::new(|| build(INSERT_CHUNK));
+    s
+}
+
+/// The multi-row INSERT of `n` messages; the full-chunk one is built once.
+fn insert_sql(n: usize) -> Cow<'static, str> {
+    static FULL_CHUNK: LazyLock<String> =
+        LazyLock::new(|| multi_row(INSERT_COLUMNS, INSERT_TUPLE, INSERT_CHUNK));
     if n == INSERT_CHUNK {
         Cow::Borrowed(FULL_CHUNK.as_str())
     } else {
-        Cow::Owned(build(n))
+        Cow::Owned(multi_row(INSERT_COLUMNS, INSERT_TUPLE, n))
+    }
+}
+
+/// The multi-row INSERT of `n` bodies; the full-chunk one is built once.
+fn insert_bodies_sql(n: usize) -> Cow<'static, str> {
+    static FULL_CHUNK: LazyLock<String> =
+        LazyLock::new(|| multi_row(INSERT_BODIES, INSERT_BODY_TUPLE, INSERT_CHUNK));
+    if n == INSERT_CHUNK {
+        Cow::Borrowed(FULL_CHUNK.as_str())
+    } else {
+        Cow::Owned(multi_row(INSERT_BODIES, INSERT_BODY_TUPLE, n))
     }
 }
 
@@ -1157,8 +1175,8 @@ fn caller_insert_sql(n: usize) -> String {
 /// A buffered message: its lane, itself, its Random and whether that was assigned.
 type Buffered = (i64, NewMessage, u32, bool);
 
-/// Adds a buffered message's ten values, in the order of [`INSERT_COLUMNS`]. Its strings move
-/// into the arguments (a borrowed one would be copied).
+/// Adds a buffered message's nine values, in the order of [`INSERT_COLUMNS`] (its body goes in
+/// [`INSERT_BODIES`]). Its strings move into the arguments (a borrowed one would be copied).
 fn add_row(
     args: &mut SqliteArguments,
     job_id: i64,
@@ -1172,8 +1190,7 @@ fn add_row(
     args.add(m.send_time)?;
     args.add(i64::from(*random))?;
     args.add(i64::from(*assigned))?;
-    args.add(i64::from(m.recent_contact))?;
-    args.add(std::mem::take(&mut m.body))
+    args.add(i64::from(m.recent_contact))
 }
 
 struct LaneAcc {
@@ -1647,12 +1664,27 @@ impl JobWriter {
             // every value).
             let rows = chunk.len();
             let mut args = SqliteArguments::default();
-            args.reserve(rows * 10, 0);
-            for row in chunk {
+            args.reserve(rows * 9, 0);
+            for row in chunk.iter_mut() {
                 add_row(&mut args, self.job_id, row)
                     .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
             }
-            sqlx::query_with(AssertSqlSafe(insert_sql(rows)), args)
+            let last = sqlx::query_with(AssertSqlSafe(insert_sql(rows)), args)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(|e| self.store.err(e))?
+                .last_insert_rowid();
+            // One statement, one writer: its rows took the ids up to `last` one after another
+            // (an INTEGER PRIMARY KEY without AUTOINCREMENT is the largest id plus one).
+            let first = last - rows as i64 + 1;
+            let mut args = SqliteArguments::default();
+            args.reserve(rows * 2, 0);
+            for (id, row) in (first..).zip(chunk.iter_mut()) {
+                args.add(id)
+                    .and_then(|()| args.add(std::mem::take(&mut row.1.body)))
+                    .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
+            }
+            sqlx::query_with(AssertSqlSafe(insert_bodies_sql(rows)), args)
                 .execute(&mut *self.tx)
                 .await
                 .map_err(|e| self.store.err(e))?;
@@ -2454,7 +2486,10 @@ pub struct Record {
 }
 
 const MESSAGE_COLUMNS: &str =
-    "id, from_account, send_time, sent_time, random, recent_contact, body, attempts";
+    "id, from_account, send_time, sent_time, random, recent_contact, attempts";
+/// The body of message `m` (from `message_bodies`; `''` once dropped), next to [`MESSAGE_COLUMNS`].
+const BODY_OF_M: &str =
+    "COALESCE((SELECT b.body FROM message_bodies AS b WHERE b.message_id = m.id), '') AS body";
 
 fn queued_message(r: &sqlx::sqlite::SqliteRow) -> QueuedMessage {
     let random: i64 = r.get("random");
@@ -2528,7 +2563,8 @@ impl Store {
     /// Messages of the lane left in flight (an unknown outcome, or a stop mid-request).
     pub async fn in_flight(&self, lane_id: i64) -> Result<Vec<QueuedMessage>, StoreError> {
         let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'in_flight'
+            "SELECT {MESSAGE_COLUMNS}, {BODY_OF_M} FROM messages AS m
+             WHERE lane_id = ? AND state = 'in_flight'
              ORDER BY send_time, id"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -2548,7 +2584,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
         let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE lane_id = ? AND state = 'pending'
+            "SELECT {MESSAGE_COLUMNS}, {BODY_OF_M} FROM messages AS m
+             WHERE lane_id = ? AND state = 'pending'
              AND send_time <= ? ORDER BY send_time, id LIMIT {limit}"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
@@ -2639,7 +2676,7 @@ impl Store {
                 .join(", ")
         });
         let sql = format!(
-            "SELECT m.lane_id, {} FROM json_each(?1) AS l, messages AS m
+            "SELECT m.lane_id, {}, {BODY_OF_M} FROM json_each(?1) AS l, messages AS m
              WHERE m.id IN (SELECT id FROM messages WHERE lane_id = l.value AND state = 'pending'
                             ORDER BY send_time, id LIMIT {limit})",
             *COLUMNS
@@ -3800,9 +3837,11 @@ impl Store {
         hi: i64,
     ) -> Result<Vec<VerifyOurs>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, msg_seq, from_account, COALESCE(sent_time, send_time) AS t, random, body,
+            "SELECT id, msg_seq, from_account, COALESCE(sent_time, send_time) AS t, random,
+                    COALESCE((SELECT b.body FROM message_bodies AS b WHERE b.message_id = m.id), '')
+                        AS body,
                     body_sha256
-             FROM messages WHERE lane_id = ? AND state = 'imported' AND msg_seq BETWEEN ? AND ?
+             FROM messages AS m WHERE lane_id = ? AND state = 'imported' AND msg_seq BETWEEN ? AND ?
              ORDER BY msg_seq, id",
         )
         .bind(lane_id)
@@ -3823,21 +3862,22 @@ impl Store {
         time: i64,
     ) -> Result<Vec<(VerifyOurs, bool)>, StoreError> {
         // send_time ≤ the time sent (a nudge only moves it forward), within a day of it.
-        let rows = sqlx::query(
+        let sql = format!(
             "SELECT id, COALESCE(msg_seq, 0) AS msg_seq, from_account,
-                    COALESCE(sent_time, send_time) AS t, random, body, body_sha256,
+                    COALESCE(sent_time, send_time) AS t, random, {BODY_OF_M}, body_sha256,
                     state = 'imported' AS imported
-             FROM messages
+             FROM messages AS m
              WHERE lane_id = ?1 AND state IN ('pending', 'in_flight', 'imported', 'failed')
                AND send_time BETWEEN ?3 - 86400 AND ?3
-               AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2",
-        )
-        .bind(lane_id)
-        .bind(from)
-        .bind(time)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(|e| self.err(e))?;
+               AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(lane_id)
+            .bind(from)
+            .bind(time)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(rows
             .iter()
             .map(|r| (verify_ours_row(r), r.get::<i64, _>("imported") != 0))
@@ -4115,8 +4155,9 @@ impl Store {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
                 let rows = sqlx::query(
-                    "SELECT r.id AS rid, r.kind, m.id, m.state, m.body
+                    "SELECT r.id AS rid, r.kind, m.id, m.state, COALESCE(b.body, '') AS body
                      FROM verify_results r JOIN messages m ON m.id = r.message_id
+                     LEFT JOIN message_bodies b ON b.message_id = m.id
                      WHERE r.id > ? ORDER BY r.id LIMIT ?",
                 )
                 .bind(cursor)
@@ -4142,8 +4183,8 @@ impl Store {
             KeepBodies::For(d) => {
                 let before = now - i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2);
                 let rows: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT id, body FROM messages
-                     WHERE state = 'imported' AND body <> '' AND updated_at < ? LIMIT ?",
+                    "SELECT m.id, b.body FROM message_bodies b JOIN messages m ON m.id = b.message_id
+                     WHERE m.state = 'imported' AND m.updated_at < ? LIMIT ?",
                 )
                 .bind(before)
                 .bind(limit)
@@ -4169,16 +4210,27 @@ impl Store {
         let mut tx = self.begin().await?;
         let mut n = 0;
         if !digests.is_empty() {
+            let digests = serde_json::to_string(digests).unwrap_or_default();
             n = sqlx::query(
-                "UPDATE messages SET body = '', body_sha256 = v.value ->> 1
+                "UPDATE messages SET body_sha256 = v.value ->> 1
                  FROM json_each(?) AS v
                  WHERE messages.id = v.value ->> 0 AND messages.state = 'imported'",
             )
-            .bind(serde_json::to_string(digests).unwrap_or_default())
+            .bind(&digests)
             .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?
             .rows_affected();
+            // Whole rows go (their pages to the freelist, taken again by later bodies).
+            sqlx::query(
+                "DELETE FROM message_bodies WHERE message_id IN
+                     (SELECT m.id FROM json_each(?) AS v JOIN messages m ON m.id = v.value ->> 0
+                      WHERE m.state = 'imported')",
+            )
+            .bind(&digests)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
         }
         if let Some(c) = cursor {
             sqlx::query(

@@ -111,7 +111,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     for g in 0..GROUPS {
         let group = format!("chaos-{g:02}");
         let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
-            "SELECT m.from_account, m.send_time, m.random, m.body FROM messages m
+            "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
+             JOIN message_bodies b ON b.message_id = m.id
              JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? ORDER BY m.send_time, m.id",
         )
         .bind(&group)

@@ -16,7 +16,8 @@ use timport::store::{NewMessage, RetryScope, Store};
 /// Random, body text).
 async fn expected(store: &Store, group: &str) -> Vec<(String, i64, u32, String)> {
     let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
-        "SELECT m.from_account, m.send_time, m.random, m.body FROM messages m
+        "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
+         JOIN message_bodies b ON b.message_id = m.id
          JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? AND l.topic_id = ''
          ORDER BY m.send_time, m.id",
     )

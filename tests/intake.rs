@@ -642,12 +642,18 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     let mut tx = env.store.begin().await.unwrap();
     for (bad, refused_by) in [
         (
-            "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random, body)
-             VALUES (999999, 999999, 1, 'a', 1, 1, '[]')",
+            "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random)
+             VALUES (999999, 999999, 1, 'a', 1, 1)",
             "FOREIGN KEY",
         ),
-        ("UPDATE messages SET state = 'done'", "CHECK constraint failed"),
-        ("UPDATE messages SET random = 4294967296", "CHECK constraint failed"),
+        (
+            "UPDATE messages SET state = 'done'",
+            "CHECK constraint failed",
+        ),
+        (
+            "UPDATE messages SET random = 4294967296",
+            "CHECK constraint failed",
+        ),
     ] {
         let e = sqlx::query(bad)
             .execute(&mut *tx)
@@ -690,7 +696,8 @@ async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_tog
     );
     for g in groups {
         let rows: Vec<(i64, i64, String)> = sqlx::query_as(
-            "SELECT m.id, m.source_line, m.body FROM messages m JOIN lanes l ON l.id = m.lane_id
+            "SELECT m.id, m.source_line, b.body FROM messages m JOIN lanes l ON l.id = m.lane_id
+             JOIN message_bodies b ON b.message_id = m.id
              WHERE l.group_id = ? ORDER BY m.send_time, m.id",
         )
         .bind(g)

@@ -550,7 +550,8 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
         let store = env.store.clone();
         async move {
             sqlx::query_as::<_, (i64, i64)>(
-                "SELECT SUM(m.body = ''), SUM(m.body_sha256 IS NOT NULL) FROM messages m
+                "SELECT SUM(NOT EXISTS (SELECT 1 FROM message_bodies b WHERE b.message_id = m.id)),
+                        SUM(m.body_sha256 IS NOT NULL) FROM messages m
                  JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?",
             )
             .bind(group)
@@ -594,6 +595,96 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
     // Status works as before.
     let t = env.store.totals(None).await.unwrap();
     assert_eq!((t.imported, t.pending), (110, 0));
+    sim.shutdown().await;
+}
+
+/// (page_count, freelist_count) of the queue file.
+async fn pages(env: &Env) -> (i64, i64) {
+    sqlx::query_as("SELECT * FROM pragma_page_count, pragma_freelist_count")
+        .fetch_one(env.store.reader())
+        .await
+        .unwrap()
+}
+
+/// `n` messages of `group` with bodies of about 1.5 KiB, one second apart from `t0`.
+fn big_lines(group: &str, n: i64, t0: i64) -> String {
+    (0..n)
+        .map(|i| {
+            line(
+                group,
+                "alice",
+                t0 + i,
+                &format!("{i:06} {}", "x".repeat(1500)),
+            ) + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
+    const N: i64 = 700;
+    let env = Env::new().await;
+    let mut cfg = sim_config();
+    cfg.auto_create_groups = true;
+    let sim = start_sim(cfg).await;
+    let config = config_with_verify(&env, &sim, "max_lanes = 8", 50);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nkeep_bodies = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let (start, _) = pages(&env).await;
+    let first: String = (0..7)
+        .map(|g| big_lines(&format!("sp-{g}"), N / 7, T0))
+        .collect();
+    import(&env, &config, "a.ndjson", &first).await;
+    let (imported, _) = pages(&env).await;
+    let took = imported - start;
+    // The next pass (at start, once they are a second old) drops all their bodies: whole rows of
+    // message_bodies, whose pages go to the freelist.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    run_idle(&env, &config).await;
+    let (after_drop, free) = pages(&env).await;
+    let dropped: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL")
+            .fetch_one(env.store.reader())
+            .await
+            .unwrap();
+    assert_eq!(dropped, N);
+    assert!(
+        free * 2 > took,
+        "dropping {N} bodies freed {free} of the {took} pages they took"
+    );
+    // As many messages of the same size again: they take the free pages before the file grows.
+    let second: String = (0..7)
+        .map(|g| big_lines(&format!("sq-{g}"), N / 7, T0))
+        .collect();
+    queue(&env, "b.ndjson", &second).await;
+    let (queued, free_left) = pages(&env).await;
+    let grew = queued - after_drop;
+    assert!(
+        grew * 4 < took,
+        "the first {N} messages took {took} pages; the next {N}, queued after their bodies were \
+         dropped, grew the file by {grew} ({free} free before, {free_left} after)"
+    );
+    assert!(
+        free_left * 4 < free,
+        "{free_left} of {free} free pages left unused"
+    );
+    // Nothing lost: the new bodies are there exactly, the old ones still verify by digest.
+    let bodies: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM message_bodies b JOIN messages m ON m.id = b.message_id
+         WHERE m.state = 'pending'",
+    )
+    .fetch_one(env.store.reader())
+    .await
+    .unwrap();
+    assert_eq!(bodies, N);
+    let (code, report, stderr) = verify_json(&config, &[]).await;
+    assert_eq!(
+        (code, totals(&report)),
+        (Some(0), [N, 0, 0, 0, 0, 0]),
+        "{stderr}"
+    );
     sim.shutdown().await;
 }
 
@@ -654,4 +745,74 @@ async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
         "{busiest} requests in one second"
     );
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < "0008" {
+            std::fs::copy(&f, old.join(&name)).unwrap();
+        }
+    }
+    let db = dir.path().join("q.db");
+    // Bodies exactly as queued: whitespace and key order are theirs, not re-serialized.
+    let kept = r#"[ {"MsgType":"TIMTextElem", "MsgContent":{"Text":"kept é"}} ]"#;
+    {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&db)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO jobs(id, kind, source, created_at) VALUES (1, 'file', 'old.ndjson', 0);
+             INSERT INTO groups(group_id) VALUES ('g');
+             INSERT INTO lanes(id, group_id) VALUES (1, 'g');
+             INSERT INTO messages(id, lane_id, job_id, source_line, from_account, send_time, random,
+                                  body, state, msg_seq, body_sha256)
+             VALUES (1, 1, 1, 1, 'a', 1, 1, ?1, 'pending', NULL, NULL),
+                    (2, 1, 1, 2, 'a', 2, 2, ?1, 'imported', 1, NULL),
+                    (3, 1, 1, 3, 'a', 3, 3, '', 'imported', 2, 'abc');",
+        )
+        .bind(kept)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let store = timport::store::Store::open(&db, &Default::default())
+        .await
+        .unwrap();
+    let bodies: Vec<(i64, String)> =
+        sqlx::query_as("SELECT message_id, body FROM message_bodies ORDER BY message_id")
+            .fetch_all(store.reader())
+            .await
+            .unwrap();
+    assert_eq!(bodies, vec![(1, kept.to_string()), (2, kept.to_string())]);
+    let columns: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM pragma_table_info('messages') WHERE name LIKE 'body%'")
+            .fetch_all(store.reader())
+            .await
+            .unwrap();
+    assert_eq!(columns, vec![("body_sha256".to_string(),)]);
+    let ours = store.verify_ours(1, 1, 2).await.unwrap();
+    assert_eq!(
+        ours.iter()
+            .map(|m| (m.id, m.body.as_str(), m.body_sha256.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(2, kept, None), (3, "", Some("abc"))]
+    );
 }
