@@ -44,6 +44,15 @@ fn seqs(sim: &SimHandle, endpoint: &str) -> Vec<u64> {
     sim.state().requests_to(endpoint).map(|r| r.seq).collect()
 }
 
+/// Queues one job file (it must be accepted), then imports until idle with accounts on.
+async fn queue_and_import(env: &Env, sim: &SimHandle, name: &str, text: &str) {
+    let out = queue(env, name, text).await;
+    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
+    run_until_idle(&env.store, client_for(sim, 200), accounts_on())
+        .await
+        .unwrap();
+}
+
 fn ndjson(lines: &[String]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
@@ -264,19 +273,7 @@ async fn owners_and_members_are_imported_before_the_group_and_its_members() {
             {"From_Account": "mem", "SendTime": T0 + 1, "MsgBody": text_body("b")}
         ]
     });
-    let p = env.write("wg.json", &body.to_string());
-    let out = timport::intake::files::ingest_file(
-        Some(&env.store),
-        &p,
-        true,
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
-    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
-        .await
-        .unwrap();
+    queue_and_import(&env, &sim, "wg.json", &body.to_string()).await;
     let last_account = seqs(&sim, "multiaccount_import").into_iter().max().unwrap();
     for ep in ["import_group", "import_group_msg", "import_group_member"] {
         let first = seqs(&sim, ep).into_iter().min().unwrap();
@@ -300,22 +297,12 @@ async fn owners_and_members_are_imported_before_the_group_and_its_members() {
 async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_unsent() {
     let env = Env::new().await;
     let sim = start_sim(strict_sim()).await;
-    let cancel = tokio_util::sync::CancellationToken::new();
     // First job: a message from the refused ID, so its account fails.
-    let p = env.write(
-        "first.ndjson",
-        &ndjson(&[
-            line("early", TOO_LONG, T0, "x"),
-            line("early", "ann", T0 + 1, "y"),
-        ]),
-    );
-    let out = timport::intake::files::ingest_file(Some(&env.store), &p, true, &cancel)
-        .await
-        .unwrap();
-    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
-    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
-        .await
-        .unwrap();
+    let first = ndjson(&[
+        line("early", TOO_LONG, T0, "x"),
+        line("early", "ann", T0 + 1, "y"),
+    ]);
+    queue_and_import(&env, &sim, "first.ndjson", &first).await;
     assert_eq!(env.store.account_totals().await.unwrap().failed, 1);
     // Second job: a whole group naming the failed ID as a member, beside a good one.
     let body = json!({
@@ -327,14 +314,7 @@ async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_
         ],
         "MsgList": [{"From_Account": "ann", "SendTime": T0, "MsgBody": text_body("a")}]
     });
-    let p = env.write("late.json", &body.to_string());
-    let out = timport::intake::files::ingest_file(Some(&env.store), &p, true, &cancel)
-        .await
-        .unwrap();
-    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
-    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
-        .await
-        .unwrap();
+    queue_and_import(&env, &sim, "late.json", &body.to_string()).await;
     let s = sim.state();
     let g = s.group("late").expect("created");
     assert!(g.members.iter().any(|m| m.member_account == "mem2"));
@@ -362,19 +342,7 @@ async fn a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent() 
         "Group": {"Type": "Public", "Name": "O", "Owner_Account": TOO_LONG, "CreateTime": T0 - 100},
         "MsgList": [{"From_Account": "ann", "SendTime": T0, "MsgBody": text_body("a")}]
     });
-    let p = env.write("orphan.json", &body.to_string());
-    let out = timport::intake::files::ingest_file(
-        Some(&env.store),
-        &p,
-        true,
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
-    run_until_idle(&env.store, client_for(&sim, 200), accounts_on())
-        .await
-        .unwrap();
+    queue_and_import(&env, &sim, "orphan.json", &body.to_string()).await;
     let s = sim.state();
     assert_eq!(s.requests_to("import_group").count(), 0, "never sent");
     assert_eq!(s.requests_to("import_group_msg").count(), 0);
