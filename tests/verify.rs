@@ -441,10 +441,16 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
-    const IMPORT: u32 = 30;
-    const VERIFY: u32 = 15;
+/// The quota-sharing set-up: a daemon config at `import` requests/s with verify at `verify`, a
+/// first job of `old` messages imported into `{prefix}-old` (what verify reads), and a second of
+/// 8 groups of `new` messages dropped in the spool for a daemon to import meanwhile.
+async fn shared_quota_setup(
+    import_rate: u32,
+    verify_rate: u32,
+    prefix: &str,
+    old: i64,
+    new: i64,
+) -> (Env, SimHandle, PathBuf) {
     let env = Env::new().await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -453,22 +459,30 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
     let config = config_with_verify(
         &env,
         &sim,
-        &format!("requests_per_second = {IMPORT}\nmax_lanes = 16"),
-        VERIFY,
+        &format!("requests_per_second = {import_rate}\nmax_lanes = 16"),
+        verify_rate,
     );
-    // A first job imported (what verify reads), then a daemon importing a second one.
     import(
         &env,
         &config,
         "first.ndjson",
-        &lines("vs-old", None, 600, T0),
+        &lines(&format!("{prefix}-old"), None, old, T0),
     )
     .await;
     let mut second = String::new();
     for g in 0..8 {
-        second.push_str(&lines(&format!("vs-new-{g}"), None, 300, T0));
+        second.push_str(&lines(&format!("{prefix}-new-{g}"), None, new, T0));
     }
     env.drop_in_spool("second.ndjson", &second);
+    (env, sim, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
+    const IMPORT: u32 = 30;
+    const VERIFY: u32 = 15;
+    // A first job imported (what verify reads), then a second one waiting in the spool.
+    let (env, sim, config) = shared_quota_setup(IMPORT, VERIFY, "vs", 600, 300).await;
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
     let mut daemon = spawn_run(&config, &log, &[]);
     // The daemon is importing at its full rate.
@@ -692,29 +706,7 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
 async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
     const IMPORT: u32 = 30;
     const VERIFY: u32 = 20;
-    let env = Env::new().await;
-    let mut cfg = sim_config();
-    cfg.auto_create_groups = true;
-    cfg.faults.latency = Duration::from_millis(10);
-    let sim = start_sim(cfg).await;
-    let config = config_with_verify(
-        &env,
-        &sim,
-        &format!("requests_per_second = {IMPORT}\nmax_lanes = 16"),
-        VERIFY,
-    );
-    import(
-        &env,
-        &config,
-        "first.ndjson",
-        &lines("vd-old", None, 2000, T0),
-    )
-    .await;
-    let mut second = String::new();
-    for g in 0..8 {
-        second.push_str(&lines(&format!("vd-new-{g}"), None, 200, T0));
-    }
-    env.drop_in_spool("second.ndjson", &second);
+    let (env, sim, config) = shared_quota_setup(IMPORT, VERIFY, "vd", 2000, 200).await;
     // Verify first (100 pages at 20/s: about 5 s), the daemon started once it reads.
     let mut c = verify_command(&config, &["--json", "--group", "vd-old"]);
     let verify = tokio::task::spawn_blocking(move || c.output().unwrap());
