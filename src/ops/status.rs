@@ -18,6 +18,7 @@ use crate::store::{
     AccountTotals, FailureReason, JobStatus, LaneStatus, MemberTotals, Store, StoreError, Totals,
     VerifyCounts, unix_now,
 };
+use crate::verify::report;
 
 /// A snapshot older than this means no daemon is importing.
 const STALE_SECS: i64 = 15;
@@ -266,26 +267,11 @@ fn render_verification(v: &[VerifyCounts]) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}  (timport verify)",
-        "verified group", "verified", "missing", "altered", "duplicated", "unverifiable", "foreign"
+        "\n{}  (timport verify)",
+        report::counts_header("verified group")
     );
     for g in v.iter().take(50) {
-        let _ = writeln!(
-            s,
-            "{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}{}",
-            format!("{}{}", g.group, topic(&g.topic)),
-            g.verified,
-            g.missing,
-            g.altered,
-            g.duplicated,
-            g.unverifiable,
-            g.foreign,
-            if g.done {
-                ""
-            } else {
-                "  (verify not finished)"
-            }
-        );
+        let _ = writeln!(s, "{}", report::counts_row(g, "  (verify not finished)"));
     }
     if v.len() > 50 {
         let _ = writeln!(

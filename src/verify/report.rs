@@ -128,28 +128,37 @@ fn lane_name(group: &str, topic: &str) -> String {
     }
 }
 
+/// The header of a table of per-lane counts, `first` naming its first column (also used by
+/// `timport status`).
+pub fn counts_header(first: &str) -> String {
+    format!(
+        "{first:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}",
+        "verified", "missing", "altered", "duplicated", "unverifiable", "foreign"
+    )
+}
+
+/// One lane's row under [`counts_header`]; `unfinished` is appended while its pass is not done.
+pub fn counts_row(g: &VerifyCounts, unfinished: &str) -> String {
+    format!(
+        "{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}{}",
+        lane_name(&g.group, &g.topic),
+        g.verified,
+        g.missing,
+        g.altered,
+        g.duplicated,
+        g.unverifiable,
+        g.foreign,
+        if g.done { "" } else { unfinished }
+    )
+}
+
 /// The report as tables for people.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "database   {}", r.database);
-    let _ = writeln!(
-        s,
-        "\n{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}",
-        "group", "verified", "missing", "altered", "duplicated", "unverifiable", "foreign"
-    );
+    let _ = writeln!(s, "\n{}", counts_header("group"));
     for g in &r.groups {
-        let _ = writeln!(
-            s,
-            "{:<32} {:>9} {:>8} {:>8} {:>10} {:>12} {:>8}{}",
-            lane_name(&g.group, &g.topic),
-            g.verified,
-            g.missing,
-            g.altered,
-            g.duplicated,
-            g.unverifiable,
-            g.foreign,
-            if g.done { "" } else { "  (not finished)" }
-        );
+        let _ = writeln!(s, "{}", counts_row(g, "  (not finished)"));
         let mine: Vec<&Problem> = r
             .problems
             .iter()
