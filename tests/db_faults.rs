@@ -350,6 +350,21 @@ async fn a_failed_write_leaves_the_store_usable_once_space_is_back() {
     store.close().await;
 }
 
+/// A child daemon's files: a free port for its HTTP listener, its config (queue `db`, Tencent
+/// the simulator, `extra` under `[import]`) and its log, created.
+fn daemon_files(
+    env: &Env,
+    sim: &SimHandle,
+    db: &Path,
+    extra: &str,
+) -> (u16, PathBuf, PathBuf, std::fs::File) {
+    let port = free_port();
+    let config = config_with_http(env, sim, db, extra, port);
+    let log_path = env.dir.path().join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    (port, config, log_path, log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_full_during_an_import_waits_and_resumes_without_a_restart() {
     let env = Env::new().await;
@@ -358,16 +373,12 @@ async fn a_disk_full_during_an_import_waits_and_resumes_without_a_restart() {
     let msgs = messages("full", 4, 300);
     queue_into(&env, &db, &msgs).await;
     let sim = start_sim(sim_for(4, "full", 20)).await;
-    let port = free_port();
-    let config = config_with_http(
+    let (port, config, log_path, log) = daemon_files(
         &env,
         &sim,
         &db,
         "requests_per_second = 40\nbatch_size = 5\nprogress_interval = \"1s\"",
-        port,
     );
-    let log_path = env.dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
     let notify = Notify::new();
     let mut child = notify.spawn_run(&config, &log, &["--until-idle"]);
 
@@ -442,10 +453,7 @@ async fn a_disk_full_during_an_ingest_keeps_the_file_and_takes_it_once_space_is_
         .map(|(g, f, t, text)| (g, f, t, format!("{text} {}", "y".repeat(600))))
         .collect();
     let sim = start_sim(sim_for(3, "ingest", 2)).await;
-    let port = free_port();
-    let config = config_with_http(&env, &sim, &db, "", port);
-    let log_path = env.dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
+    let (port, config, log_path, log) = daemon_files(&env, &sim, &db, "");
     let mut child = spawn_run(&config, &log, &[]);
     eventually("the daemon is ready", || {
         readyz(port).is_some_and(|(code, _)| code == 200)
@@ -490,16 +498,8 @@ async fn an_immutable_database_waits_and_resumes_after_chattr_minus_i() {
     let msgs = messages("imm", 4, 300);
     queue_into(&env, &db, &msgs).await;
     let sim = start_sim(sim_for(4, "imm", 20)).await;
-    let port = free_port();
-    let config = config_with_http(
-        &env,
-        &sim,
-        &db,
-        "requests_per_second = 40\nbatch_size = 5",
-        port,
-    );
-    let log_path = env.dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
+    let (port, config, log_path, log) =
+        daemon_files(&env, &sim, &db, "requests_per_second = 40\nbatch_size = 5");
     let mut child = spawn_run(&config, &log, &["--until-idle"]);
     eventually("the first messages landed", || on_server(&sim) >= 20).await;
     // The database is its file and its WAL (the file alone is only written at checkpoints).
@@ -555,10 +555,7 @@ async fn a_corrupt_page_mid_queue_stops_until_idle_with_the_file_named() {
     dd_garbage(&db, pages / 2);
 
     let sim = start_sim(sim_for(4, "corrupt", 1)).await;
-    let port = free_port();
-    let config = config_with_http(&env, &sim, &db, "", port);
-    let log_path = env.dir.path().join("daemon.log");
-    let log = std::fs::File::create(&log_path).unwrap();
+    let (_port, config, log_path, log) = daemon_files(&env, &sim, &db, "");
     let notify = Notify::new();
     let mut child = notify.spawn_run(&config, &log, &["--until-idle"]);
     let status = wait_exit(&mut child, Duration::from_secs(240)).await;
