@@ -25,9 +25,9 @@ use crate::intake::files::{FileOutcome, ingest_file};
 use crate::intake::{self, IntakeConfig, spool, table};
 use crate::ops::{self, Readiness, status, systemd};
 use crate::pacing::Pacer;
-use crate::settings::{Settings, SettingsError};
+use crate::settings::{Database, Settings, SettingsError};
 use crate::simulator::{self, SimConfig, SimulateArgs};
-use crate::store::{RetryScope, Store, StoreError, StoreOptions};
+use crate::store::{QueueLock, RetryScope, Store, StoreError, StoreOptions};
 use crate::tencent::{ClientConfig, Region, TencentClient};
 
 /// Exit code for bad usage or invalid configuration.
@@ -205,19 +205,31 @@ fn store_options(settings: &Settings) -> StoreOptions {
         synchronous: settings.queue.synchronous,
         busy_timeout: settings.queue.busy_timeout,
         readers: 2,
+        pg_pool_size: settings.queue.pool_size,
     }
 }
 
-/// Opens (creating it when missing) the queue for `run` and `ingest`.
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    Ok(Store::open(&settings.queue.database, &store_options(settings)).await?)
+/// Opens (creating it when missing) the queue for `run` and `ingest`. A database that cannot be
+/// reached or refuses us (wrong password, a standby) is said on stderr, and the exit code is 2.
+async fn open_store(settings: &Settings) -> anyhow::Result<Result<Store, ExitCode>> {
+    match Store::open(&settings.queue.database, &store_options(settings)).await {
+        Ok(s) => Ok(Ok(s)),
+        Err(e) if e.is_config() => {
+            eprintln!("timport: {e}");
+            Ok(Err(ExitCode::from(EXIT_CONFIG)))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn ingest(settings: &Settings, dry_run: bool, files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let store = if dry_run {
         None
     } else {
-        Some(open_store(settings).await?)
+        match open_store(settings).await? {
+            Ok(s) => Some(s),
+            Err(code) => return Ok(code),
+        }
     };
     let cancel = CancellationToken::new();
     let mut any_rejected = false;
@@ -290,14 +302,23 @@ async fn show_status(
 ) -> anyhow::Result<ExitCode> {
     // Read-only: no migration, no write, nothing created (works on a copy or a read-only mount).
     let db = &settings.queue.database;
-    if !db.exists() {
+    if let Database::Sqlite(path) = db
+        && !path.exists()
+    {
         eprintln!(
             "timport: database {} does not exist (queue.database); check the path. Nothing was created",
-            db.display()
+            path.display()
         );
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let store = Store::open_read_only(db, &store_options(settings)).await?;
+    let store = match Store::open_read_only(db, &store_options(settings)).await {
+        Ok(s) => s,
+        Err(e) if e.is_config() => {
+            eprintln!("timport status: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut r = status::report(&store, group).await?;
     r.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
     if json {
@@ -318,7 +339,7 @@ async fn open_existing(
 ) -> anyhow::Result<Result<Store, ExitCode>> {
     match Store::open_existing(&settings.queue.database, &store_options(settings)).await {
         Ok(s) => Ok(Ok(s)),
-        Err(e @ StoreError::NotFound { .. }) => {
+        Err(e) if e.is_config() => {
             eprintln!("timport {command}: {e}");
             Ok(Err(ExitCode::from(EXIT_CONFIG)))
         }
@@ -419,19 +440,28 @@ async fn verify(
         );
     }
     let db = &settings.queue.database;
-    if !db.is_file() {
-        return usage(format!(
-            "database {} does not exist (queue.database); nothing was imported there",
-            db.display()
-        ));
+    let mut _verify_lock = None;
+    if let Database::Sqlite(path) = db {
+        if !path.is_file() {
+            return usage(format!(
+                "database {} does not exist (queue.database); nothing was imported there",
+                path.display()
+            ));
+        }
+        _verify_lock = match claim::lock_verify(path) {
+            Ok(f) => Some(f),
+            Err(e) => return usage(e),
+        };
     }
-    let _verify_lock = match claim::lock_verify(db) {
-        Ok(f) => f,
-        Err(e) => return usage(e),
-    };
     let store = match open_existing(settings, "verify").await? {
         Ok(s) => s,
         Err(code) => return Ok(code),
+    };
+    let Some(_verify_guard) = store.try_lock(QueueLock::Verify).await? else {
+        store.close().await;
+        return usage(format!(
+            "another `timport verify` is running on database {db} (its lock is held)"
+        ));
     };
     if let Some(g) = &group
         && store.totals(Some(g)).await?.lanes == 0
@@ -597,15 +627,29 @@ async fn run(
         tracing::warn!("{w}");
     }
     // The lock first: a second daemon must not even migrate the database under the first.
-    let _lock = match lock_daemon(&settings.queue.database) {
-        Ok(f) => f,
-        Err(e @ LockError::Held { .. }) => {
-            eprintln!("timport: {e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
-        }
-        Err(e) => return Err(e.into()),
+    let mut _lock = None;
+    if let Database::Sqlite(path) = &settings.queue.database {
+        _lock = match lock_daemon(path) {
+            Ok(f) => Some(f),
+            Err(e @ LockError::Held { .. }) => {
+                eprintln!("timport: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    let store = match open_store(&settings).await? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
     };
-    let store = open_store(&settings).await?;
+    let Some(_daemon_guard) = store.try_lock(QueueLock::Daemon).await? else {
+        eprintln!(
+            "timport: another `timport run` is using database {} (its lock is held in the database); stop it first (one daemon per database)",
+            settings.queue.database
+        );
+        store.close().await;
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
     let shutdown = CancellationToken::new();
     // Signals first: a SIGTERM during the initial scan stops cleanly too.
     let signal_token = shutdown.clone();

@@ -74,7 +74,7 @@ pub struct TencentSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
-    pub database: PathBuf,
+    pub database: Database,
     pub spool_dir: PathBuf,
     #[serde(with = "humantime_serde")]
     pub rescan_interval: Duration,
@@ -88,6 +88,133 @@ pub struct QueueSettings {
     pub busy_timeout: Duration,
     /// How long the bodies of imported messages are kept (see [`KeepBodies`]).
     pub keep_bodies: KeepBodies,
+    /// PostgreSQL: the most connections one process opens to the database.
+    pub pool_size: u32,
+}
+
+/// `queue.database`: the queue's SQLite file, or a PostgreSQL URL (`postgres://` or
+/// `postgresql://`). The URL's password is held as a secret: `Display` and `Debug` show the URL
+/// with the password (and any `password` query parameter) as `***`.
+#[derive(Clone, Deserialize)]
+#[serde(from = "String")]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+    /// Neither (`mysql://…`, a malformed URL): [`Settings::validate`] refuses it with this reason,
+    /// which never repeats the value given.
+    Unsupported(String),
+}
+
+/// A PostgreSQL connection URL, with what may be shown of it.
+#[derive(Clone)]
+pub struct PostgresUrl {
+    url: SecretString,
+    redacted: String,
+    host: String,
+}
+
+impl PostgresUrl {
+    /// The URL as given, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        self.url.expose_secret()
+    }
+
+    /// The URL with its password replaced by `***`.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// `host:port` (or the socket folder) the URL names.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl From<String> for Database {
+    fn from(s: String) -> Database {
+        let scheme = s.split_once("://").map(|(scheme, _)| scheme).filter(|sc| {
+            !sc.is_empty()
+                && sc
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+        let Some(scheme) = scheme else {
+            return Database::Sqlite(PathBuf::from(s));
+        };
+        if !matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "postgres" | "postgresql"
+        ) {
+            return Database::Unsupported(format!(
+                "{scheme}:// is not supported: give a file path (SQLite) or a postgres:// or postgresql:// URL (PostgreSQL)"
+            ));
+        }
+        match url::Url::parse(&s) {
+            Ok(mut u) => {
+                let host = match (u.host_str(), u.port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) if !h.is_empty() => format!("{h}:5432"),
+                    _ => u
+                        .query_pairs()
+                        .find(|(k, _)| k == "host")
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_else(|| "localhost:5432".to_string()),
+                };
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                let secret_keys = ["password", "sslpassword"];
+                if u.query_pairs()
+                    .any(|(k, _)| secret_keys.contains(&k.as_ref()))
+                {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let v = if secret_keys.contains(&k.as_ref()) {
+                                "***".to_string()
+                            } else {
+                                v.into_owned()
+                            };
+                            (k.into_owned(), v)
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
+                Database::Postgres(PostgresUrl {
+                    url: SecretString::from(s),
+                    redacted: u.to_string(),
+                    host,
+                })
+            }
+            Err(e) => Database::Unsupported(format!("is not a valid PostgreSQL URL: {e}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(u) => f.write_str(u.redacted()),
+            Database::Unsupported(why) => write!(f, "(unsupported: {why})"),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PostgresUrl").field(&self.redacted).finish()
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Database::Postgres(u) => f.debug_tuple("Postgres").field(&u.redacted()).finish(),
+            Database::Unsupported(why) => f.debug_tuple("Unsupported").field(why).finish(),
+        }
+    }
 }
 
 /// `queue.keep_bodies`: when the body of an imported message is dropped (its checkpoint fields,
@@ -386,8 +513,14 @@ impl Settings {
                 "set either tencent.secret_key or tencent.secret_key_file, not both",
             ));
         }
-        if self.queue.database.as_os_str().is_empty() {
-            return Err(SettingsError::key("queue.database", "must not be empty"));
+        match &self.queue.database {
+            Database::Sqlite(p) if p.as_os_str().is_empty() => {
+                return Err(SettingsError::key("queue.database", "must not be empty"));
+            }
+            Database::Unsupported(why) => {
+                return Err(SettingsError::key("queue.database", why.clone()));
+            }
+            _ => {}
         }
         if self.queue.spool_dir.as_os_str().is_empty() {
             return Err(SettingsError::key("queue.spool_dir", "must not be empty"));
@@ -419,28 +552,8 @@ impl Settings {
     /// (or absent) in a folder, `queue.spool_dir` a folder (or absent). Reads the file system, so
     /// it is separate from [`Settings::validate`]; commands call it right after loading.
     pub fn check_paths(&self) -> Result<(), SettingsError> {
-        let db = &self.queue.database;
-        if db.is_dir() {
-            return Err(SettingsError::key(
-                "queue.database",
-                format!(
-                    "{} is a folder; name the SQLite file in it, e.g. {}",
-                    db.display(),
-                    db.join("timport.db").display()
-                ),
-            ));
-        }
-        if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty())
-            && let Some(blocker) = non_folder_ancestor(parent)
-        {
-            return Err(SettingsError::key(
-                "queue.database",
-                format!(
-                    "{} cannot be made: {} is not a folder",
-                    db.display(),
-                    blocker.display()
-                ),
-            ));
+        if let Database::Sqlite(db) = &self.queue.database {
+            check_database_path(db)?;
         }
         let spool = &self.queue.spool_dir;
         if spool.exists() && !spool.is_dir() {
@@ -545,6 +658,33 @@ impl Settings {
 
 /// Tencent's documented REST quota per app (requests per second, all APIs together).
 pub const DOCUMENTED_REQUESTS_PER_SECOND: u32 = 200;
+
+/// `queue.database` as a SQLite path: not a folder, in a folder that can be made.
+fn check_database_path(db: &Path) -> Result<(), SettingsError> {
+    if db.is_dir() {
+        return Err(SettingsError::key(
+            "queue.database",
+            format!(
+                "{} is a folder; name the SQLite file in it, e.g. {}",
+                db.display(),
+                db.join("timport.db").display()
+            ),
+        ));
+    }
+    if let Some(parent) = db.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Some(blocker) = non_folder_ancestor(parent)
+    {
+        return Err(SettingsError::key(
+            "queue.database",
+            format!(
+                "{} cannot be made: {} is not a folder",
+                db.display(),
+                blocker.display()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// The first ancestor of `path` (itself included) that exists and is not a folder, if any.
 fn non_folder_ancestor(path: &Path) -> Option<PathBuf> {

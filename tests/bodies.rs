@@ -291,7 +291,7 @@ fn unfaithful() -> Vec<(String, &'static str)> {
 
 async fn queued_count(env: &Env) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -366,7 +366,7 @@ async fn unfaithful_bodies_reject_their_intake_rows() {
     );
     let got: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT status, error FROM intake ORDER BY id")
-            .fetch_all(env.store.reader())
+            .fetch_all(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(got[0], ("queued".to_string(), None));

@@ -80,7 +80,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let failed: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
         "SELECT id, result_code, result_text FROM messages WHERE state = 'failed' LIMIT 10",
     )
-    .fetch_all(env.store.reader())
+    .fetch_all(env.store.sqlite_pool().unwrap())
     .await
     .unwrap();
     let blocked = env.store.blocked_lanes(10).await.unwrap();
@@ -116,7 +116,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
              JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? ORDER BY m.send_time, m.id",
         )
         .bind(&group)
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
         let want: Vec<(String, i64, u32, String)> = rows

@@ -699,7 +699,7 @@ async fn a_start_on_a_corrupt_header_or_a_non_database_exits_with_a_clear_error(
             .await
             .unwrap();
         let r = sqlx::query_scalar("SELECT rootpage FROM sqlite_schema WHERE name = 'messages'")
-            .fetch_one(s.reader())
+            .fetch_one(s.sqlite_pool().unwrap())
             .await
             .unwrap();
         s.close().await;

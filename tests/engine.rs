@@ -22,7 +22,7 @@ async fn expected(store: &Store, group: &str) -> Vec<(String, i64, u32, String)>
          ORDER BY m.send_time, m.id",
     )
     .bind(group)
-    .fetch_all(store.reader())
+    .fetch_all(store.sqlite_pool().unwrap())
     .await
     .unwrap();
     rows.into_iter()
@@ -66,7 +66,7 @@ fn as_tuples(h: &[StoredMessage]) -> Vec<(String, i64, u32, String)> {
 
 async fn scalar(store: &Store, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(store.reader())
+        .fetch_one(store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -134,7 +134,7 @@ async fn imports_in_order_in_batches_of_at_most_seven() {
         "SELECT m.msg_seq FROM messages m JOIN lanes l ON l.id = m.lane_id
          WHERE l.group_id = 'g1' ORDER BY m.send_time, m.id",
     )
-    .fetch_all(env.store.reader())
+    .fetch_all(env.store.sqlite_pool().unwrap())
     .await
     .unwrap();
     let server: Vec<(i64,)> = history(&sim, "g1")
@@ -233,7 +233,7 @@ async fn a_too_long_message_fails_alone_and_the_lane_goes_on() {
     assert_eq!((t.imported, t.failed), (9, 1));
     let (code, text): (i64, String) =
         sqlx::query_as("SELECT result_code, result_text FROM messages WHERE state = 'failed'")
-            .fetch_one(env.store.reader())
+            .fetch_one(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(code, 80002);
@@ -494,7 +494,7 @@ async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
                 assert_eq!(texts, ["m0", "m1", "m4", "m5"]);
                 let reasons: Vec<String> =
                     sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
-                        .fetch_all(env.store.reader())
+                        .fetch_all(env.store.sqlite_pool().unwrap())
                         .await
                         .unwrap();
                 assert!(
@@ -517,7 +517,7 @@ async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
                     sqlx::query_as("SELECT send_time - ?, sent_time - ? FROM messages ORDER BY id")
                         .bind(T0)
                         .bind(T0)
-                        .fetch_all(env.store.reader())
+                        .fetch_all(env.store.sqlite_pool().unwrap())
                         .await
                         .unwrap();
                 assert_eq!(
@@ -748,7 +748,7 @@ async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch(
              WHERE l.group_id = ? AND m.state = 'imported' ORDER BY m.send_time, m.id",
         )
         .bind(&lane.group_id)
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
         assert_eq!(
@@ -861,7 +861,7 @@ async fn a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not
     assert_eq!((t.imported, t.failed), (1, 1), "{t:?}");
     let reason: String =
         sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
-            .fetch_one(env.store.reader())
+            .fetch_one(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert!(

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 async fn count(env: &Env, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -87,7 +87,7 @@ async fn ndjson_is_queued_with_randoms_fixed_once() {
         "SELECT m.random, l.group_id FROM messages m JOIN lanes l ON l.id = m.lane_id
          WHERE random_assigned = 1 ORDER BY m.id",
     )
-    .fetch_all(env.store.reader())
+    .fetch_all(env.store.sqlite_pool().unwrap())
     .await
     .unwrap();
     let key = env.store.random_key().unwrap();
@@ -123,7 +123,7 @@ async fn assigned_randoms_never_repeat_in_a_busy_group_across_files() {
             "SELECT random FROM messages WHERE lane_id = (SELECT id FROM lanes WHERE group_id = 'busy')
              ORDER BY id",
         )
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
         // Values assigned earlier never change when more arrive.
@@ -461,7 +461,7 @@ async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_re
     task.await.unwrap();
     let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
         sqlx::query_as("SELECT id, status, error, message_id FROM intake ORDER BY id")
-            .fetch_all(env.store.reader())
+            .fetch_all(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(rows[0].1, "queued");
@@ -639,7 +639,7 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     let out = queue(&env, "a.ndjson", &format!("{}\n", line("g", "a", T0, "1"))).await;
     assert!(matches!(out, FileOutcome::Accepted { .. }));
     // Both are off for the bulk insert; every later write is checked again.
-    let mut tx = env.store.begin().await.unwrap();
+    let mut tx = env.store.sqlite().unwrap().begin().await.unwrap();
     for (bad, refused_by) in [
         (
             "INSERT INTO messages (lane_id, job_id, source_line, from_account, send_time, random)
@@ -664,12 +664,12 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     }
     drop(tx);
     let states: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT state FROM messages")
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(states, vec![("pending".to_string(),)]);
     let orphans: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert!(orphans.is_empty(), "{orphans:?}");
@@ -701,7 +701,7 @@ async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_tog
              WHERE l.group_id = ? ORDER BY m.send_time, m.id",
         )
         .bind(g)
-        .fetch_all(env.store.reader())
+        .fetch_all(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
         assert_eq!(rows.len() as i64, per_group);
@@ -737,7 +737,7 @@ async fn randoms_of(env: &Env, group: &str) -> Vec<i64> {
          ORDER BY m.id",
     )
     .bind(group)
-    .fetch_all(env.store.reader())
+    .fetch_all(env.store.sqlite_pool().unwrap())
     .await
     .unwrap()
 }
@@ -789,7 +789,7 @@ async fn a_database_upgraded_with_assigned_randoms_keeps_its_sequence_and_skips_
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("old-migrations");
     std::fs::create_dir(&old).unwrap();
-    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite")).unwrap() {
         let f = f.unwrap().path();
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         if name.as_str() < "0004" {
@@ -1025,7 +1025,7 @@ async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
     assert_eq!((out.queued, out.rejected), (3, 2), "{out:?}");
     let rows: Vec<(i64, String, Option<String>)> =
         sqlx::query_as("SELECT id, status, error FROM intake ORDER BY id")
-            .fetch_all(env.store.reader())
+            .fetch_all(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(rows[0].1, "queued");

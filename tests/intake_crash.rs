@@ -28,7 +28,7 @@ fn wal_len(db: &std::path::Path) -> u64 {
 
 async fn queued(env: &Env) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -119,7 +119,7 @@ auto_create_groups = true
     assert_eq!(status.code(), Some(0), "SIGTERM stops the daemon cleanly");
     assert_eq!(queued(&env).await, LINES);
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(jobs, 1);

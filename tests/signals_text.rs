@@ -123,7 +123,7 @@ async fn status_groups_failures_by_code_and_kind() {
     let distinct: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT result_text) FROM messages WHERE state = 'failed'",
     )
-    .fetch_one(env.store.reader())
+    .fetch_one(env.store.sqlite_pool().unwrap())
     .await
     .unwrap();
     assert_eq!(distinct, N, "every failure text is different");

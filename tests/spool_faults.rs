@@ -158,7 +158,7 @@ async fn a_file_written_while_it_is_read_is_not_queued_and_is_taken_later() {
         "{outcome:?}"
     );
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(queued, 0, "nothing of a changing file is queued");

@@ -356,7 +356,7 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
 
     let recorded = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM verify_results")
-            .fetch_one(env.store.reader())
+            .fetch_one(env.store.sqlite_pool().unwrap())
             .await
             .unwrap_or(0)
     };
@@ -389,7 +389,7 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
     let status = wait_exit(&mut child, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1));
     let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM verify_claim")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(claims, 0, "the claim is withdrawn on SIGTERM");
@@ -569,7 +569,7 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
                  JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?",
             )
             .bind(group)
-            .fetch_one(store.reader())
+            .fetch_one(store.sqlite_pool().unwrap())
             .await
             .unwrap()
         }
@@ -615,7 +615,7 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
 /// (page_count, freelist_count) of the queue file.
 async fn pages(env: &Env) -> (i64, i64) {
     sqlx::query_as("SELECT * FROM pragma_page_count, pragma_freelist_count")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap()
 }
@@ -660,7 +660,7 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
     let (after_drop, free) = pages(&env).await;
     let dropped: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL")
-            .fetch_one(env.store.reader())
+            .fetch_one(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(dropped, N);
@@ -689,7 +689,7 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
         "SELECT COUNT(*) FROM message_bodies b JOIN messages m ON m.id = b.message_id
          WHERE m.state = 'pending'",
     )
-    .fetch_one(env.store.reader())
+    .fetch_one(env.store.sqlite_pool().unwrap())
     .await
     .unwrap();
     assert_eq!(bodies, N);
@@ -744,7 +744,7 @@ async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("old-migrations");
     std::fs::create_dir(&old).unwrap();
-    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite")).unwrap() {
         let f = f.unwrap().path();
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
         if name.as_str() < "0008" {
@@ -790,13 +790,13 @@ async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
         .unwrap();
     let bodies: Vec<(i64, String)> =
         sqlx::query_as("SELECT message_id, body FROM message_bodies ORDER BY message_id")
-            .fetch_all(store.reader())
+            .fetch_all(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(bodies, vec![(1, kept.to_string()), (2, kept.to_string())]);
     let columns: Vec<(String,)> =
         sqlx::query_as("SELECT name FROM pragma_table_info('messages') WHERE name LIKE 'body%'")
-            .fetch_all(store.reader())
+            .fetch_all(store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(columns, vec![("body_sha256".to_string(),)]);

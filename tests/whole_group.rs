@@ -224,7 +224,7 @@ async fn a_member_refused_for_its_join_time_is_failed_with_the_reason() {
     assert_eq!((m.imported, m.failed), (1, 1));
     let (result, reason): (Option<i64>, String) =
         sqlx::query_as("SELECT result, result_text FROM members WHERE member_account = 'carol'")
-            .fetch_one(env.store.reader())
+            .fetch_one(env.store.sqlite_pool().unwrap())
             .await
             .unwrap();
     assert_eq!(result, Some(0));
@@ -279,7 +279,7 @@ async fn bad_group_definitions_reject_the_file_whole() {
     };
     assert!(problems[0].problem.contains("JoinTime"), "{problems:?}");
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
-        .fetch_one(env.store.reader())
+        .fetch_one(env.store.sqlite_pool().unwrap())
         .await
         .unwrap();
     assert_eq!(n, 0);

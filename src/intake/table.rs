@@ -1,5 +1,5 @@
 //! The intake table: rows that other programs insert into `intake` (see
-//! `migrations/0001_queue.sql` and the README) are validated like job-file lines and queued.
+//! `migrations/sqlite/0001_queue.sql` and the README) are validated like job-file lines and queued.
 //!
 //! One poll reads up to [`POLL_LIMIT`] new rows and, in one transaction, queues the valid ones
 //! (status `queued`, `message_id` set) and marks the others `rejected` with the reason in `error`.

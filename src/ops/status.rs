@@ -82,7 +82,7 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
     let accounts = store.account_totals().await?;
     let stalled = accounts_first(stalled, &accounts, active_lanes(progress.as_ref()));
     Ok(StatusReport {
-        database: store.path().display().to_string(),
+        database: store.database(),
         totals,
         members: store.member_totals(group).await?,
         accounts,

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError, unix_now_ms};
+use crate::settings::Database;
+use crate::store::{QueueLock, Store, StoreError, unix_now_ms};
 
 /// How often the heartbeat is renewed (and the daemon looked for).
 pub const BEAT: Duration = Duration::from_millis(500);
@@ -45,7 +46,7 @@ pub struct Claim {
 impl Claim {
     /// Claims `rate` requests/s and starts the heartbeat. `db` is the database file, whose
     /// daemon lock tells whether a daemon shares the quota.
-    pub async fn start(store: &Store, rate: f64, db: &Path) -> Result<Claim, StoreError> {
+    pub async fn start(store: &Store, rate: f64, db: &Database) -> Result<Claim, StoreError> {
         let token = format!(
             "{}-{}-{:08x}",
             std::process::id(),
@@ -55,7 +56,10 @@ impl Claim {
         store.verify_claim(&token, rate, unix_now_ms()).await?;
         let (tx, rx) = watch::channel(false);
         let stop = CancellationToken::new();
-        let lock = daemon_lock_path(db);
+        let lock = match db {
+            Database::Sqlite(path) => daemon_lock_path(path),
+            _ => None,
+        };
         let task = tokio::spawn(beat(
             store.clone(),
             token.clone(),
@@ -85,7 +89,7 @@ impl Claim {
     pub async fn release(self) {
         self.stop.cancel();
         let _ = self.task.await;
-        if self.lock.as_deref().is_some_and(lock_held) {
+        if daemon_running(&self.store, self.lock.as_deref()).await {
             tokio::time::sleep(AFTER_ACK).await;
         }
         if let Err(e) = self.store.verify_release(&self.token).await {
@@ -128,7 +132,7 @@ async fn beat(
     let mut waiting_since: Option<Instant> = None;
     let mut stuck_logged = false;
     loop {
-        let daemon = lock.as_deref().is_some_and(lock_held);
+        let daemon = daemon_running(&store, lock.as_deref()).await;
         if acked_at.is_none()
             && let Ok(Some(c)) = store.verify_claim_read().await
             && c.ack_token.as_deref() == Some(token.as_str())
@@ -173,6 +177,17 @@ async fn beat(
             }
             Err(e) => tracing::debug!(error = %e, "verify heartbeat not written; retrying"),
         }
+    }
+}
+
+/// Whether a `timport run` holds the database: its lock file (SQLite, `lock`) or its lock in the
+/// database (PostgreSQL). A lock that cannot be read counts as held, so verify waits for an
+/// acknowledgement rather than risk the quota.
+async fn daemon_running(store: &Store, lock: Option<&Path>) -> bool {
+    match store.lock_held(QueueLock::Daemon).await {
+        Ok(Some(held)) => held,
+        Ok(None) => lock.is_some_and(lock_held),
+        Err(_) => true,
     }
 }
 

@@ -99,7 +99,7 @@ pub async fn build(
         .iter()
         .all(|l| l.pass.as_ref().is_some_and(|p| p.done));
     Ok(Report {
-        database: store.path().display().to_string(),
+        database: store.database(),
         complete,
         totals,
         problems_not_listed: all - problems.len() as i64,

@@ -5,7 +5,7 @@
 //! once with the file named. Writes go through a single-connection pool (one writer per process)
 //! and every write transaction starts with `BEGIN IMMEDIATE`, so a second process (`timport
 //! ingest`, `timport retry`) waits for the lock instead of failing on an upgrade. Transactions are
-//! short and never span an HTTP call. [`Store::open_read_only`] (for `timport status`) migrates
+//! short and never span an HTTP call. [`SqliteStore::open_read_only`] (for `timport status`) migrates
 //! and writes nothing.
 //!
 //! Randoms: a message without a caller's value is assigned one from its group's counter through
@@ -17,16 +17,16 @@
 //!
 //! Recovery: SQLite's WAL makes every committed transaction durable across a process crash; an
 //! uncommitted one (an ingest killed half-way) leaves no trace. Nothing here keeps state outside
-//! the file, so stopping is just dropping the pools ([`Store::close`] checkpoints cleanly).
+//! the file, so stopping is just dropping the pools ([`SqliteStore::close`] checkpoints cleanly).
 //!
 //! Faults of the file ([`Health`], shared by every clone): each failed statement is classified
-//! once ([`Store::err`]). A write refusal (disk full, read-only, I/O error) is logged once, the
+//! once ([`SqliteStore::err`]). A write refusal (disk full, read-only, I/O error) is logged once, the
 //! writer connection is replaced (as is any connection a failed COMMIT or ROLLBACK left inside a
 //! transaction for sqlx), and a probe write retries with backoff from 1 s to 30 s; the next
 //! committed write, the probe's or anyone's, clears it with one log line. SQLITE_CORRUPT and
-//! SQLITE_NOTADB, and the file at the path deleted or replaced ([`Store::check_file`]), are
+//! SQLITE_NOTADB, and the file at the path deleted or replaced ([`SqliteStore::check_file`]), are
 //! fatal: the health says why, and the daemon stops on it. At every open a quick check touches
-//! each table's and index's root page; [`Store::open_existing`] refuses to create a queue.
+//! each table's and index's root page; [`SqliteStore::open_existing`] refuses to create a queue.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,170 +38,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::{Arguments, AssertSqlSafe, Row, Sqlite, Transaction};
 
+use super::health::HealthCell;
+use super::*;
 use crate::settings::Synchronous;
 
-/// A HashMap for keys looked up per message (group and lane names from the job's own file).
-pub(crate) type FastMap<K, V> = foldhash::HashMap<K, V>;
-
 /// The embedded migrations (`migrations/`), run at every start.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// A store failure. SQLite's read-only, disk-full and busy conditions name the file, since they
-/// are for the operator to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database {path}: cannot open: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("database {path} is read-only (check the file, its folder and the mount): {source}")]
-    ReadOnly {
-        path: PathBuf,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("database {path}: disk full: {source}")]
-    DiskFull {
-        path: PathBuf,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("database {path} stayed locked by another process beyond busy_timeout: {source}")]
-    Busy {
-        path: PathBuf,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("database {path}: migration failed: {source}")]
-    Migrate {
-        path: PathBuf,
-        #[source]
-        source: sqlx::migrate::MigrateError,
-    },
-    #[error(
-        "database {path}: I/O error (check the disk, the mount, and the file's permissions and attributes such as chattr +i): {source}"
-    )]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: sqlx::Error,
-    },
-    /// SQLITE_CORRUPT or SQLITE_NOTADB: nothing written to this file can be trusted any more.
-    #[error(
-        "database {path} is corrupt ({error}): timport stops and must not run on this file. Restore the latest backup of it (docs/OPERATIONS.md, \"The database file: full, corrupt, deleted\") and start again; `timport verify` then shows what the server holds"
-    )]
-    Corrupt {
-        path: PathBuf,
-        /// Not a `source`: the message above already says it, once.
-        error: sqlx::Error,
-    },
-    /// The file at the configured path is not the one opened (deleted, or replaced by another).
-    #[error(
-        "database {path} {what} while timport was running; it stopped so as not to go on in a file nobody sees. Put the file back (or restore a backup) and start again"
-    )]
-    Gone { path: PathBuf, what: &'static str },
-    /// A command that reads or changes an existing queue found none.
-    #[error(
-        "database {path} {what} (queue.database); check the path. Nothing was created or changed"
-    )]
-    NotFound { path: PathBuf, what: &'static str },
-    #[error("database {path}: {source}")]
-    Sql {
-        path: PathBuf,
-        #[source]
-        source: sqlx::Error,
-    },
-}
-
-impl StoreError {
-    /// Why the database refuses writes, when that is what this error says (a full disk, a
-    /// read-only or immutable file, an I/O error): a condition for the operator to fix, after
-    /// which writes work again without a restart.
-    pub fn write_refusal(&self) -> Option<&'static str> {
-        match self {
-            StoreError::DiskFull { .. } => Some("disk full"),
-            StoreError::ReadOnly { .. } => Some("read-only"),
-            StoreError::Io { .. } => Some("I/O error"),
-            _ => None,
-        }
-    }
-
-    /// The file is corrupt, gone or replaced: nothing more may be done with it.
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, StoreError::Corrupt { .. } | StoreError::Gone { .. })
-    }
-}
-
-/// Whether the database takes writes, shared by every clone of a [`Store`] and set by the store
-/// itself: any failed statement classified as a write refusal or as fatal changes it, and the
-/// next committed write (the store's own probe, with backoff, or anyone's) clears a refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum Health {
-    Ok,
-    /// Writes fail for a reason the operator can fix (`cause` names it); retried with backoff.
-    WritesRefused {
-        cause: String,
-        since: i64,
-    },
-    /// Corrupt, deleted or replaced: the daemon must stop (`reason` says what to do).
-    Stopped {
-        reason: String,
-    },
-}
-
-/// First wait of the write probe after writes start failing; it doubles up to [`PROBE_MAX`].
-pub const PROBE_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between two write probes.
-pub const PROBE_MAX: Duration = Duration::from_secs(30);
-
-#[derive(Debug)]
-struct HealthCell {
-    tx: tokio::sync::watch::Sender<Health>,
-    /// A probe task is running.
-    probing: AtomicBool,
-    /// The probe's next wait, and when writes last recovered: a refusal soon after a recovery
-    /// (a probe that fit in the WAL while the disk is still full) goes on from the wait reached,
-    /// so the log does not flap.
-    backoff: std::sync::Mutex<(Duration, Option<std::time::Instant>)>,
-}
-
-/// How to open the store.
-#[derive(Debug, Clone)]
-pub struct StoreOptions {
-    pub synchronous: Synchronous,
-    pub busy_timeout: Duration,
-    /// Readers for status queries (the writer is always one connection).
-    pub readers: u32,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        StoreOptions {
-            synchronous: Synchronous::Normal,
-            busy_timeout: Duration::from_secs(60),
-            readers: 2,
-        }
-    }
-}
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The queue database. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     path: PathBuf,
     /// Set while a job is queued with foreign-key and CHECK constraints off and
-    /// `synchronous = FULL` on the writer (see [`Store::job_writer`]); the next ordinary
+    /// `synchronous = FULL` on the writer (see [`SqliteStore::job_writer`]); the next ordinary
     /// transaction turns them back to normal.
     relaxed: Arc<AtomicBool>,
     /// `queue.synchronous` as a pragma value, restored after a job's commit.
@@ -216,16 +73,6 @@ pub struct Store {
     renew_writer: Arc<AtomicBool>,
 }
 
-impl HealthCell {
-    fn new() -> Arc<HealthCell> {
-        Arc::new(HealthCell {
-            tx: tokio::sync::watch::Sender::new(Health::Ok),
-            probing: AtomicBool::new(false),
-            backoff: std::sync::Mutex::new((PROBE_FIRST, None)),
-        })
-    }
-}
-
 /// (device, inode) of `path`.
 fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -233,26 +80,10 @@ fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-/// Current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Current Unix time in milliseconds.
-pub fn unix_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-impl Store {
+impl SqliteStore {
     /// Opens (creating with mode 0600 when missing) and migrates the database, then proves it is
     /// writable.
-    pub async fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+    pub async fn open(path: &Path, opts: &StoreOptions) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),
@@ -270,15 +101,18 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Store::open_file(path, opts, false).await
+        SqliteStore::open_file(path, opts, false).await
     }
 
     /// Opens a queue that must already exist (`timport retry`, `timport verify`): like
-    /// [`Store::open`] (migrations, write probe), but a missing or empty file, or an SQLite file
+    /// [`SqliteStore::open`] (migrations, write probe), but a missing or empty file, or an SQLite file
     /// that is not a timport queue, is [`StoreError::NotFound`], and then nothing is created,
-    /// migrated or written. For reading only, [`Store::open_read_only`] also refuses a missing
+    /// migrated or written. For reading only, [`SqliteStore::open_read_only`] also refuses a missing
     /// file.
-    pub async fn open_existing(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+    pub async fn open_existing(
+        path: &Path,
+        opts: &StoreOptions,
+    ) -> Result<SqliteStore, StoreError> {
         let not_found = |what| StoreError::NotFound {
             path: path.to_path_buf(),
             what,
@@ -297,7 +131,7 @@ impl Store {
                 });
             }
         }
-        Store::open_file(path, opts, true).await
+        SqliteStore::open_file(path, opts, true).await
     }
 
     /// Opens the file at `path`, which exists: the quick check, the migrations, the write probe.
@@ -306,7 +140,7 @@ impl Store {
         path: &Path,
         opts: &StoreOptions,
         existing: bool,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<SqliteStore, StoreError> {
         let identity = identity_of(path).ok();
         let base = SqliteConnectOptions::new()
             .filename(path)
@@ -392,7 +226,7 @@ impl Store {
             .connect_with(base)
             .await
             .map_err(wrap)?;
-        let mut store = Store {
+        let mut store = SqliteStore {
             writer,
             reader,
             path: path.to_path_buf(),
@@ -416,7 +250,10 @@ impl Store {
     /// probe, nothing created, so it works on a copy, a read-only file or a read-only mount, and
     /// changes nothing. A missing file is an error naming it. A WAL database alone in a folder it
     /// cannot write (no -wal, no -shm: a copy, a read-only mount) is read as immutable.
-    pub async fn open_read_only(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+    pub async fn open_read_only(
+        path: &Path,
+        opts: &StoreOptions,
+    ) -> Result<SqliteStore, StoreError> {
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
             Ok(_) => {
@@ -463,7 +300,7 @@ impl Store {
             Err(source) => return Err(classify(path, source)),
         };
         quick_check(path, &reader).await?;
-        Ok(Store {
+        Ok(SqliteStore {
             // Every write fails with SQLite's read-only error (there is no writer).
             writer: reader.clone(),
             reader,
@@ -585,136 +422,47 @@ impl Store {
 
     /// The database's health now.
     pub fn health(&self) -> Health {
-        self.health.tx.borrow().clone()
+        self.health.get()
     }
 
-    /// A receiver that sees every change of [`Store::health`].
+    /// A receiver that sees every change of [`SqliteStore::health`].
     pub fn subscribe_health(&self) -> tokio::sync::watch::Receiver<Health> {
-        self.health.tx.subscribe()
+        self.health.subscribe()
     }
 
     /// Why writes fail now, if they do.
     pub fn writes_refused(&self) -> Option<String> {
-        match &*self.health.tx.borrow() {
-            Health::WritesRefused { cause, .. } => Some(cause.clone()),
-            _ => None,
-        }
+        self.health.writes_refused()
     }
 
     /// The reason the database may not be used any more, if it may not.
     pub fn stopped(&self) -> Option<String> {
-        match &*self.health.tx.borrow() {
-            Health::Stopped { reason } => Some(reason.clone()),
-            _ => None,
-        }
+        self.health.stopped()
     }
 
     /// Records what `e` says: fatal stops the store for good (logged once); a write refusal
-    /// starts the probe (logged once per refusal).
+    /// replaces the writer connection and starts the probe (logged once per refusal).
     pub fn note_error(&self, e: &StoreError) {
-        if e.is_fatal() {
-            let reason = e.to_string();
-            let changed = self.health.tx.send_if_modified(|h| {
-                if matches!(h, Health::Stopped { .. }) {
-                    return false;
-                }
-                *h = Health::Stopped {
-                    reason: reason.clone(),
-                };
-                true
-            });
-            if changed {
-                // Said once, as an error, by whoever stops on it (the engine, a command).
-                tracing::debug!(database = %self.path.display(), error = %reason, "database unusable");
-            }
-            return;
+        if e.write_refusal().is_some() {
+            self.renew_writer.store(true, Ordering::SeqCst);
         }
-        let Some(kind) = e.write_refusal() else {
-            return;
-        };
-        self.renew_writer.store(true, Ordering::SeqCst);
-        let cause = e.to_string();
-        let changed = self.health.tx.send_if_modified(|h| {
-            if !matches!(h, Health::Ok) {
-                return false;
-            }
-            *h = Health::WritesRefused {
-                cause: cause.clone(),
-                since: unix_now(),
-            };
-            true
-        });
-        if changed {
-            tracing::warn!(database = %self.path.display(), kind, error = %cause, "the database refuses writes; intake and import wait, and a write is retried with backoff (1 s to 30 s) until it works");
-            self.start_probe();
+        if self.health.note_error(&self.path.display().to_string(), e) {
+            let store = self.clone();
+            self.health.start_probe(move || {
+                let store = store.clone();
+                async move {
+                    if store.writer.is_closed() {
+                        return None;
+                    }
+                    Some(store.write_probe().await.is_ok())
+                }
+            });
         }
     }
 
     /// A write committed: a refusal is over.
     fn note_written(&self) {
-        let mut since = 0;
-        let changed = self.health.tx.send_if_modified(|h| match h {
-            Health::WritesRefused { since: s, .. } => {
-                since = *s;
-                *h = Health::Ok;
-                true
-            }
-            _ => false,
-        });
-        if changed {
-            if let Ok(mut b) = self.health.backoff.lock() {
-                b.1 = Some(std::time::Instant::now());
-            }
-            tracing::info!(database = %self.path.display(), refused_for_s = unix_now() - since, "the database accepts writes again; intake and import resume");
-        }
-    }
-
-    /// Probes with a small write, with backoff, until writes work, the store stops, or it is
-    /// closed. One probe task at a time.
-    fn start_probe(&self) {
-        if self.health.probing.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.health.probing.store(false, Ordering::SeqCst);
-            return;
-        };
-        let store = self.clone();
-        rt.spawn(async move {
-            let mut wait = {
-                let b = store
-                    .health
-                    .backoff
-                    .lock()
-                    .map(|b| *b)
-                    .unwrap_or((PROBE_FIRST, None));
-                match b.1 {
-                    Some(at) if at.elapsed() < PROBE_MAX * 2 => b.0,
-                    _ => PROBE_FIRST,
-                }
-            };
-            loop {
-                tokio::time::sleep(wait).await;
-                if store.writer.is_closed()
-                    || !matches!(store.health(), Health::WritesRefused { .. })
-                {
-                    break;
-                }
-                let ok = store.write_probe().await.is_ok();
-                wait = (wait * 2).min(PROBE_MAX);
-                if let Ok(mut b) = store.health.backoff.lock() {
-                    b.0 = wait;
-                }
-                if ok {
-                    break;
-                }
-            }
-            store.health.probing.store(false, Ordering::SeqCst);
-            // A refusal that came back while this task was ending needs a probe of its own.
-            if matches!(store.health(), Health::WritesRefused { .. }) && !store.writer.is_closed() {
-                store.start_probe();
-            }
-        });
+        self.health.note_written(&self.path.display().to_string());
     }
 
     /// Whether the file at the configured path is still the one opened: deleted or replaced
@@ -898,214 +646,6 @@ async fn quick_check(path: &Path, pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Intake: queueing validated messages.
-
-/// A validated message, ready to be queued.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewMessage {
-    pub group_id: String,
-    /// Empty when the message has no topic.
-    pub topic_id: String,
-    pub from_account: String,
-    pub send_time: i64,
-    /// The caller's Random, if given; otherwise one is assigned at queue time.
-    pub random: Option<u32>,
-    pub recent_contact: bool,
-    /// The MsgBody array as compact JSON.
-    pub body: String,
-    /// Line in the job file (1-based) or intake row id.
-    pub source_line: i64,
-    /// Index within its MsgList (0 for NDJSON lines and intake rows).
-    pub source_index: i64,
-}
-
-/// A member to import into a group after its history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMember {
-    pub account: String,
-    pub role: Option<String>,
-    pub join_time: Option<i64>,
-    pub unread_msg_num: Option<i64>,
-}
-
-/// The Random assigned to the `counter`-th message of a group without a caller's value, in a
-/// database whose key is `legacy` (one that assigned Randoms before keys existed; see
-/// [`RandomKey`]). Every newer database derives its values from its own secret instead.
-///
-/// A bijection of the counter (offset by a per-group seed, then murmur3's fmix32 finaliser, which
-/// is invertible), so two messages of one group never get the same value until 2^32 assignments,
-/// whatever their SendTimes and whenever they arrive at the server. The seed spreads different
-/// groups over the space so values do not look alike across groups.
-///
-/// ```
-/// use timport::store::{RandomKey, assigned_random};
-/// let a: Vec<u32> = (0..1000).map(|c| assigned_random("team-general", c)).collect();
-/// let distinct: std::collections::HashSet<_> = a.iter().collect();
-/// assert_eq!(distinct.len(), 1000);
-/// assert_eq!(assigned_random("team-general", 7), a[7], "the same counter gives the same value");
-/// assert_eq!(RandomKey::Legacy.sequence("team-general").at(7), a[7]);
-/// ```
-pub fn assigned_random(group_id: &str, counter: u64) -> u32 {
-    // Truncation is the point: the counter wraps modulo 2^32.
-    RandomKey::Legacy
-        .sequence(group_id)
-        .at((counter & 0xffff_ffff) as u32)
-}
-
-/// murmur3's 32-bit finaliser: a bijection of u32.
-const fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(FMIX_M1);
-    h ^= h >> 13;
-    h = h.wrapping_mul(FMIX_M2);
-    h ^= h >> 16;
-    h
-}
-
-/// The inverse of [`fmix32`].
-const fn unfmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(inverse_mod_2_32(FMIX_M2));
-    h ^= (h >> 13) ^ (h >> 26);
-    h = h.wrapping_mul(inverse_mod_2_32(FMIX_M1));
-    h ^= h >> 16;
-    h
-}
-
-const FMIX_M1: u32 = 0x85eb_ca6b;
-const FMIX_M2: u32 = 0xc2b2_ae35;
-
-/// The multiplicative inverse of an odd number modulo 2^32 (Newton's iteration: each step doubles
-/// the correct low bits, from the 3 that `a` itself gets right).
-const fn inverse_mod_2_32(a: u32) -> u32 {
-    let mut x = a;
-    let mut i = 0;
-    while i < 5 {
-        x = x.wrapping_mul(2u32.wrapping_sub(a.wrapping_mul(x)));
-        i += 1;
-    }
-    x
-}
-
-/// The secret behind a database's assigned Randoms, stored in `meta` as `random_key`.
-///
-/// Migration 0004 draws 128 random bits when a database is created, so two databases (a fresh one
-/// after a lost disk, a second team's) importing into the same group assign unrelated sequences
-/// and collide no more often than chance. A database that had assigned Randoms before keys existed
-/// keeps `legacy`, the sequence it started ([`assigned_random`]), so that no value repeats within
-/// a group across the upgrade. The key is never printed: its `Debug` says only which kind it is.
-#[derive(Clone, PartialEq, Eq)]
-pub enum RandomKey {
-    Legacy,
-    Keyed([u8; 16]),
-}
-
-impl std::fmt::Debug for RandomKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RandomKey::Legacy => f.write_str("RandomKey::Legacy"),
-            RandomKey::Keyed(_) => f.write_str("RandomKey::Keyed(<redacted>)"),
-        }
-    }
-}
-
-impl RandomKey {
-    /// Parses the `meta` value: `legacy`, or 32 hex digits.
-    pub fn parse(value: &str) -> Option<RandomKey> {
-        if value == "legacy" {
-            return Some(RandomKey::Legacy);
-        }
-        let mut key = [0u8; 16];
-        hex::decode_to_slice(value, &mut key).ok()?;
-        Some(RandomKey::Keyed(key))
-    }
-
-    /// The group's sequence of assigned values under this key.
-    ///
-    /// Keyed: three rounds of (add a round key, fmix32, xor a round key), the six round keys taken
-    /// from HMAC-SHA256(key, group). Each round is invertible, so the sequence is a permutation of
-    /// u32 (no repeat within 2^32 assignments) with an inverse ([`RandomSequence::counter_of`]),
-    /// and without the key two groups' or two databases' sequences look unrelated.
-    ///
-    /// ```
-    /// use timport::store::RandomKey;
-    /// let a = RandomKey::parse("000102030405060708090a0b0c0d0e0f").unwrap().sequence("g");
-    /// let b = RandomKey::parse("ff0102030405060708090a0b0c0d0e0f").unwrap().sequence("g");
-    /// let va: Vec<u32> = (0..1000).map(|c| a.at(c)).collect();
-    /// let vb: std::collections::HashSet<u32> = (0..1000).map(|c| b.at(c)).collect();
-    /// assert_eq!(va.iter().collect::<std::collections::HashSet<_>>().len(), 1000);
-    /// assert!(va.iter().filter(|v| vb.contains(v)).count() < 3, "two keys, unrelated values");
-    /// assert_eq!(a.counter_of(va[123]), 123);
-    /// ```
-    pub fn sequence(&self, group_id: &str) -> RandomSequence {
-        match self {
-            RandomKey::Legacy => {
-                // FNV-1a of the group id as the seed.
-                let mut seed: u32 = 0x811c_9dc5;
-                for b in group_id.as_bytes() {
-                    seed ^= u32::from(*b);
-                    seed = seed.wrapping_mul(0x0100_0193);
-                }
-                RandomSequence {
-                    rounds: [(seed, 0), (0, 0), (0, 0)],
-                    count: 1,
-                }
-            }
-            RandomKey::Keyed(key) => {
-                use hmac::{KeyInit, Mac};
-                let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key)
-                    .expect("HMAC takes a key of any length");
-                mac.update(b"timport assigned Random v1\0");
-                mac.update(group_id.as_bytes());
-                let out = mac.finalize().into_bytes();
-                let word = |i: usize| {
-                    u32::from_le_bytes([out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]])
-                };
-                RandomSequence {
-                    rounds: [(word(0), word(1)), (word(2), word(3)), (word(4), word(5))],
-                    count: 3,
-                }
-            }
-        }
-    }
-}
-
-/// One group's assigned Randoms: a permutation of the u32 counter, and its inverse.
-#[derive(Clone, Copy)]
-pub struct RandomSequence {
-    /// (added before, xored after) fmix32, per round.
-    rounds: [(u32, u32); 3],
-    count: usize,
-}
-
-impl std::fmt::Debug for RandomSequence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RandomSequence(<redacted>)")
-    }
-}
-
-impl RandomSequence {
-    /// The value assigned at `counter`.
-    pub fn at(&self, counter: u32) -> u32 {
-        let mut x = counter;
-        for (add, xor) in &self.rounds[..self.count] {
-            x = fmix32(x.wrapping_add(*add)) ^ xor;
-        }
-        x
-    }
-
-    /// The counter at which `value` is (or would be) assigned: a caller's value X repeats an
-    /// assigned one exactly when `counter_of(X)` is below the group's counter.
-    pub fn counter_of(&self, value: u32) -> u32 {
-        let mut x = value;
-        for (add, xor) in self.rounds[..self.count].iter().rev() {
-            x = unfmix32(x ^ xor).wrapping_sub(*add);
-        }
-        x
-    }
-}
-
 // OR FAIL: a multi-row INSERT that may abort needs a statement journal (a copy of every page it
 // touches, so it can undo itself); FAIL needs none. A failure rolls back the whole job anyway.
 const INSERT_COLUMNS: &str = "INSERT OR FAIL INTO messages (lane_id, job_id, source_line, source_index, \
@@ -1219,76 +759,9 @@ struct CallerRandom {
     below: bool,
 }
 
-/// Where a Random was given or assigned before.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EarlierRandom {
-    pub job_id: i64,
-    /// `file` or `intake`.
-    pub kind: String,
-    /// The job's file name.
-    pub source: String,
-    /// Line in the job file, or intake row id.
-    pub source_line: i64,
-    pub source_index: i64,
-    /// True when timport assigned the value (the earlier message had no Random of its own).
-    pub assigned: bool,
-}
-
-/// A caller-given Random that repeats one already queued in its group. Tencent drops the later of
-/// two messages with the same Random within its window (which may count on arrival) and may still
-/// answer it as imported, so such a message is refused at intake instead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RandomConflict {
-    pub group_id: String,
-    pub random: u32,
-    /// Line (or intake row id) and MsgList index of the refused message.
-    pub source_line: i64,
-    pub source_index: i64,
-    pub earlier: EarlierRandom,
-}
-
-impl RandomConflict {
-    /// The problem as a report names it; `this_job` is the job being queued.
-    pub fn describe(&self, this_job: i64) -> String {
-        let e = &self.earlier;
-        let index = if e.source_index > 0 {
-            format!(" (MsgList index {})", e.source_index)
-        } else {
-            String::new()
-        };
-        let at = match (e.kind.as_str(), e.job_id == this_job) {
-            ("intake", _) => format!("intake row {}", e.source_line),
-            (_, true) => format!("line {}{index} of this file", e.source_line),
-            _ => format!(
-                "job {} ({}) line {}{index}",
-                e.job_id, e.source, e.source_line
-            ),
-        };
-        format!(
-            "Random {} repeats the Random {} {at} in group {}: Tencent would drop one of the two as a duplicate; give another Random or none",
-            self.random,
-            if e.assigned {
-                "assigned to"
-            } else {
-                "given at"
-            },
-            self.group_id
-        )
-    }
-}
-
-/// What [`JobWriter::push_returning_id`] did with a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pushed {
-    /// Queued as this message id.
-    Queued(i64),
-    /// Not queued: its Random repeats one queued before in the group.
-    Refused(RandomConflict),
-}
-
 /// One job being queued, inside one `BEGIN IMMEDIATE` transaction: all of it commits, or nothing.
-pub struct JobWriter {
-    store: Store,
+pub struct SqliteJobWriter {
+    store: SqliteStore,
     tx: Transaction<'static, Sqlite>,
     job_id: i64,
     /// group → topic → lane (nested so a lookup borrows, not allocates). Looked up for every
@@ -1309,24 +782,14 @@ pub struct JobWriter {
     accounts: JobAccounts,
 }
 
-/// What became of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum JobOutcome {
-    /// Queued as job `job_id`.
-    Accepted {
-        job_id: i64,
-        messages: i64,
-        groups: i64,
-    },
-    /// The same content was queued before, as `job_id`; nothing was added.
-    Duplicate { job_id: i64 },
-}
-
-impl Store {
+impl SqliteStore {
     /// Starts queueing a job. `kind` is `file` or `intake`; for `intake` the one intake job is
     /// reused.
-    pub async fn job_writer(&self, kind: &str, source: &str) -> Result<JobWriter, StoreError> {
+    pub async fn job_writer(
+        &self,
+        kind: &str,
+        source: &str,
+    ) -> Result<SqliteJobWriter, StoreError> {
         // Foreign-key and CHECK constraints off for the bulk insert; the next ordinary `begin`
         // turns them back on (the foreign-key pragma cannot change inside a transaction).
         // - Every parent row (job, group, lane) is created in this same transaction before its
@@ -1390,7 +853,7 @@ impl Store {
             .await
             .map_err(|e| self.err(e))?
         };
-        Ok(JobWriter {
+        Ok(SqliteJobWriter {
             store: self.clone(),
             tx,
             job_id,
@@ -1411,7 +874,7 @@ impl Store {
     }
 }
 
-impl JobWriter {
+impl SqliteJobWriter {
     /// The job's id (valid once committed).
     pub fn job_id(&self) -> i64 {
         self.job_id
@@ -1921,7 +1384,9 @@ impl JobWriter {
                 )),
             });
         }
-        self.accounts.write(&self.store, &mut self.tx).await?;
+        self.accounts
+            .write_sqlite(&self.store, &mut self.tx)
+            .await?;
         let store = self.store.clone();
         let err = |e| store.err(e);
         let mut tx = self.tx;
@@ -2034,19 +1499,6 @@ impl JobWriter {
     }
 }
 
-/// A row of the intake table as another program wrote it (loosely typed on purpose).
-#[derive(Debug, Clone)]
-pub struct IntakeRow {
-    pub id: i64,
-    pub group_id: Option<serde_json::Value>,
-    pub topic_id: Option<serde_json::Value>,
-    pub from_account: Option<serde_json::Value>,
-    pub send_time: Option<serde_json::Value>,
-    pub random: Option<serde_json::Value>,
-    pub msg_body: Option<serde_json::Value>,
-    pub recent_contact_flag: Option<serde_json::Value>,
-}
-
 /// `json_quote(col)`, except that a BLOB (which JSON cannot hold) becomes a marker object that
 /// validation reports as a wrong type.
 macro_rules! quoted {
@@ -2062,7 +1514,7 @@ macro_rules! quoted {
     };
 }
 
-impl Store {
+impl SqliteStore {
     /// New rows of the intake table, oldest first. Each column comes back as JSON of whatever
     /// SQLite type the producer stored, so validation can report a wrong type instead of failing.
     pub async fn new_intake_rows(&self, limit: i64) -> Result<Vec<IntakeRow>, StoreError> {
@@ -2112,97 +1564,6 @@ impl Store {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Status: read-only queries over the counters (no scan of messages).
-
-/// Message counts. `blocked` counts the pending and in-flight messages of blocked lanes, which
-/// are not in `pending`/`in_flight`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Totals {
-    pub pending: i64,
-    pub in_flight: i64,
-    pub imported: i64,
-    pub failed: i64,
-    pub blocked: i64,
-    pub total: i64,
-    pub lanes: i64,
-    pub lanes_blocked: i64,
-}
-
-/// One lane (group, topic) as status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LaneStatus {
-    pub group_id: String,
-    pub topic_id: String,
-    pub state: String,
-    pub pending: i64,
-    pub in_flight: i64,
-    pub imported: i64,
-    pub failed: i64,
-    pub blocked_code: Option<i64>,
-    pub blocked_reason: Option<String>,
-    pub last_send_time: i64,
-    pub last_msg_seq: i64,
-    /// Where the group is: create, messages, members, unread, done (or "create blocked").
-    pub step: String,
-}
-
-/// One job as status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct JobStatus {
-    pub id: i64,
-    pub kind: String,
-    pub source: String,
-    pub messages: i64,
-    pub groups: i64,
-    pub pending: i64,
-    pub in_flight: i64,
-    pub imported: i64,
-    pub failed: i64,
-    pub created_at: i64,
-}
-
-/// A kind of failure and how many messages have it: the code and the reason with its numbers
-/// (SendTimes, sequences, indexes) replaced by `N`, so one cause is one line however many
-/// messages it hit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FailureReason {
-    pub code: Option<i64>,
-    /// The reason with its numbers replaced by `N` (see [`reason_kind`]).
-    pub reason: String,
-    pub messages: i64,
-    /// One of the reasons as recorded, for its numbers.
-    pub example: String,
-}
-
-/// A failure text with every run of digits but the code itself written `N`: "SendTime 1700000003
-/// is older than … (1700000009) … (10004)" becomes "SendTime N is older than … (N) … (10004)".
-pub fn reason_kind(code: Option<i64>, text: &str) -> String {
-    let code = code.map(|c| c.to_string());
-    let mut out = String::with_capacity(text.len());
-    let mut digits = String::new();
-    let flush = |digits: &mut String, out: &mut String| {
-        if !digits.is_empty() {
-            if code.as_deref() == Some(digits.as_str()) {
-                out.push_str(digits);
-            } else {
-                out.push('N');
-            }
-            digits.clear();
-        }
-    };
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-        } else {
-            flush(&mut digits, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut digits, &mut out);
-    out
-}
-
 const LANE_COLUMNS: &str = "l.group_id, l.topic_id, l.state, l.pending, l.in_flight, l.imported, \
      l.failed, l.blocked_code, l.blocked_reason, l.last_send_time, l.last_msg_seq, \
      CASE WHEN g.create_state = 'pending' THEN 'create' \
@@ -2231,7 +1592,7 @@ fn lane_status(r: &sqlx::sqlite::SqliteRow) -> LaneStatus {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Totals over all lanes, or over the lanes of one group.
     pub async fn totals(&self, group: Option<&str>) -> Result<Totals, StoreError> {
         let r = sqlx::query(
@@ -2388,103 +1749,6 @@ impl Store {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The import engine's reads and checkpoints.
-
-/// A lane as the engine works it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lane {
-    pub id: i64,
-    pub group_id: String,
-    pub topic_id: String,
-    pub last_send_time: i64,
-    pub last_msg_seq: i64,
-    pub tie_nudge: bool,
-    /// The newest message id already looked for on the server by a catch-up.
-    pub checked_id: i64,
-    /// `timport retry` said: take the server's history as it is (see the catch-up).
-    pub catch_up_waived: bool,
-}
-
-/// A queued message as the engine sends it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueuedMessage {
-    pub id: i64,
-    pub from_account: String,
-    pub send_time: i64,
-    pub sent_time: Option<i64>,
-    pub random: u32,
-    pub recent_contact: bool,
-    pub body: String,
-    pub attempts: i64,
-}
-
-impl QueuedMessage {
-    /// The SendTime that goes (went) to the server.
-    pub fn effective_time(&self) -> i64 {
-        self.sent_time.unwrap_or(self.send_time)
-    }
-}
-
-/// What to record for one message after an answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MessageUpdate {
-    Imported {
-        id: i64,
-        msg_seq: i64,
-        msg_time: i64,
-        note: Option<String>,
-    },
-    Failed {
-        id: i64,
-        code: Option<i64>,
-        reason: String,
-    },
-    /// Back to pending. `refund` gives the attempt back (rate limits, auth stops, blocked lanes).
-    Pending { id: i64, refund: bool },
-    /// Stays in flight, outcome unknown; `note` says why (the engine reconciles before resending).
-    Unknown { id: i64, note: String },
-    /// A pending (or in-flight) message found on the server by a catch-up: imported.
-    Adopted {
-        id: i64,
-        msg_seq: i64,
-        msg_time: i64,
-        note: String,
-    },
-}
-
-/// Lane fields to change with the message updates, in the same transaction.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LaneUpdate {
-    /// Raise the checkpoint to at least this SendTime / MsgSeq.
-    pub seen_send_time: Option<i64>,
-    pub seen_msg_seq: Option<i64>,
-    /// Unix ms before which the lane is left alone.
-    pub retry_at: Option<i64>,
-    pub block: Option<(Option<i64>, String)>,
-    pub tie_nudge: bool,
-    pub last_error: Option<String>,
-    /// A catch-up looked for every message up to this id (and consumed a retry's waiver).
-    pub checked_id: Option<i64>,
-}
-
-/// One lane's next batch to claim: up to `max` messages, cut at ties when `cut_at_tie`.
-#[derive(Debug, Clone)]
-pub struct Claim {
-    pub lane: Lane,
-    pub max: usize,
-    pub cut_at_tie: bool,
-}
-
-/// One lane's answer to record (see [`Store::record_many`]), and optionally its next claim.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub lane_id: i64,
-    pub updates: Vec<MessageUpdate>,
-    pub lane: LaneUpdate,
-    pub next: Option<Claim>,
-}
-
 const MESSAGE_COLUMNS: &str =
     "id, from_account, send_time, sent_time, random, recent_contact, attempts";
 /// The body of message `m` (from `message_bodies`; `''` once dropped), next to [`MESSAGE_COLUMNS`].
@@ -2518,7 +1782,7 @@ fn lane_row(r: &sqlx::sqlite::SqliteRow) -> Lane {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Active lanes with work whose backoff has passed, oldest wait first.
     pub async fn runnable_lanes(&self, now_ms: i64, limit: i64) -> Result<Vec<Lane>, StoreError> {
         // Polled every tick: LIMIT as a literal (a bound LIMIT re-prepares the statement).
@@ -2651,7 +1915,7 @@ impl Store {
         Ok(batches.pop().unwrap_or_default())
     }
 
-    /// [`Store::claim_batch`] for several lanes at once, inside `tx`: one statement reads the
+    /// [`SqliteStore::claim_batch`] for several lanes at once, inside `tx`: one statement reads the
     /// heads of all the lanes, one marks the chosen messages in flight. Batches come back in the
     /// order of `claims`.
     async fn claim_in(
@@ -3021,60 +2285,12 @@ impl Store {
     }
 }
 
-/// What `timport retry` applies to.
-#[derive(Debug, Clone, Copy)]
-pub enum RetryScope<'a> {
-    All,
-    Group(&'a str),
-    Job(i64),
-}
-
-// ---------------------------------------------------------------------------------------------
-// Accounts (import.accounts = "auto"): every sender, owner and member a job names is recorded in
-// the job's own transaction; the engine imports them before anything that needs them is sent.
-
-/// The reason a message (or membership) fails when its account could not be imported; `timport
-/// retry --accounts` finds them by it.
-pub const ACCOUNT_FAILED_REASON: &str = "sender account could not be imported";
-
-/// An account listed with profile data in a job file (`AccountList`, NDJSON `{"UserID", ...}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewAccount {
-    pub user_id: String,
-    pub nick: Option<String>,
-    pub face_url: Option<String>,
-}
-
-/// The accounts one job names, written at its commit.
-#[derive(Debug, Default)]
-struct JobAccounts {
-    /// Named as sender, owner or member (IDs only).
-    named: FastMap<String, ()>,
-    /// Listed with profile data.
-    profiles: Vec<NewAccount>,
-}
-
 impl JobAccounts {
-    fn name(&mut self, id: &str) {
-        if !id.is_empty() && !self.named.contains_key(id) {
-            self.named.insert(id.to_string(), ());
-        }
-    }
-
-    /// The `Owner_Account` of an import_group body, if it has one.
-    fn name_owner(&mut self, spec: &str) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(spec)
-            && let Some(owner) = v.get("Owner_Account").and_then(|o| o.as_str())
-        {
-            self.name(owner);
-        }
-    }
-
     /// Inserts the accounts not known yet (as pending). A profile given again with other data
     /// than was imported puts the account back to pending, to be sent in the profile form.
-    async fn write(
+    async fn write_sqlite(
         &self,
-        store: &Store,
+        store: &SqliteStore,
         tx: &mut Transaction<'static, Sqlite>,
     ) -> Result<(), StoreError> {
         let now = unix_now();
@@ -3117,46 +2333,14 @@ impl JobAccounts {
     }
 }
 
-impl JobWriter {
+impl SqliteJobWriter {
     /// Lists an account with profile data (written at commit).
     pub fn add_account(&mut self, a: NewAccount) {
         self.accounts.profiles.push(a);
     }
 }
 
-/// A pending account as the engine sends it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingAccount {
-    pub user_id: String,
-    pub nick: Option<String>,
-    pub face_url: Option<String>,
-}
-
-/// Where an account stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccountState {
-    Pending,
-    Imported,
-    Failed(String),
-}
-
-/// Account counts for status and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct AccountTotals {
-    pub imported: i64,
-    pub pending: i64,
-    pub failed: i64,
-}
-
-/// What `timport retry --accounts` put back.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AccountRetry {
-    pub accounts: u64,
-    pub messages: u64,
-    pub members: u64,
-}
-
-impl Store {
+impl SqliteStore {
     /// Up to `limit` pending accounts of one form: with profile data (`profile`) or IDs only.
     pub async fn pending_accounts(
         &self,
@@ -3330,60 +2514,6 @@ impl Store {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Whole-group steps: create the group before its messages, members and unread counts after.
-
-/// A group whose import_group is due.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupToCreate {
-    pub group_id: String,
-    pub spec: String,
-    /// Attempts made before this one.
-    pub attempts: i64,
-}
-
-/// A member whose import (or unread count) is due.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberRow {
-    pub id: i64,
-    pub account: String,
-    pub role: Option<String>,
-    pub join_time: Option<i64>,
-    pub unread_msg_num: Option<i64>,
-}
-
-/// What became of one member.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemberUpdate {
-    /// Result 1 or 2; `unread_pending` when its unread count must still be set.
-    Imported {
-        id: i64,
-        result: i64,
-        unread_pending: bool,
-    },
-    Failed {
-        id: i64,
-        result: Option<i64>,
-        reason: String,
-    },
-    UnreadSet {
-        id: i64,
-    },
-    UnreadFailed {
-        id: i64,
-        reason: String,
-    },
-}
-
-/// Member counts for status.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct MemberTotals {
-    pub pending: i64,
-    pub imported: i64,
-    pub failed: i64,
-    pub unread_pending: i64,
-}
-
 fn member_row(r: &sqlx::sqlite::SqliteRow) -> MemberRow {
     MemberRow {
         id: r.get("id"),
@@ -3394,7 +2524,7 @@ fn member_row(r: &sqlx::sqlite::SqliteRow) -> MemberRow {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Groups whose import_group is due.
     pub async fn groups_to_create(
         &self,
@@ -3629,107 +2759,12 @@ impl Store {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// `timport verify`: the lanes it reads back, the class of every imported message, the quota claim.
-
-/// A lane in the scope of a verify, with where its last pass stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyLane {
-    pub lane_id: i64,
-    pub group_id: String,
-    pub topic_id: String,
-    /// Imported messages now.
-    pub imported: i64,
-    /// Pending and in flight now (the import of the lane is not finished).
-    pub unfinished: i64,
-    /// The oldest and newest MsgSeq recorded for the lane's imported messages.
-    pub low_seq: i64,
-    pub high_seq: i64,
-    /// The pass recorded for the lane, if any.
-    pub pass: Option<VerifyPass>,
-}
-
-/// Where a lane's verify pass stands (`verify_lanes`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyPass {
-    /// The lane's imported count when the pass began.
-    pub imported: i64,
-    pub top_seq: Option<i64>,
-    pub low_seq: i64,
-    /// ReqMsgSeq of the next page to read; `None` with `top_seq` `None`: from the newest.
-    pub next_seq: Option<i64>,
-    pub done: bool,
-}
-
-/// One of our imported messages, as verify compares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyOurs {
-    pub id: i64,
-    pub msg_seq: i64,
-    pub from_account: String,
-    /// The SendTime actually sent.
-    pub time: i64,
-    pub random: u32,
-    /// Empty once dropped (`queue.keep_bodies`); then `body_sha256` stands for it.
-    pub body: String,
-    pub body_sha256: Option<String>,
-}
-
-/// One class recorded for a message (ours: `message_id` set) or a server message not ours.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VerifyRow {
-    pub message_id: Option<i64>,
-    pub msg_seq: i64,
-    pub kind: &'static str,
-    /// JSON texts.
-    pub expected: Option<String>,
-    pub found: Option<String>,
-}
-
-/// Counts per lane of the recorded classes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct VerifyCounts {
-    pub group: String,
-    pub topic: String,
-    #[serde(skip)]
-    pub lane_id: i64,
-    pub verified: i64,
-    pub missing: i64,
-    pub altered: i64,
-    pub duplicated: i64,
-    pub unverifiable: i64,
-    pub foreign: i64,
-    /// The pass read the whole range.
-    pub done: bool,
-}
-
-/// A recorded problem (any class but verified).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyProblemRow {
-    pub group: String,
-    pub topic: String,
-    pub msg_seq: i64,
-    pub kind: String,
-    pub expected: Option<String>,
-    pub found: Option<String>,
-}
-
-/// The quota claim of a running verify (`verify_claim`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifyClaim {
-    pub token: String,
-    pub rate: f64,
-    pub heartbeat_ms: i64,
-    pub ack_token: Option<String>,
-    pub ack_ms: Option<i64>,
-}
-
 fn verify_lane_filter() -> &'static str {
     "l.imported > 0 AND (?1 IS NULL OR l.group_id = ?1)
      AND (?2 IS NULL OR l.id IN (SELECT lane_id FROM job_lanes WHERE job_id = ?2))"
 }
 
-impl Store {
+impl SqliteStore {
     /// Lanes with imported messages, all or those of `group` or of `job`, with their passes.
     pub async fn verify_scope(
         &self,
@@ -4123,18 +3158,7 @@ fn verify_ours_row(r: &sqlx::sqlite::SqliteRow) -> VerifyOurs {
 /// Where the "until verified" pass stands: the last `verify_results.id` looked at.
 const BODIES_CURSOR_KEY: &str = "bodies_dropped_through_result";
 
-/// Imported messages whose bodies may be dropped now, and the cursor to store with them.
-#[derive(Debug, Default)]
-pub struct BodiesToDrop {
-    /// (message id, body).
-    pub messages: Vec<(i64, String)>,
-    /// For "until verified": the `verify_results.id` looked at through.
-    pub cursor: Option<i64>,
-    /// Fewer than asked for: nothing more to do for now.
-    pub last: bool,
-}
-
-impl Store {
+impl SqliteStore {
     /// Up to `limit` imported messages whose bodies `keep` lets go at `now` (Unix seconds).
     pub async fn bodies_to_drop(
         &self,
@@ -4345,15 +3369,5 @@ mod tests {
             !shown.contains("0011") && !shown.contains("aabb"),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn inverses_modulo_2_32() {
-        for a in [FMIX_M1, FMIX_M2, 1, 3, u32::MAX] {
-            assert_eq!(a.wrapping_mul(inverse_mod_2_32(a)), 1, "{a:#x}");
-        }
-        for h in (0..u32::MAX).step_by(4_099) {
-            assert_eq!(unfmix32(fmix32(h)), h);
-        }
     }
 }

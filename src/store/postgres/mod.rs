@@ -1,0 +1,453 @@
+//! The store on PostgreSQL: the same queue as [`super::sqlite`], in a database several machines
+//! can reach, replicate and back up.
+//!
+//! Discipline, as on SQLite: every write transaction is short, never spans an HTTP call, and
+//! starts by taking the queue's writer lock (`pg_advisory_xact_lock`, held until it commits or
+//! rolls back), so writes of every process on this queue (`timport run`, `ingest`, `retry`,
+//! `verify`) are serialized exactly as SQLite's `BEGIN IMMEDIATE` serializes them, and no two
+//! transactions can deadlock on lane and job rows. Reads take no lock (READ COMMITTED). Bulk
+//! intake goes in multi-row statements over `unnest` arrays; lists go in as arrays, not JSON.
+//!
+//! Faults: the server unreachable at start is [`StoreError::Unreachable`] naming the host (the
+//! URL is only ever shown redacted); a refused login or missing database is
+//! [`StoreError::Refused`]; a hot standby is [`StoreError::Standby`]. While running, a lost
+//! connection (or a server restarting, or a failover that left this URL on a standby) is a write
+//! refusal: [`Health`] says so once, intake and lanes wait, and a probe write retries with
+//! backoff until the database answers again. A transaction cut off by a lost connection rolled
+//! back on the server, so nothing half-done remains; an answer that could not be recorded stays
+//! in flight and is reconciled, as after a crash. Stopping closes the pool.
+
+mod engine;
+mod intake;
+mod status;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+pub use intake::PgJobWriter;
+
+use super::health::{Health, HealthCell};
+use super::{RandomKey, StoreError, StoreOptions, unix_now};
+use crate::settings::PostgresUrl;
+
+/// The embedded PostgreSQL migrations (`migrations/postgres/`), run at every start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The advisory lock every write transaction takes first: one writer at a time per database.
+const WRITER_LOCK: i64 = 0x7469_6d70_0001; // "timp" 1
+
+/// The BEGIN of every write transaction.
+const BEGIN_WRITE: &str =
+    "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock(127996156444673)";
+
+/// How long a statement waits for a free connection before the database counts as unreachable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The queue database on PostgreSQL. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// The URL, redacted: what errors and logs name.
+    target: String,
+    host: String,
+    /// The secret behind assigned Randoms (`meta.random_key`); `None` when opened read-only.
+    random_key: Option<RandomKey>,
+    health: Arc<HealthCell>,
+    url: PostgresUrl,
+}
+
+/// How an open treats the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Create the schema when missing (`run`, `ingest`).
+    Create,
+    /// The schema must exist (`retry`, `verify`).
+    Existing,
+    /// Read only: no migration, no write (`status`).
+    ReadOnly,
+}
+
+impl PgStore {
+    /// Connects, migrates, and proves the database takes writes.
+    pub async fn open(url: &PostgresUrl, opts: &StoreOptions) -> Result<PgStore, StoreError> {
+        PgStore::connect(url, opts, Mode::Create).await
+    }
+
+    /// Like [`PgStore::open`], but a database without a timport queue is
+    /// [`StoreError::NotFound`] and nothing is created.
+    pub async fn open_existing(
+        url: &PostgresUrl,
+        opts: &StoreOptions,
+    ) -> Result<PgStore, StoreError> {
+        PgStore::connect(url, opts, Mode::Existing).await
+    }
+
+    /// Connects for reading only (`timport status`): no migration, no write; works on a standby.
+    pub async fn open_read_only(
+        url: &PostgresUrl,
+        opts: &StoreOptions,
+    ) -> Result<PgStore, StoreError> {
+        PgStore::connect(url, opts, Mode::ReadOnly).await
+    }
+
+    async fn connect(
+        url: &PostgresUrl,
+        opts: &StoreOptions,
+        mode: Mode,
+    ) -> Result<PgStore, StoreError> {
+        let target = url.redacted().to_string();
+        let host = url.host().to_string();
+        let options = PgConnectOptions::from_str(url.expose())
+            .map_err(|source| StoreError::Refused {
+                target: target.clone(),
+                source: scrub(source),
+            })?
+            .application_name("timport");
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.pg_pool_size.max(2))
+            .min_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // A connection left idle across a server restart is found broken here, not by the
+            // statement that would use it.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(|e| opening_error(&target, &host, e))?;
+        let mut store = PgStore {
+            pool,
+            target,
+            host,
+            random_key: None,
+            health: HealthCell::new(),
+            url: url.clone(),
+        };
+        if mode != Mode::Create {
+            let queue: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_tables
+                 WHERE schemaname = current_schema() AND tablename = 'messages')",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| store.classify(e))?;
+            if !queue {
+                store.pool.close().await;
+                return Err(StoreError::NotFound {
+                    path: store.target.clone().into(),
+                    what: "holds no timport queue (no messages table in its schema)",
+                });
+            }
+        }
+        if mode == Mode::ReadOnly {
+            return Ok(store);
+        }
+        let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&store.pool)
+            .await
+            .map_err(|e| store.classify(e))?;
+        if in_recovery {
+            store.pool.close().await;
+            return Err(StoreError::Standby {
+                target: store.target.clone(),
+                detail: "the server is a hot standby (pg_is_in_recovery)".into(),
+            });
+        }
+        // Two processes starting at once must not both run the first migration.
+        {
+            let mut conn = store.pool.acquire().await.map_err(|e| store.classify(e))?;
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(WRITER_LOCK + 1)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| store.classify(e))?;
+            let migrated = MIGRATOR.run(&mut *conn).await;
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(WRITER_LOCK + 1)
+                .execute(&mut *conn)
+                .await;
+            migrated.map_err(|source| match source {
+                sqlx::migrate::MigrateError::Execute(e) => store.classify(e),
+                source => StoreError::PgMigrate {
+                    target: store.target.clone(),
+                    source,
+                },
+            })?;
+        }
+        store.write_probe().await?;
+        store.random_key = Some(store.load_random_key().await?);
+        Ok(store)
+    }
+
+    /// Reads `meta.random_key` (the first migration draws it).
+    async fn load_random_key(&self) -> Result<RandomKey, StoreError> {
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'random_key'")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.err(e))?;
+        value
+            .as_deref()
+            .and_then(RandomKey::parse)
+            .ok_or_else(|| StoreError::Pg {
+                target: self.target.clone(),
+                source: sqlx::Error::Protocol(
+                    "meta random_key is missing or not 32 hex digits".into(),
+                ),
+            })
+    }
+
+    /// The secret behind this database's assigned Randoms (`None` when opened read-only).
+    pub fn random_key(&self) -> Option<&RandomKey> {
+        self.random_key.as_ref()
+    }
+
+    /// The URL, redacted.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// `host:port` of the server.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The URL (for a listening connection of one's own).
+    #[allow(dead_code)] // the intake listener connects with it
+    pub(crate) fn url(&self) -> &PostgresUrl {
+        &self.url
+    }
+
+    /// The pool (tests and benchmarks read through it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Commits a small write, so a standby or a lost connection shows up now, not mid-import.
+    pub async fn write_probe(&self) -> Result<(), StoreError> {
+        self.set_meta("last_write_probe", &unix_now().to_string())
+            .await
+    }
+
+    /// Starts a write transaction holding the queue's writer lock.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Commits `tx`; a committed write clears a write refusal.
+    pub(crate) async fn commit_tx(
+        &self,
+        tx: Transaction<'static, Postgres>,
+    ) -> Result<(), StoreError> {
+        tx.commit().await.map_err(|e| self.err(e))?;
+        self.health.note_written(&self.target);
+        Ok(())
+    }
+
+    /// Wraps an sqlx error with the redacted URL and its class, and notes what it says about
+    /// the database's health (see [`Health`]).
+    pub fn err(&self, e: sqlx::Error) -> StoreError {
+        let e = self.classify(e);
+        self.note_error(&e);
+        e
+    }
+
+    fn classify(&self, e: sqlx::Error) -> StoreError {
+        classify(&self.target, e)
+    }
+
+    /// Records what `e` says about the database (see [`HealthCell::note_error`]).
+    pub fn note_error(&self, e: &StoreError) {
+        if self.health.note_error(&self.target, e) {
+            let store = self.clone();
+            self.health.start_probe(move || {
+                let store = store.clone();
+                async move {
+                    if store.pool.is_closed() {
+                        return None;
+                    }
+                    Some(store.write_probe().await.is_ok())
+                }
+            });
+        }
+    }
+
+    /// The database's health now.
+    pub fn health(&self) -> Health {
+        self.health.get()
+    }
+
+    /// A receiver that sees every change of [`PgStore::health`].
+    pub fn subscribe_health(&self) -> tokio::sync::watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    /// Why writes fail now, if they do.
+    pub fn writes_refused(&self) -> Option<String> {
+        self.health.writes_refused()
+    }
+
+    /// The reason the database may not be used any more, if it may not.
+    pub fn stopped(&self) -> Option<String> {
+        self.health.stopped()
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Reads a `meta` value.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes a `meta` value in its own short transaction.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO meta(key, value) VALUES($1, $2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        self.commit_tx(tx).await
+    }
+
+    /// A not-yet-written part of the PostgreSQL backend.
+    pub(crate) fn todo(&self, what: &str) -> StoreError {
+        StoreError::Pg {
+            target: self.target.clone(),
+            source: sqlx::Error::Protocol(format!("{what} is not available on PostgreSQL yet")),
+        }
+    }
+}
+
+/// An error of the first connection: the server unreachable, or refusing us.
+fn opening_error(target: &str, host: &str, e: sqlx::Error) -> StoreError {
+    match classify(target, e) {
+        StoreError::ConnectionLost { source, .. } => StoreError::Unreachable {
+            host: host.to_string(),
+            target: target.to_string(),
+            source,
+        },
+        StoreError::Pg { source, .. } => StoreError::Refused {
+            target: target.to_string(),
+            source,
+        },
+        e => e,
+    }
+}
+
+/// An sqlx error as it may be shown: a configuration error could repeat the URL it came from.
+fn scrub(e: sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::Configuration(_) => {
+            sqlx::Error::Configuration("the URL's options could not be read".into())
+        }
+        e => e,
+    }
+}
+
+/// Classifies an sqlx error from PostgreSQL by SQLSTATE (and the connection-level kinds).
+fn classify(target: &str, e: sqlx::Error) -> StoreError {
+    let target = target.to_string();
+    let e = scrub(e);
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => {
+            return StoreError::ConnectionLost { target, source: e };
+        }
+        _ => {}
+    }
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+        .unwrap_or_default();
+    match code.as_str() {
+        // read_only_sql_transaction: a standby (a failover left this URL on one).
+        "25006" => StoreError::Standby {
+            target,
+            detail: e
+                .as_database_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default(),
+        },
+        // admin_shutdown, crash_shutdown, cannot_connect_now, connection exceptions.
+        c if c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03" => {
+            StoreError::ConnectionLost { target, source: e }
+        }
+        // disk_full, insufficient resources: for the operator to fix, retried.
+        c if c.starts_with("53") => StoreError::DiskFull {
+            path: target.into(),
+            source: e,
+        },
+        // invalid authorization, invalid catalog (no such database).
+        c if c.starts_with("28") || c == "3D000" => StoreError::Refused { target, source: e },
+        _ => StoreError::Pg { target, source: e },
+    }
+}
+
+/// A session-level advisory lock, held on a connection of its own for as long as this value
+/// lives (dropping it closes the connection, which releases the lock). If that connection is
+/// lost, so is the lock.
+#[derive(Debug)]
+pub struct PgLock {
+    _conn: sqlx::PgConnection,
+}
+
+/// The lock of the one `timport run` per database.
+pub const DAEMON_LOCK: i64 = WRITER_LOCK + 2;
+/// The lock of the one `timport verify` per database.
+pub const VERIFY_LOCK: i64 = WRITER_LOCK + 3;
+
+impl PgStore {
+    /// Takes advisory lock `key` on a connection of its own; `None` when another session holds
+    /// it.
+    pub async fn try_lock(&self, key: i64) -> Result<Option<PgLock>, StoreError> {
+        use sqlx::Connection;
+        let options = PgConnectOptions::from_str(self.url.expose())
+            .map_err(|e| self.err(scrub(e)))?
+            .application_name("timport lock");
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| self.err(e))?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(got.then_some(PgLock { _conn: conn }))
+    }
+
+    /// Whether some session holds advisory lock `key`.
+    pub async fn lock_held(&self, key: i64) -> Result<bool, StoreError> {
+        // A bigint key shows in pg_locks as classid (high 32 bits) and objid (low), objsubid 1.
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND classid::bigint = ($1 >> 32) AND objid::bigint = ($1 & 4294967295)
+                 AND objsubid = 1)",
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))
+    }
+}
