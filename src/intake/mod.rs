@@ -4,7 +4,8 @@
 //!
 //! [`run`] is the daemon's intake loop: it wakes on file-system events (inotify through `notify`),
 //! on a periodic rescan as a safety net, when a file waiting to settle or to be retried is due
-//! ([`spool::Scan::next_in`]), and on a short poll of the intake table. It stops when the
+//! ([`spool::Scan::next_in`]), on a short poll of the intake table, and on PostgreSQL at once
+//! when rows are inserted there (LISTEN/NOTIFY; the poll stays as the safety net). It stops when the
 //! cancellation token fires; a file being ingested at that moment is rolled back and stays in the
 //! spool, so the next start takes it again. Failures of one file or one poll are logged and
 //! retried on the next wake; they never stop the daemon. While the database refuses writes (a
@@ -74,6 +75,9 @@ pub async fn run_with(
     let mut due: Option<tokio::time::Instant> = None;
     let mut failing: Option<String> = None;
     let mut health = store.subscribe_health();
+    // PostgreSQL notifies at every insert into the intake table: rows are taken at once, and the
+    // poll stays as the safety net for a notification lost with a connection.
+    let mut listener = store.intake_listener().await;
     loop {
         let due_at = due.unwrap_or_else(|| tokio::time::Instant::now() + cfg.rescan_interval);
         tokio::select! {
@@ -84,6 +88,7 @@ pub async fn run_with(
                 due = scan(&store, &mut spool, &mut failing, &cancel).await;
             }
             _ = poll.tick() => poll_table(&store).await,
+            _ = notified(&mut listener) => poll_table(&store).await,
             changed = health.changed() => {
                 if changed.is_err() {
                     break;
@@ -103,6 +108,14 @@ pub async fn run_with(
         }
     }
     tracing::info!("intake stopped");
+}
+
+/// The next intake notification; never, without a listener.
+async fn notified(listener: &mut Option<crate::store::IntakeListener>) {
+    match listener {
+        Some(l) => l.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// While the database refuses writes (or is unusable), intake waits: the store has said why,

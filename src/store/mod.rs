@@ -653,6 +653,36 @@ impl Store {
     }
 }
 
+/// Wakes intake when rows are inserted into the intake table (PostgreSQL: `LISTEN`).
+#[derive(Debug)]
+pub struct IntakeListener {
+    pg: postgres::PgIntakeListener,
+}
+
+impl IntakeListener {
+    /// Waits until rows may have been inserted (a notification, or a second after a failure).
+    pub async fn recv(&mut self) {
+        self.pg.recv().await
+    }
+}
+
+impl Store {
+    /// A listener for new intake rows, where the database can notify (PostgreSQL); `None` on
+    /// SQLite, and when listening failed (logged; the poll interval still takes the rows).
+    pub async fn intake_listener(&self) -> Option<IntakeListener> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => match p.intake_listener().await {
+                Ok(pg) => Some(IntakeListener { pg }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for intake rows; polling only");
+                    None
+                }
+            },
+        }
+    }
+}
+
 /// A lock of one process per database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueLock {

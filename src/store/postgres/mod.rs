@@ -107,6 +107,28 @@ impl PgStore {
                 source: scrub(source),
             })?
             .application_name("timport");
+        // One connection first, for a precise error: the pool would only say it timed out.
+        {
+            use sqlx::Connection;
+            match tokio::time::timeout(ACQUIRE_TIMEOUT, sqlx::PgConnection::connect_with(&options))
+                .await
+            {
+                Ok(Ok(c)) => {
+                    let _ = c.close().await;
+                }
+                Ok(Err(e)) => return Err(opening_error(&target, &host, e)),
+                Err(_) => {
+                    return Err(StoreError::Unreachable {
+                        host,
+                        target,
+                        source: sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
+                        )),
+                    });
+                }
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(opts.pg_pool_size.max(2))
             .min_connections(1)
@@ -215,9 +237,13 @@ impl PgStore {
     }
 
     /// The URL (for a listening connection of one's own).
-    #[allow(dead_code)] // the intake listener connects with it
-    pub(crate) fn url(&self) -> &PostgresUrl {
-        &self.url
+    /// Listens for rows inserted into the intake table (the `intake_notify` trigger).
+    pub async fn intake_listener(&self) -> Result<PgIntakeListener, StoreError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| self.classify(e))?;
+        l.listen(INTAKE_CHANNEL).await.map_err(|e| self.classify(e))?;
+        Ok(PgIntakeListener { listener: l })
     }
 
     /// The pool (tests and benchmarks read through it).
@@ -401,6 +427,26 @@ fn classify(target: &str, e: sqlx::Error) -> StoreError {
         // invalid authorization, invalid catalog (no such database).
         c if c.starts_with("28") || c == "3D000" => StoreError::Refused { target, source: e },
         _ => StoreError::Pg { target, source: e },
+    }
+}
+
+/// The channel the intake table's trigger notifies.
+const INTAKE_CHANNEL: &str = "timport_intake";
+
+/// A `LISTEN timport_intake` connection of its own.
+#[derive(Debug)]
+pub struct PgIntakeListener {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl PgIntakeListener {
+    /// Waits for the next notification. A lost connection is re-made (and listened on again) by
+    /// sqlx at the next call; a failure waits a second, so a server that is down costs no busy
+    /// loop (the poll interval still takes rows meanwhile).
+    pub async fn recv(&mut self) {
+        if self.listener.recv().await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 

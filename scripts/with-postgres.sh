@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs a command beside a throwaway PostgreSQL cluster: installs Debian's PostgreSQL server when it
+# is missing, starts a fresh cluster on a free loopback port (as the `postgres` user when run as
+# root, since PostgreSQL refuses root), exports TIMPORT_TEST_DATABASE_URL (the tests make one
+# database per test in it) and TIMPORT_REQUIRE_POSTGRES=1 (so no PostgreSQL test may skip), runs
+# the command, and removes the cluster whatever happens.
+#
+#   bash scripts/with-postgres.sh cargo test
+set -euo pipefail
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+bin=$(pg_bin)
+if [ -z "$bin" ]; then
+  echo "with-postgres: installing Debian's postgresql package" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  bin=$(pg_bin)
+fi
+[ -n "$bin" ] || { echo "with-postgres: no PostgreSQL server binaries found" >&2; exit 1; }
+
+dir=$(mktemp -d /tmp/timport-pg.XXXXXX)
+as_pg=()
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  chown postgres "$dir"
+  as_pg=(runuser -u postgres --)
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+cleanup() {
+  "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+"${as_pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+# Throwaway: durability off (fsync, full pages) for speed; enough connections for parallel tests
+# and their child daemons.
+"${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -o \
+  "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c full_page_writes=off -c synchronous_commit=off" \
+  start >/dev/null
+echo "with-postgres: PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port" >&2
+
+export TIMPORT_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+export TIMPORT_REQUIRE_POSTGRES=1
+set +e
+"$@"
+status=$?
+set -e
+if [ $status -ne 0 ] && [ -f "$dir/log" ]; then
+  echo "with-postgres: the command failed; the last lines of the server log:" >&2
+  tail -n 20 "$dir/log" >&2
+fi
+exit $status
