@@ -242,7 +242,9 @@ impl PgStore {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
             .await
             .map_err(|e| self.classify(e))?;
-        l.listen(INTAKE_CHANNEL).await.map_err(|e| self.classify(e))?;
+        l.listen(INTAKE_CHANNEL)
+            .await
+            .map_err(|e| self.classify(e))?;
         Ok(PgIntakeListener { listener: l })
     }
 
@@ -364,6 +366,11 @@ impl PgStore {
 /// An error of the first connection: the server unreachable, or refusing us.
 fn opening_error(target: &str, host: &str, e: sqlx::Error) -> StoreError {
     match classify(target, e) {
+        // The server answered, but its certificate was not trusted or TLS was refused.
+        StoreError::ConnectionLost { source, .. } if tls_refused(&source) => StoreError::Refused {
+            target: target.to_string(),
+            source,
+        },
         StoreError::ConnectionLost { source, .. } => StoreError::Unreachable {
             host: host.to_string(),
             target: target.to_string(),
@@ -374,6 +381,15 @@ fn opening_error(target: &str, host: &str, e: sqlx::Error) -> StoreError {
             source,
         },
         e => e,
+    }
+}
+
+/// A TLS failure (an untrusted certificate, a server without TLS when the URL requires it).
+fn tls_refused(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
     }
 }
 
