@@ -15,9 +15,13 @@
 //!    senders, the same pacer, a current-thread runtime like the daemon's, no queue), to a
 //!    simulator in a child process: the CPU that HTTP alone costs per 10,000 messages here.
 //!
+//! 6. backends: the steady scenario with the queue in SQLite and in PostgreSQL, side by side, with
+//!    the database server's CPU (only with `TIMPORT_BENCH_DATABASE_URL`, a server URL).
+//!
 //! Run: `cargo bench --bench import`. Sizes: `TIMPORT_BENCH_STEADY` (messages per group in 1–2,
 //! default 1000: about 34 s of steady state at 200/s, 46 s at 150/s), `TIMPORT_BENCH_SCALE`
-//! (messages in 4, default 2000000; 0 skips it). `TIMPORT_BENCH_LIMITERS_ONLY=1` runs only 1.
+//! (messages in 4, default 2000000; 0 skips it). `TIMPORT_BENCH_LIMITERS_ONLY=1` runs only 1,
+//! `TIMPORT_BENCH_BACKENDS_ONLY=1` only 6.
 //! Results are written up in docs/BENCHMARKS.md.
 
 use std::io::Write;
@@ -52,6 +56,11 @@ fn main() {
         );
         let per_group: i64 = env_num("TIMPORT_BENCH_STEADY", 1000);
         let only_limiters = env_num("TIMPORT_BENCH_LIMITERS_ONLY", 0) == 1;
+        if env_num("TIMPORT_BENCH_BACKENDS_ONLY", 0) == 1 {
+            let server = common::pg::server().expect("TIMPORT_BENCH_DATABASE_URL");
+            backends(&bin, &server, per_group).await;
+            return;
+        }
         let mut rows = Vec::new();
         for quota in [200, 150] {
             for limiter in [Limiter::Sliding, Limiter::Fixed, Limiter::Bucket] {
@@ -99,6 +108,9 @@ fn main() {
             naive.1 / 14.0
         );
         println!("timport / naive: {:.1}x", rows[0].rate / naive.1.max(0.001));
+        if let Some(server) = common::pg::server() {
+            backends(&bin, &server, per_group).await;
+        }
         http_floor(&bin, 60, per_group);
         let scale_n: i64 = env_num("TIMPORT_BENCH_SCALE", 2_000_000);
         if scale_n > 0 {
@@ -116,6 +128,8 @@ struct Outcome {
     limited: usize,
     requests: usize,
     cpu_per_10k: f64,
+    /// PostgreSQL runs: the server's CPU seconds per 10,000 messages.
+    db_cpu_per_10k: Option<f64>,
 }
 
 /// The simulator's side of a scenario.
@@ -186,6 +200,16 @@ fn write_job(path: &Path, groups: i64, per_group: i64, prefix: &str) {
 }
 
 fn config(dir: &Path, base_url: &str, extra: &str) -> PathBuf {
+    config_on(
+        dir,
+        base_url,
+        extra,
+        &dir.join("timport.db").display().to_string(),
+    )
+}
+
+/// [`config`] with the queue in `db` (a SQLite path or a PostgreSQL URL).
+fn config_on(dir: &Path, base_url: &str, extra: &str, db: &str) -> PathBuf {
     let p = dir.join("timport.toml");
     std::fs::write(
         &p,
@@ -205,7 +229,6 @@ level = "warn"
 listen = ""
 {extra}
 "#,
-            db = dir.join("timport.db").display(),
             spool = dir.join("spool").display(),
         ),
     )
@@ -229,25 +252,51 @@ fn ingest(bin: &Path, cfg: &Path, job: &Path) {
     assert!(ok, "ingest");
 }
 
+async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, server: Server) -> Outcome {
+    scenario_on(bin, name, groups, per_group, server, None).await
+}
+
+/// A scenario with the queue in PostgreSQL when `pg` names a server (a fresh database on it);
+/// then the server's CPU is measured too.
 #[expect(
     clippy::zombie_processes,
     reason = "reaped by wait_with_usage (wait4) to read its rusage"
 )]
-async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, server: Server) -> Outcome {
+async fn scenario_on(
+    bin: &Path,
+    name: &str,
+    groups: i64,
+    per_group: i64,
+    server: Server,
+    pg: Option<&str>,
+) -> Outcome {
     let dir = tempfile::tempdir().expect("tempdir");
     let sim = start_sim_with(Duration::from_millis(40), server).await;
     let job = dir.path().join("job.ndjson");
     write_job(&job, groups, per_group, "bench");
-    let cfg = config(
+    let db = match pg {
+        Some(server) => common::pg::fresh_database(server, "bench_import").await,
+        None => dir.path().join("timport.db").display().to_string(),
+    };
+    let postmaster = match pg {
+        Some(server) => common::pg::postmaster_pid(server).await,
+        None => None,
+    };
+    let cfg = config_on(
         dir.path(),
         &sim.base_url(),
         &format!("[import]\nrequests_per_second = {CONFIGURED_RPS}\n"),
+        &db,
     );
     // Queue first, so the import measurement is the import alone.
     ingest(bin, &cfg, &job);
-    let store = Store::open(&dir.path().join("timport.db"), &StoreOptions::default())
-        .await
-        .expect("store");
+    let store = Store::open(
+        &timport::settings::Database::from(db.clone()),
+        &StoreOptions::default(),
+    )
+    .await
+    .expect("store");
+    let db_cpu_before = postmaster.map(common::pg::server_cpu);
     let total = groups * per_group;
     let child = Command::new(bin)
         .args(["run", "--config", &cfg.to_string_lossy(), "--until-idle"])
@@ -272,6 +321,12 @@ async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, server: S
         .await
         .expect("wait");
     assert!(ok, "daemon exit status");
+    // The daemon's backends end with it; the postmaster reaps them into its own counters.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db_cpu = match (postmaster, db_cpu_before) {
+        (Some(p), Some(before)) => Some(common::pg::server_cpu(p) - before),
+        _ => None,
+    };
     let ((a, ia), (b, ib)) = (t10.expect("t10"), t90.expect("t90"));
     let rate = (ib - ia) as f64 / b.duration_since(a).as_secs_f64();
     let state = sim.state();
@@ -306,6 +361,59 @@ async fn scenario(bin: &Path, name: &str, groups: i64, per_group: i64, server: S
         limited,
         requests,
         cpu_per_10k: cpu * 10_000.0 / total as f64,
+        db_cpu_per_10k: db_cpu.map(|c| c * 10_000.0 / total as f64),
+    }
+}
+
+/// 6. backends: the steady scenario (sliding limiter, 200/s, 40 ms) with the queue in SQLite and
+///    in PostgreSQL (`TIMPORT_BENCH_DATABASE_URL`), alternating, twice each, side by side.
+async fn backends(bin: &Path, server: &str, per_group: i64) {
+    let steady = Server {
+        quota: 200,
+        limiter: Limiter::Sliding,
+        p_drop: 0.0,
+    };
+    let mut rows = Vec::new();
+    for round in 1..=2 {
+        rows.push(
+            scenario_on(
+                bin,
+                &format!("SQLite, run {round}"),
+                60,
+                per_group,
+                steady,
+                None,
+            )
+            .await,
+        );
+        rows.push(
+            scenario_on(
+                bin,
+                &format!("PostgreSQL, run {round}"),
+                60,
+                per_group,
+                steady,
+                Some(server),
+            )
+            .await,
+        );
+    }
+    println!(
+        "\n| queue (steady: sliding 200/s, 40 ms) | messages | steady msg/s | % of ceiling | daemon CPU s / 10k msgs | database server CPU s / 10k msgs |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {:.1}% | {:.3} | {} |",
+            r.name,
+            r.messages,
+            r.rate,
+            r.rate * 100.0 / r.ceiling,
+            r.cpu_per_10k,
+            r.db_cpu_per_10k
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "(in the daemon)".into())
+        );
     }
 }
 

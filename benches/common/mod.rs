@@ -1,6 +1,8 @@
 //! Helpers shared by the benchmarks: the release binary, a child's own rusage, the machine.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
