@@ -10,7 +10,7 @@
 #   bash scripts/with-postgres.sh cargo test
 set -euo pipefail
 
-pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+pg_bin() { find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1; }
 
 bin=$(pg_bin)
 if [ -z "$bin" ]; then
@@ -32,8 +32,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 standby_port=$(free_port)
 
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
-  [ -n "${KEEP_PG:-}" ] && return
   "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/standby" -m immediate stop >/dev/null 2>&1 || true
   "${as_pg[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$dir"
