@@ -233,4 +233,5 @@ CREATE TABLE accounts (
     updated_at BIGINT
 );
 
-CREATE INDEX accounts_pending ON accounts (user_id) WHERE state = 'pending';
+-- In byte order of the IDs (COLLATE "C"), as SQLite orders them and the engine reads them.
+CREATE INDEX accounts_pending ON accounts (user_id COLLATE "C") WHERE state = 'pending';
