@@ -2904,7 +2904,8 @@ impl SqliteStore {
              FROM messages AS m
              WHERE lane_id = ?1 AND state IN ('pending', 'in_flight', 'imported', 'failed')
                AND send_time BETWEEN ?3 - 86400 AND ?3
-               AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2"
+               AND COALESCE(sent_time, send_time) = ?3 AND from_account = ?2
+             ORDER BY id"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(lane_id)

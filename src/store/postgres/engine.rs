@@ -691,16 +691,6 @@ impl LaneArrays {
 }
 
 impl PgStore {
-    /// Runs one write statement in its own short transaction.
-    async fn write_one(
-        &self,
-        q: sqlx::query::Query<'_, Postgres, PgArguments>,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        q.execute(&mut *tx).await.map_err(|e| self.err(e))?;
-        self.commit_tx(tx).await
-    }
-
     /// Up to `limit` pending accounts of one form: with profile data (`profile`) or IDs only,
     /// in byte order of their IDs (as on SQLite, whatever the database's collation).
     pub async fn pending_accounts(
@@ -906,6 +896,7 @@ impl PgStore {
             .bind(group),
         )
         .await
+        .map(|_| ())
     }
 
     /// The group exists now: its messages may go.
@@ -918,6 +909,7 @@ impl PgStore {
             .bind(group),
         )
         .await
+        .map(|_| ())
     }
 
     /// The group cannot be created: it and all its lanes are blocked with the reason.
@@ -964,6 +956,7 @@ impl PgStore {
                 .bind(group),
         )
         .await
+        .map(|_| ())
     }
 
     /// Groups with member work that may run now: created (or nothing to create), and no message

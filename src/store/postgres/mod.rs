@@ -354,6 +354,21 @@ impl PgStore {
         self.commit_tx(tx).await
     }
 
+    /// Runs one write statement in its own short transaction; returns the rows it touched.
+    pub(crate) async fn write_one(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let n = q
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?
+            .rows_affected();
+        self.commit_tx(tx).await?;
+        Ok(n)
+    }
+
     /// A not-yet-written part of the PostgreSQL backend.
     pub(crate) fn todo(&self, what: &str) -> StoreError {
         StoreError::Pg {

@@ -522,21 +522,6 @@ impl PgStore {
             .collect())
     }
 
-    /// Runs one write statement in its own short transaction; returns the rows it touched.
-    async fn write_one(
-        &self,
-        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.begin().await?;
-        let n = q
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(e))?
-            .rows_affected();
-        self.commit_tx(tx).await?;
-        Ok(n)
-    }
-
     /// A verify claims `rate` requests/s of the quota (replacing any earlier claim) and beats.
     pub async fn verify_claim(
         &self,
