@@ -4,8 +4,8 @@
 //! commits whole or leaves nothing; a connection lost midway rolls it back on the server. The
 //! assignment of Randoms and the bookkeeping of caller-given ones are shared with SQLite
 //! ([`JobBuf`]); what differs is how rows go in: every buffer of messages is one multi-row
-//! INSERT over `unnest` arrays (messages and their bodies in one statement, with ids drawn from
-//! the sequence beforehand), lookups of many keys are one `unnest` join, and counters are written
+//! INSERT over `unnest` arrays (messages and their bodies in one statement, with a block of ids
+//! drawn from the sequence beforehand), lookups of many keys are one `unnest` join, and counters are written
 //! at commit from arrays, one statement each.
 
 use sqlx::{Postgres, Row, Transaction};
@@ -280,8 +280,8 @@ impl PgJobWriter {
         Ok(())
     }
 
-    /// Writes the buffered rows, sorted by lane, in one statement: ids drawn from the sequence
-    /// first (sorted, so they rise in queue order), then messages and bodies from arrays.
+    /// Writes the buffered rows, sorted by lane, in one statement: a block of ids drawn from the
+    /// sequence first (rising in queue order), then messages and bodies from arrays.
     async fn flush(&mut self) -> Result<(), StoreError> {
         if self.b.buf.is_empty() {
             return Ok(());
@@ -294,15 +294,19 @@ impl PgJobWriter {
         }
         self.b.buf.sort_by_key(|r| r.0);
         let n = self.b.buf.len();
-        let mut ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT nextval(pg_get_serial_sequence('messages', 'id')::regclass)
-             FROM generate_series(1, $1)",
+        // The block of ids first..=last from the sequence in one call (nextval for each of a
+        // million rows cost a fifth of the ingest). Safe under the writer lock: every statement
+        // that draws message ids is this one, so no other nextval can fall between the two.
+        let n64 = i64::try_from(n).unwrap_or(i64::MAX);
+        let last: i64 = sqlx::query_scalar(
+            "SELECT setval(s, nextval(s) + $1 - 1)
+             FROM (SELECT pg_get_serial_sequence('messages', 'id')::regclass AS s) q",
         )
-        .bind(i64::try_from(n).unwrap_or(i64::MAX))
-        .fetch_all(&mut *self.tx)
+        .bind(n64)
+        .fetch_one(&mut *self.tx)
         .await
         .map_err(|e| self.store.err(e))?;
-        ids.sort_unstable();
+        let ids: Vec<i64> = (last - n64 + 1..=last).collect();
         let mut lane = Vec::with_capacity(n);
         let mut line = Vec::with_capacity(n);
         let mut index = Vec::with_capacity(n);
