@@ -3,7 +3,9 @@
 //! shell's `.import` of the same rows as CSV into a comparable table (WAL, same index) as the
 //! floor.
 //!
-//! Run: `cargo bench --bench ingest` (set `TIMPORT_BENCH_MESSAGES` to change the size).
+//! Run: `cargo bench --bench ingest` (set `TIMPORT_BENCH_MESSAGES` to change the size; set
+//! `TIMPORT_BENCH_DATABASE_URL` to a PostgreSQL server URL to run the same ingest on a fresh
+//! database of it as well).
 //! Results are written up in docs/BENCHMARKS.md.
 
 use std::io::Write;
@@ -90,10 +92,54 @@ fn main() {
         timport_rss as f64 / 1024.0
     );
     println!("| sqlite3 .import (floor) | {floor_secs:.2} s | {floor_rate:.0} | - | - |");
+    if let Some((secs, rss, cpu)) = postgres_run(&bin, &ndjson) {
+        println!(
+            "| timport ingest, PostgreSQL | {secs:.2} s | {:.0} | {cpu:.2} | {:.1} MiB |",
+            n as f64 / secs,
+            rss as f64 / 1024.0
+        );
+    }
     println!(
         "ratio timport/floor time: {:.2}x (targets: >= 200000 messages/s, <= 2x the floor, < 100 MiB)",
         timport_secs / floor_secs
     );
+}
+
+/// With `TIMPORT_BENCH_DATABASE_URL` (a PostgreSQL server URL, database part ignored), the same
+/// ingest into a fresh database of that server (created, then dropped): seconds, peak RSS (KiB)
+/// and CPU seconds of timport.
+#[expect(clippy::zombie_processes, reason = "reaped by wait_with_usage (wait4)")]
+fn postgres_run(bin: &Path, ndjson: &Path) -> Option<(f64, i64, f64)> {
+    let server = std::env::var("TIMPORT_BENCH_DATABASE_URL").ok()?;
+    let db = format!("timport_bench_ingest_{}", std::process::id());
+    let (base, _) = server.split_once('?').unwrap_or((&server, ""));
+    let root = base.rsplit_once('/').map_or(base, |(head, _)| head);
+    let url = format!("{root}/{db}");
+    let psql = |sql: &str| {
+        let ok = Command::new("psql")
+            .args([&server, "-q", "-c", sql])
+            .stdout(Stdio::null())
+            .status()
+            .expect("psql")
+            .success();
+        assert!(ok, "psql {sql}");
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&format!("CREATE DATABASE {db}"));
+    let started = Instant::now();
+    let child = Command::new(bin)
+        .args(["ingest", &ndjson.to_string_lossy()])
+        .env("TIMPORT__QUEUE__DATABASE", &url)
+        .env("TIMPORT__LOG__LEVEL", "warn")
+        .env_remove("TIMPORT_CONFIG")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run timport");
+    let (ok, rss, cpu) = wait_with_usage(child.id());
+    let secs = started.elapsed().as_secs_f64();
+    assert!(ok, "timport ingest on PostgreSQL failed");
+    psql(&format!("DROP DATABASE IF EXISTS {db}"));
+    Some((secs, rss, cpu))
 }
 
 fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {

@@ -16,6 +16,7 @@
 //! classified once per backend into [`StoreError`]; a write refusal (disk full, lost connection)
 //! is shared through [`Health`] and probed with backoff until writes work again.
 
+mod assign;
 mod error;
 mod health;
 pub mod postgres;

@@ -44,6 +44,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Arguments, AssertSqlSafe, Row, Sqlite, Transaction};
 
+use super::assign::{Buffered, JobBuf, Next};
 use super::health::HealthCell;
 use super::*;
 use crate::settings::Synchronous;
@@ -712,9 +713,6 @@ fn caller_insert_sql(n: usize) -> String {
     s
 }
 
-/// A buffered message: its lane, itself, its Random and whether that was assigned.
-type Buffered = (i64, NewMessage, u32, bool);
-
 /// Adds a buffered message's nine values, in the order of [`INSERT_COLUMNS`] (its body goes in
 /// [`INSERT_BODIES`]). Its strings move into the arguments (a borrowed one would be copied).
 fn add_row(
@@ -733,53 +731,12 @@ fn add_row(
     args.add(i64::from(m.recent_contact))
 }
 
-struct LaneAcc {
-    id: i64,
-    added: i64,
-}
-
-struct GroupAcc {
-    counter: i64,
-    start: i64,
-    seq: RandomSequence,
-    /// The smallest counter at or above `counter` whose value a caller gave (as far as known):
-    /// assignment skips it.
-    next_taken: Option<i64>,
-}
-
-/// A buffered message's caller-given Random, checked against the group's earlier ones when the
-/// buffer is written.
-struct CallerRandom {
-    /// Position of the message in the buffer (before it is sorted).
-    pos: usize,
-    random: u32,
-    /// Its position in the group's assigned sequence.
-    counter: i64,
-    /// The counter was already passed when the message came: an assigned value may equal it.
-    below: bool,
-}
-
 /// One job being queued, inside one `BEGIN IMMEDIATE` transaction: all of it commits, or nothing.
 pub struct SqliteJobWriter {
     store: SqliteStore,
     tx: Transaction<'static, Sqlite>,
-    job_id: i64,
-    /// group → topic → lane (nested so a lookup borrows, not allocates). Looked up for every
-    /// message: foldhash, not the standard library's SipHash (3% of all ingest instructions).
-    lanes: FastMap<String, FastMap<String, LaneAcc>>,
-    groups: FastMap<String, GroupAcc>,
-    buf: Vec<Buffered>,
-    /// Caller-given Randoms of the buffered messages (empty for files without Random).
-    callers: Vec<CallerRandom>,
-    /// Messages refused for a repeated Random (not written), in the order found.
-    conflicts: Vec<RandomConflict>,
-    count: i64,
-    /// The job's kind and file name, to name an earlier message of the same job.
-    kind: String,
-    source: String,
-    /// Accounts the job names (senders, owners, members) and lists with profile data: written
-    /// to `accounts` at commit, in the job's transaction (see [`JobAccounts`]).
-    accounts: JobAccounts,
+    /// The job's lanes, groups, buffer and Random bookkeeping (see [`JobBuf`]).
+    b: JobBuf,
 }
 
 impl SqliteStore {
@@ -856,20 +813,7 @@ impl SqliteStore {
         Ok(SqliteJobWriter {
             store: self.clone(),
             tx,
-            job_id,
-            lanes: FastMap::default(),
-            groups: FastMap::default(),
-            buf: Vec::with_capacity(SORT_CHUNK),
-            callers: Vec::new(),
-            conflicts: Vec::new(),
-            count: 0,
-            accounts: JobAccounts::default(),
-            kind: kind.to_string(),
-            source: if kind == "intake" {
-                "intake table".to_string()
-            } else {
-                source.to_string()
-            },
+            b: JobBuf::new(job_id, kind, source, SORT_CHUNK),
         })
     }
 }
@@ -877,7 +821,15 @@ impl SqliteStore {
 impl SqliteJobWriter {
     /// The job's id (valid once committed).
     pub fn job_id(&self) -> i64 {
-        self.job_id
+        self.b.job_id
+    }
+
+    /// An error of the job's own bookkeeping (not of SQLite).
+    fn fault(&self, what: String) -> StoreError {
+        StoreError::Sql {
+            path: self.store.path.clone(),
+            source: sqlx::Error::Protocol(what),
+        }
     }
 
     /// Queues one message (buffered; written in multi-row INSERTs). Returns the Random it gets.
@@ -887,91 +839,41 @@ impl SqliteJobWriter {
     /// An assigned Random skips every counter whose value a caller already gave in the group.
     pub async fn push(&mut self, msg: NewMessage) -> Result<u32, StoreError> {
         let lane_id = self.lane_id(&msg.group_id, &msg.topic_id).await?;
-        self.accounts.name(&msg.from_account);
+        self.b.accounts.name(&msg.from_account);
         let (random, assigned) = match msg.random {
             Some(r) => {
-                let g = self.group_acc(&msg.group_id)?;
-                let counter = i64::from(g.seq.counter_of(r));
-                let below = counter < g.counter;
-                if !below {
-                    g.next_taken = Some(g.next_taken.map_or(counter, |n| n.min(counter)));
-                }
-                self.callers.push(CallerRandom {
-                    pos: self.buf.len(),
-                    random: r,
-                    counter,
-                    below,
-                });
+                self.b.given(&msg.group_id, r).map_err(|w| self.fault(w))?;
                 (r, false)
             }
             None => (self.assign(&msg.group_id).await?, true),
         };
-        self.buf.push((lane_id, msg, random, assigned));
-        self.count += 1;
-        if self.buf.len() >= SORT_CHUNK {
+        if self.b.buffer((lane_id, msg, random, assigned), SORT_CHUNK) {
             self.flush().await?;
         }
         Ok(random)
     }
 
-    fn group_acc(&mut self, group: &str) -> Result<&mut GroupAcc, StoreError> {
-        let path = &self.store.path;
-        self.groups.get_mut(group).ok_or_else(|| StoreError::Sql {
-            path: path.clone(),
-            source: sqlx::Error::Protocol("group not loaded".into()),
-        })
-    }
-
     /// The group's next assigned Random: the next counter that no caller's value occupies.
     async fn assign(&mut self, group: &str) -> Result<u32, StoreError> {
         loop {
-            let g = self.group_acc(group)?;
-            let counter = g.counter;
-            let Ok(c) = u32::try_from(counter) else {
-                return Err(StoreError::Sql {
-                    path: self.store.path.clone(),
-                    source: sqlx::Error::Protocol(format!(
-                        "group {group} has used all 2^32 Random values"
-                    )),
-                });
-            };
-            if g.next_taken != Some(counter) {
-                g.counter += 1;
-                return Ok(g.seq.at(c));
+            match self.b.next_assigned(group).map_err(|w| self.fault(w))? {
+                Next::Value(v) => return Ok(v),
+                Next::Taken(counter) => {
+                    // A caller gave this counter's value: skip it, and find the next one taken.
+                    let stored: Option<i64> = sqlx::query_scalar(
+                        "SELECT MIN(counter) FROM caller_randoms WHERE group_id = ? AND counter > ?",
+                    )
+                    .bind(group)
+                    .bind(counter)
+                    .fetch_one(&mut *self.tx)
+                    .await
+                    .map_err(|e| self.store.err(e))?;
+                    self.b
+                        .skip(group, counter, stored)
+                        .map_err(|w| self.fault(w))?;
+                }
             }
-            // A caller gave this counter's value: skip it, and find the next one taken.
-            let next = self.next_taken_after(group, counter).await?;
-            let g = self.group_acc(group)?;
-            g.counter = counter + 1;
-            g.next_taken = next;
         }
-    }
-
-    /// The smallest counter above `counter` that a caller's value occupies in the group: queued
-    /// before (or written by this job), or still in the buffer.
-    async fn next_taken_after(
-        &mut self,
-        group: &str,
-        counter: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        let stored: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(counter) FROM caller_randoms WHERE group_id = ? AND counter > ?",
-        )
-        .bind(group)
-        .bind(counter)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(|e| self.store.err(e))?;
-        let buffered = self
-            .callers
-            .iter()
-            .filter(|c| c.counter > counter && self.buf[c.pos].1.group_id == group)
-            .map(|c| c.counter)
-            .min();
-        Ok(match (stored, buffered) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
     }
 
     /// Queues one message at once and returns its id (for the intake table, which records it),
@@ -979,7 +881,7 @@ impl SqliteJobWriter {
     pub async fn push_returning_id(&mut self, msg: NewMessage) -> Result<Pushed, StoreError> {
         self.push(msg).await?;
         self.flush().await?;
-        if let Some(c) = self.conflicts.pop() {
+        if let Some(c) = self.b.conflicts.pop() {
             return Ok(Pushed::Refused(c));
         }
         let id: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
@@ -993,23 +895,21 @@ impl SqliteJobWriter {
     /// (none of them is written). A job file with any is to be rejected.
     pub async fn take_conflicts(&mut self) -> Result<Vec<RandomConflict>, StoreError> {
         self.flush().await?;
-        Ok(std::mem::take(&mut self.conflicts))
+        Ok(std::mem::take(&mut self.b.conflicts))
     }
 
     async fn lane_id(&mut self, group: &str, topic: &str) -> Result<i64, StoreError> {
         let id = self.ensure_lane(group, topic).await?;
-        if let Some(l) = self.lanes.get_mut(group).and_then(|t| t.get_mut(topic)) {
-            l.added += 1;
-        }
+        self.b.count_in_lane(group, topic);
         Ok(id)
     }
 
     /// The lane's id, creating the group and lane rows when new (counts nothing).
     async fn ensure_lane(&mut self, group: &str, topic: &str) -> Result<i64, StoreError> {
-        if let Some(l) = self.lanes.get(group).and_then(|t| t.get(topic)) {
-            return Ok(l.id);
+        if let Some(id) = self.b.lane(group, topic) {
+            return Ok(id);
         }
-        if !self.groups.contains_key(group) {
+        if !self.b.groups.contains_key(group) {
             sqlx::query("INSERT OR IGNORE INTO groups(group_id) VALUES(?)")
                 .bind(group)
                 .execute(&mut *self.tx)
@@ -1031,22 +931,9 @@ impl SqliteJobWriter {
             .map_err(|e| self.store.err(e))?;
             let seq = match &self.store.random_key {
                 Some(key) => key.sequence(group),
-                None => {
-                    return Err(StoreError::Sql {
-                        path: self.store.path.clone(),
-                        source: sqlx::Error::Protocol("the database was opened read-only".into()),
-                    });
-                }
+                None => return Err(self.fault("the database was opened read-only".into())),
             };
-            self.groups.insert(
-                group.to_string(),
-                GroupAcc {
-                    counter,
-                    start: counter,
-                    seq,
-                    next_taken,
-                },
-            );
+            self.b.add_group(group, counter, seq, next_taken);
         }
         sqlx::query("INSERT OR IGNORE INTO lanes(group_id, topic_id, updated_at) VALUES(?, ?, ?)")
             .bind(group)
@@ -1062,10 +949,7 @@ impl SqliteJobWriter {
                 .fetch_one(&mut *self.tx)
                 .await
                 .map_err(|e| self.store.err(e))?;
-        self.lanes
-            .entry(group.to_string())
-            .or_default()
-            .insert(topic.to_string(), LaneAcc { id, added: 0 });
+        self.b.add_lane(group, topic, id);
         Ok(id)
     }
 
@@ -1073,7 +957,7 @@ impl SqliteJobWriter {
     /// already created by an earlier job stays created.
     pub async fn set_group_spec(&mut self, group: &str, spec: &str) -> Result<(), StoreError> {
         self.ensure_lane(group, "").await?;
-        self.accounts.name_owner(spec);
+        self.b.accounts.name_owner(spec);
         sqlx::query(
             "UPDATE groups SET spec = ?,
                 create_state = CASE WHEN create_state IN ('created', 'blocked') THEN create_state
@@ -1092,13 +976,13 @@ impl SqliteJobWriter {
     /// group is kept as it is).
     pub async fn add_member(&mut self, group: &str, m: &NewMember) -> Result<(), StoreError> {
         self.ensure_lane(group, "").await?;
-        self.accounts.name(&m.account);
+        self.b.accounts.name(&m.account);
         sqlx::query(
             "INSERT OR IGNORE INTO members(group_id, job_id, member_account, role, join_time,
                 unread_msg_num, updated_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(group)
-        .bind(self.job_id)
+        .bind(self.b.job_id)
         .bind(&m.account)
         .bind(m.role.as_deref())
         .bind(m.join_time)
@@ -1112,24 +996,25 @@ impl SqliteJobWriter {
 
     /// Writes the buffered rows, sorted by lane.
     async fn flush(&mut self) -> Result<(), StoreError> {
-        if self.buf.is_empty() {
+        if self.b.buf.is_empty() {
             return Ok(());
         }
-        if !self.callers.is_empty() {
+        if !self.b.callers.is_empty() {
             self.check_callers().await?;
-            if self.buf.is_empty() {
+            if self.b.buf.is_empty() {
                 return Ok(());
             }
         }
-        self.buf.sort_by_key(|r| r.0);
-        for chunk in self.buf.chunks_mut(INSERT_CHUNK) {
+        let job_id = self.b.job_id;
+        self.b.buf.sort_by_key(|r| r.0);
+        for chunk in self.b.buf.chunks_mut(INSERT_CHUNK) {
             // Arguments added straight into one buffer (`Query::bind` moves the whole query for
             // every value).
             let rows = chunk.len();
             let mut args = SqliteArguments::default();
             args.reserve(rows * 9, 0);
             for row in chunk.iter_mut() {
-                add_row(&mut args, self.job_id, row)
+                add_row(&mut args, job_id, row)
                     .map_err(|e| self.store.err(sqlx::Error::Encode(e)))?;
             }
             let last = sqlx::query_with(AssertSqlSafe(insert_sql(rows)), args)
@@ -1152,7 +1037,7 @@ impl SqliteJobWriter {
                 .await
                 .map_err(|e| self.store.err(e))?;
         }
-        self.buf.clear();
+        self.b.buf.clear();
         Ok(())
     }
 
@@ -1160,11 +1045,8 @@ impl SqliteJobWriter {
     /// statement for the whole buffer, or assigned), records the new ones in `caller_randoms`, and
     /// takes every message that repeats one out of the buffer, as a conflict.
     async fn check_callers(&mut self) -> Result<(), StoreError> {
-        let callers = std::mem::take(&mut self.callers);
-        let keys: Vec<(&str, u32)> = callers
-            .iter()
-            .map(|c| (self.buf[c.pos].1.group_id.as_str(), c.random))
-            .collect();
+        let callers = std::mem::take(&mut self.b.callers);
+        let keys = self.b.caller_keys(&callers);
         // One lookup per chunk of keys, with bound values (json_each parses each value again).
         let mut earlier: Vec<Option<EarlierRandom>> = vec![None; callers.len()];
         for (n, chunk) in keys.chunks(INSERT_CHUNK).enumerate() {
@@ -1208,71 +1090,21 @@ impl SqliteJobWriter {
                 }
             }
         }
-        let (kind, source) = (self.kind.clone(), self.source.clone());
         // Repeats within the buffer: the first one stands.
-        let mut first: FastMap<(&str, u32), usize> = FastMap::default();
-        for (i, key) in keys.iter().enumerate() {
-            if earlier[i].is_some() {
-                continue;
-            }
-            match first.get(key) {
-                Some(&f) => {
-                    let m = &self.buf[callers[f].pos].1;
-                    earlier[i] = Some(EarlierRandom {
-                        job_id: self.job_id,
-                        kind: kind.clone(),
-                        source: source.clone(),
-                        source_line: m.source_line,
-                        source_index: m.source_index,
-                        assigned: false,
-                    });
-                }
-                None => {
-                    first.insert(*key, i);
-                }
-            }
-        }
-        drop(first);
+        self.b.repeats_in_buffer(&callers, &keys, &mut earlier);
         drop(keys);
         // Values whose counter was passed: an assigned message may hold them.
         for (i, c) in callers.iter().enumerate() {
             if earlier[i].is_some() || !c.below {
                 continue;
             }
-            let group = self.buf[c.pos].1.group_id.clone();
-            earlier[i] = self
-                .assigned_holder(&group, c.random, &kind, &source)
-                .await?;
+            let group = self.b.buf[c.pos].1.group_id.clone();
+            earlier[i] = self.assigned_holder(&group, c.random).await?;
         }
         // Record the new values; take the repeating messages out.
-        let mut refused = vec![false; self.buf.len()];
-        let mut new_rows: Vec<(&str, u32, i64, i64, i64, i64)> = Vec::new();
-        for (c, e) in callers.iter().zip(earlier.iter()) {
-            let m = &self.buf[c.pos].1;
-            match e {
-                None => new_rows.push((
-                    m.group_id.as_str(),
-                    c.random,
-                    c.counter,
-                    self.job_id,
-                    m.source_line,
-                    m.source_index,
-                )),
-                Some(e) => {
-                    refused[c.pos] = true;
-                    self.conflicts.push(RandomConflict {
-                        group_id: m.group_id.clone(),
-                        random: c.random,
-                        source_line: m.source_line,
-                        source_index: m.source_index,
-                        earlier: e.clone(),
-                    });
-                }
-            }
-        }
-        // In key order (fewer pages touched), in multi-row INSERTs with bound values: through
-        // json_each the same rows cost several times more (each value parsed out again).
-        new_rows.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let (refused, new_rows) = self.b.settle(&callers, &earlier);
+        // In multi-row INSERTs with bound values: through json_each the same rows cost several
+        // times more (each value parsed out again).
         for chunk in new_rows.chunks(INSERT_CHUNK) {
             let mut args = SqliteArguments::default();
             args.reserve(chunk.len() * 6, 0);
@@ -1292,24 +1124,8 @@ impl SqliteJobWriter {
                 .await
                 .map_err(|e| self.store.err(e))?;
         }
-        if refused.iter().any(|r| *r) {
-            let buf = std::mem::take(&mut self.buf);
-            for (pos, row) in buf.into_iter().enumerate() {
-                if refused[pos] {
-                    let m = &row.1;
-                    if let Some(l) = self
-                        .lanes
-                        .get_mut(&m.group_id)
-                        .and_then(|t| t.get_mut(&m.topic_id))
-                    {
-                        l.added -= 1;
-                    }
-                    self.count -= 1;
-                } else {
-                    self.buf.push(row);
-                }
-            }
-        }
+        drop(new_rows);
+        self.b.drop_refused(&refused);
         Ok(())
     }
 
@@ -1320,22 +1136,9 @@ impl SqliteJobWriter {
         &mut self,
         group: &str,
         random: u32,
-        kind: &str,
-        source: &str,
     ) -> Result<Option<EarlierRandom>, StoreError> {
-        if let Some((_, m, _, _)) = self
-            .buf
-            .iter()
-            .find(|(_, m, r, assigned)| *assigned && *r == random && m.group_id == group)
-        {
-            return Ok(Some(EarlierRandom {
-                job_id: self.job_id,
-                kind: kind.to_string(),
-                source: source.to_string(),
-                source_line: m.source_line,
-                source_index: m.source_index,
-                assigned: true,
-            }));
+        if let Some(e) = self.b.assigned_in_buffer(group, random) {
+            return Ok(Some(e));
         }
         let row = sqlx::query(
             "SELECT m.job_id, m.source_line, m.source_index, j.kind, j.source
@@ -1374,31 +1177,25 @@ impl SqliteJobWriter {
             }
         }
         self.flush().await?;
-        if !self.conflicts.is_empty() {
+        if !self.b.conflicts.is_empty() {
+            let refused = self.fault(format!(
+                "{} message(s) repeat a Random queued before; the job was not committed",
+                self.b.conflicts.len()
+            ));
             self.tx.rollback().await.map_err(|e| self.store.err(e))?;
-            return Err(StoreError::Sql {
-                path: self.store.path.clone(),
-                source: sqlx::Error::Protocol(format!(
-                    "{} message(s) repeat a Random queued before; the job was not committed",
-                    self.conflicts.len()
-                )),
-            });
+            return Err(refused);
         }
-        self.accounts
+        self.b
+            .accounts
             .write_sqlite(&self.store, &mut self.tx)
             .await?;
         let store = self.store.clone();
         let err = |e| store.err(e);
         let mut tx = self.tx;
+        let b = self.b;
         let now = unix_now();
         // Every lane's and group's counters in one statement each, however many there are.
-        let lanes: Vec<(i64, i64)> = self
-            .lanes
-            .values()
-            .flat_map(|t| t.values())
-            .map(|l| (l.id, l.added))
-            .collect();
-        let lanes = serde_json::to_string(&lanes).unwrap_or_default();
+        let lanes = serde_json::to_string(&b.lane_counts()).unwrap_or_default();
         sqlx::query(
             "UPDATE lanes SET pending = pending + v.value ->> 1, updated_at = ?1
              FROM json_each(?2) AS v WHERE lanes.id = v.value ->> 0",
@@ -1412,17 +1209,12 @@ impl SqliteJobWriter {
             "INSERT OR IGNORE INTO job_lanes(job_id, lane_id)
              SELECT ?1, value ->> 0 FROM json_each(?2)",
         )
-        .bind(self.job_id)
+        .bind(b.job_id)
         .bind(&lanes)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-        let counters: Vec<(&str, i64)> = self
-            .groups
-            .iter()
-            .filter(|(_, acc)| acc.counter != acc.start)
-            .map(|(g, acc)| (g.as_str(), acc.counter))
-            .collect();
+        let counters = b.moved_counters();
         if !counters.is_empty() {
             sqlx::query(
                 "UPDATE groups SET random_counter = v.value ->> 1
@@ -1433,24 +1225,24 @@ impl SqliteJobWriter {
             .await
             .map_err(err)?;
         }
-        let groups = i64::try_from(self.groups.len()).unwrap_or(i64::MAX);
+        let groups = b.group_count();
         sqlx::query(
             "UPDATE jobs SET content_hash = COALESCE(?, content_hash),
                 message_count = message_count + ?, group_count = group_count + ?,
                 pending = pending + ? WHERE id = ?",
         )
         .bind(content_hash)
-        .bind(self.count)
+        .bind(b.count)
         .bind(groups)
-        .bind(self.count)
-        .bind(self.job_id)
+        .bind(b.count)
+        .bind(b.job_id)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
         store.commit_tx(tx).await?;
         Ok(JobOutcome::Accepted {
-            job_id: self.job_id,
-            messages: self.count,
+            job_id: b.job_id,
+            messages: b.count,
             groups,
         })
     }
@@ -2336,7 +2128,7 @@ impl JobAccounts {
 impl SqliteJobWriter {
     /// Lists an account with profile data (written at commit).
     pub fn add_account(&mut self, a: NewAccount) {
-        self.accounts.profiles.push(a);
+        self.b.accounts.profiles.push(a);
     }
 }
 
