@@ -368,13 +368,6 @@ impl PgStore {
         self.commit_tx(tx).await?;
         Ok(n)
     }
-
-    /// A not-yet-written part of the PostgreSQL backend.
-    pub(crate) fn todo(&self, what: &str) -> StoreError {
-        StoreError::Pg {
-            target: self.target.clone(),
-            source: sqlx::Error::Protocol(format!("{what} is not available on PostgreSQL yet")),
-        }
     }
 }
 
