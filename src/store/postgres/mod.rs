@@ -368,7 +368,6 @@ impl PgStore {
         self.commit_tx(tx).await?;
         Ok(n)
     }
-    }
 }
 
 /// An error of the first connection: the server unreachable, or refusing us.
