@@ -289,25 +289,65 @@ fn a_database_url_of_another_kind_exits_2_naming_the_key() {
     }
 }
 
+/// Runs every `(toml, args)` at once (each its own config file in `dir`), as `run_with` does,
+/// and returns their outputs in order. A command still running after 60 s is killed (its output
+/// so far returned, its status then not a success).
+fn run_all(dir: &Path, runs: &[(String, Vec<String>)]) -> Vec<Output> {
+    let children: Vec<std::process::Child> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, (toml, args))| {
+            let file = dir.join(format!("t{i}.toml"));
+            std::fs::write(&file, toml).unwrap();
+            Command::new(env!("CARGO_BIN_EXE_timport"))
+                .args(args)
+                .arg("--config")
+                .arg(&file)
+                .current_dir(dir)
+                .env_remove("TIMPORT_CONFIG")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    children
+        .into_iter()
+        .map(|mut c| {
+            while c.try_wait().unwrap().is_none()
+                && started.elapsed() < std::time::Duration::from_secs(60)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            c.wait_with_output().unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn a_postgres_password_is_never_shown_even_when_the_server_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     // Port 1 on loopback: nothing listens, the connection is refused at once.
+    let mut runs = Vec::new();
     for url in [
         format!("postgres://timport:{SECRET}@127.0.0.1:1/queue"),
         format!("postgresql://timport@127.0.0.1:1/queue?password={SECRET}&sslmode=disable"),
     ] {
         for args in queue_commands(dir.path()) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let o = run_with(dir.path(), &config_for(dir.path(), &url, &args), &args);
-            let all = all_output(&o);
-            assert_eq!(o.status.code(), Some(2), "{args:?}: {all}");
-            assert!(!all.contains(SECRET), "{args:?} shows the password: {all}");
-            assert!(
-                all.contains("127.0.0.1:1"),
-                "{args:?}: the host is named: {all}"
-            );
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            runs.push((config_for(dir.path(), &url, &a), args));
         }
+    }
+    for ((_, args), o) in runs.iter().zip(run_all(dir.path(), &runs)) {
+        let all = all_output(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {all}");
+        assert!(!all.contains(SECRET), "{args:?} shows the password: {all}");
+        assert!(
+            all.contains("127.0.0.1:1"),
+            "{args:?}: the host is named: {all}"
+        );
     }
 }
 
@@ -357,20 +397,24 @@ async fn a_postgres_password_is_never_shown_by_a_server_that_answers() {
         u.set_password(Some(SECRET)).unwrap();
         u.to_string()
     };
-    // A database that does not exist: status and verify exit 2 naming the host, never the password.
+    // A database that does not exist: status and verify exit 2, never showing the password.
     let missing = with_password(&common::missing_database(backend, dir.path()));
-    for args in [&["status"][..], &["verify"][..]] {
-        let o = run_with(dir.path(), &config_for(dir.path(), &missing, args), args);
+    let runs: Vec<(String, Vec<String>)> = ["status", "verify"]
+        .iter()
+        .map(|a| (config_for(dir.path(), &missing, &[a]), vec![a.to_string()]))
+        .collect();
+    for ((_, args), o) in runs.iter().zip(run_all(dir.path(), &runs)) {
         let all = all_output(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {all}");
         assert!(!all.contains(SECRET), "{args:?} shows the password: {all}");
     }
-    // A real queue: every command works and none shows the password.
+    // A real queue: no command shows the password (one after another: they share the queue).
     let db = common::TestDb::new(backend, dir.path()).await;
     let url = with_password(&db.config_value());
     for args in queue_commands(dir.path()) {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = run_with(dir.path(), &config_for(dir.path(), &url, &args), &args);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let toml = config_for(dir.path(), &url, &a);
+        let o = run_all(dir.path(), &[(toml, args.clone())]).remove(0);
         let all = all_output(&o);
         assert!(!all.contains(SECRET), "{args:?} shows the password: {all}");
         assert_ne!(o.status.code(), Some(2), "{args:?}: {all}");
