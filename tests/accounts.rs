@@ -57,9 +57,12 @@ fn ndjson(lines: &[String]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accounts_are_imported_before_the_messages_that_need_them() {
-    let env = Env::new().await;
+db_test!(
+    accounts_are_imported_before_the_messages_that_need_them,
+    multi_thread
+);
+async fn accounts_are_imported_before_the_messages_that_need_them(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
     // 250 senders: three account requests of at most 100.
     let mut lines = Vec::new();
@@ -105,9 +108,12 @@ async fn accounts_are_imported_before_the_messages_that_need_them() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn profiles_go_in_the_account_list_form_and_ids_alone_keep_a_profile() {
-    let env = Env::new().await;
+db_test!(
+    profiles_go_in_the_account_list_form_and_ids_alone_keep_a_profile,
+    multi_thread
+);
+async fn profiles_go_in_the_account_list_form_and_ids_alone_keep_a_profile(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
     // Accounts with profile data (an NDJSON account line mixed with messages), then messages.
     let text = ndjson(&[
@@ -166,13 +172,16 @@ async fn profiles_go_in_the_account_list_form_and_ids_alone_keep_a_profile() {
     sim.shutdown().await;
 }
 
+db_test!(
+    without_accounts_a_missing_sender_fails_only_its_message,
+    multi_thread
+);
 /// Without accounts (`import.accounts = "off"`), a sender that is not an account: Tencent's
 /// 10019 fails that message alone with the explanation, under both readings of the simulator
 /// (whole request refused: bisected; or per message).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_accounts_a_missing_sender_fails_only_its_message() {
+async fn without_accounts_a_missing_sender_fails_only_its_message(backend: Backend) {
     for mode in [UnknownSender::WholeRequest, UnknownSender::PerMessage] {
-        let env = Env::new().await;
+        let env = Env::on(backend).await;
         let mut cfg = strict_sim();
         cfg.unknown_sender = mode;
         let sim = start_sim(cfg).await;
@@ -255,11 +264,14 @@ async fn the_simulator_serves_multiaccount_import_in_both_forms() {
     sim.shutdown().await;
 }
 
+db_test!(
+    owners_and_members_are_imported_before_the_group_and_its_members,
+    multi_thread
+);
 /// A whole-group job: the owner and members are accounts too, imported before import_group and
 /// import_group_member; a member whose account fails fails alone, with the reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owners_and_members_are_imported_before_the_group_and_its_members() {
-    let env = Env::new().await;
+async fn owners_and_members_are_imported_before_the_group_and_its_members(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
     let body = json!({
         "GroupId": "wg",
@@ -291,11 +303,16 @@ async fn owners_and_members_are_imported_before_the_group_and_its_members() {
     sim.shutdown().await;
 }
 
+db_test!(
+    a_member_queued_after_its_account_failed_fails_with_the_account_reason_unsent,
+    multi_thread
+);
 /// A member queued after its account already failed (a later job naming the same UserID) fails
 /// with the account's reason and is never sent; `retry --accounts` takes it back with the account.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_unsent() {
-    let env = Env::new().await;
+async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_unsent(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
     // First job: a message from the refused ID, so its account fails.
     let first = ndjson(&[
@@ -331,11 +348,14 @@ async fn a_member_queued_after_its_account_failed_fails_with_the_account_reason_
     sim.shutdown().await;
 }
 
+db_test!(
+    a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent,
+    multi_thread
+);
 /// A group whose owner's account failed is never sent to import_group: it is blocked with the
 /// account's reason, and its messages wait with it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent() {
-    let env = Env::new().await;
+async fn a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
     let body = json!({
         "GroupId": "orphan",
@@ -356,7 +376,8 @@ async fn a_group_whose_owner_account_failed_is_blocked_with_the_reason_unsent() 
 }
 
 /// A database queued before accounts existed: migration 0007 records the senders its queue still
-/// has to send, so they are imported first too.
+/// has to send, so they are imported first too. SQLite-only: an upgrade through SQLite's
+/// migrations (PostgreSQL's queue starts at the latest schema).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_from_before_accounts_gets_its_pending_senders_recorded() {
     let env = Env::new().await;
@@ -389,17 +410,20 @@ async fn a_database_from_before_accounts_gets_its_pending_senders_recorded() {
     sim.shutdown().await;
 }
 
+db_test!(
+    rate_limited_account_requests_are_waited_out_and_counted_on_metrics,
+    multi_thread
+);
 /// The server's own multiaccount_import quota is lower than the daemon's setting: its 60007
 /// answers are waited out like any rate limit, nothing fails; the account counters are on
 /// /metrics.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limited_account_requests_are_waited_out_and_counted_on_metrics() {
-    let env = Env::new().await;
+async fn rate_limited_account_requests_are_waited_out_and_counted_on_metrics(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = strict_sim();
     cfg.account_requests_per_second = 1;
     let sim = start_sim(cfg).await;
-    let db = db_of(&env);
-    let config = child_config(&env, &sim.base_url(), &db, "");
+    let db = db_of(&env).await;
+    let config = child_config(&env, &sim.base_url(), &db.config_value(), "");
     let lines: Vec<String> = (0..250)
         .map(|i| line("rl", &format!("r{i:03}"), T0 + i, &format!("m{i}")))
         .collect();
@@ -455,7 +479,7 @@ async fn rate_limited_account_requests_are_waited_out_and_counted_on_metrics() {
         .filter(|r| r.error_code == Some(60007))
         .count();
     assert!(limited > 0, "the server's account quota was hit");
-    let store = Store::open_read_only(&db, &StoreOptions::default())
+    let store = Store::open_read_only(&db.database(), &StoreOptions::default())
         .await
         .unwrap();
     let t = store.totals(None).await.unwrap();
@@ -463,8 +487,9 @@ async fn rate_limited_account_requests_are_waited_out_and_counted_on_metrics() {
     sim.shutdown().await;
 }
 
-fn db_of(env: &Env) -> std::path::PathBuf {
-    env.dir.path().join("child.db")
+/// The child daemon's own database, beside the one `env.store` holds open.
+async fn db_of(env: &Env) -> TestDb {
+    TestDb::named(env.backend(), env.dir.path(), "child").await
 }
 
 fn timport(config: &Path, args: &[&str]) -> std::process::Output {
@@ -476,12 +501,15 @@ fn timport(config: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_account_in_fail_accounts_fails_only_its_own_messages() {
-    let env = Env::new().await;
+db_test!(
+    an_account_in_fail_accounts_fails_only_its_own_messages,
+    multi_thread
+);
+async fn an_account_in_fail_accounts_fails_only_its_own_messages(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
-    let db = db_of(&env);
-    let config = child_config(&env, &sim.base_url(), &db, "");
+    let db = db_of(&env).await;
+    let config = child_config(&env, &sim.base_url(), &db.config_value(), "");
     let mut lines = Vec::new();
     for i in 0..20 {
         let from = match i % 4 {
@@ -535,7 +563,7 @@ async fn an_account_in_fail_accounts_fails_only_its_own_messages() {
     assert!(out.status.success(), "{out:?}");
     assert!(said.contains("1 failed account(s)"), "{said}");
     assert!(said.contains("5 message(s)"), "{said}");
-    let store = Store::open_read_only(&db, &StoreOptions::default())
+    let store = Store::open_read_only(&db.database(), &StoreOptions::default())
         .await
         .unwrap();
     let a = store.account_totals().await.unwrap();
@@ -544,18 +572,21 @@ async fn an_account_in_fail_accounts_fails_only_its_own_messages() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing() {
-    let env = Env::new().await;
+db_test!(
+    sigkill_between_accounts_and_messages_loses_and_duplicates_nothing,
+    multi_thread
+);
+async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = strict_sim();
     // Slow enough that the kill lands after the first account request, before the messages.
     cfg.faults.latency = Duration::from_millis(150);
     let sim = start_sim(cfg).await;
-    let db = db_of(&env);
+    let db = db_of(&env).await;
     let config = child_config(
         &env,
         &sim.base_url(),
-        &db,
+        &db.config_value(),
         "account_requests_per_second = 2",
     );
     let mut lines = Vec::new();
@@ -613,7 +644,7 @@ async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing() {
     }
     let s = sim.state();
     assert_eq!(s.accounts.len(), 300);
-    let store = Store::open_read_only(&db, &StoreOptions::default())
+    let store = Store::open_read_only(&db.database(), &StoreOptions::default())
         .await
         .unwrap();
     let a = store.account_totals().await.unwrap();
@@ -621,12 +652,15 @@ async fn sigkill_between_accounts_and_messages_loses_and_duplicates_nothing() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines() {
-    let env = Env::new().await;
+db_test!(
+    a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines,
+    multi_thread
+);
+async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(strict_sim()).await;
-    let db = db_of(&env);
-    let config = child_config(&env, &sim.base_url(), &db, "");
+    let db = db_of(&env).await;
+    let config = child_config(&env, &sim.base_url(), &db.config_value(), "");
     let text = ndjson(&[
         json!({"UserID": "fine", "Nick": "Fine"}).to_string(),
         line("bad", "fine", T0, "ok"),
@@ -662,7 +696,7 @@ async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines() {
         said.contains("AccountList[1].UserID must be a string"),
         "{said}"
     );
-    let store = Store::open_read_only(&db, &StoreOptions::default())
+    let store = Store::open_read_only(&db.database(), &StoreOptions::default())
         .await
         .unwrap();
     assert_eq!(store.totals(None).await.unwrap().total, 0, "nothing queued");
@@ -674,18 +708,29 @@ async fn a_file_with_bad_account_lines_is_rejected_whole_naming_the_lines() {
     sim.shutdown().await;
 }
 
+db_test!(
+    the_readme_command_imports_every_sample_against_a_simulator_requiring_accounts,
+    multi_thread
+);
 /// The README's first command, `cargo run --release -- run --config config/local.toml
 /// --until-idle --ingest examples`, as the built binary: config/local.toml's built-in simulator
 /// requires accounts, and every sample message (the whole-group example included) is imported.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_command_imports_every_sample_against_a_simulator_requiring_accounts() {
+async fn the_readme_command_imports_every_sample_against_a_simulator_requiring_accounts(
+    backend: Backend,
+) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let local = std::fs::read_to_string(root.join("config/local.toml")).unwrap();
     assert!(local.contains("require_accounts = true"), "{local}");
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/local.toml"), &local).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_timport"))
+    // On PostgreSQL the configuration's database is a fresh one (SQLite keeps the file it names).
+    let db = TestDb::new(backend, dir.path()).await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_timport"));
+    if backend == Backend::Postgres {
+        cmd.env("TIMPORT__QUEUE__DATABASE", db.config_value());
+    }
+    let out = cmd
         .args([
             "run",
             "--config",

@@ -132,9 +132,9 @@ fn accepted(out: &FileOutcome, n: i64) {
     );
 }
 
-#[tokio::test]
-async fn ndjson_bodies_arrive_as_written_minified() {
-    let env = Env::new().await;
+db_test!(ndjson_bodies_arrive_as_written_minified);
+async fn ndjson_bodies_arrive_as_written_minified(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = sim_auto().await;
     let bodies = corpus();
     let mut text = String::new();
@@ -173,9 +173,9 @@ fn msg_list(bodies: &[String], t0: i64) -> String {
         .join(",")
 }
 
-#[tokio::test]
-async fn json_request_body_bodies_arrive_as_written_minified() {
-    let env = Env::new().await;
+db_test!(json_request_body_bodies_arrive_as_written_minified);
+async fn json_request_body_bodies_arrive_as_written_minified(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = sim_auto().await;
     let bodies = corpus();
     let text = format!(
@@ -188,9 +188,9 @@ async fn json_request_body_bodies_arrive_as_written_minified() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn json_array_of_bodies_arrive_as_written_minified() {
-    let env = Env::new().await;
+db_test!(json_array_of_bodies_arrive_as_written_minified);
+async fn json_array_of_bodies_arrive_as_written_minified(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = sim_auto().await;
     let bodies = corpus();
     let (a, b) = bodies.split_at(bodies.len() / 2);
@@ -206,7 +206,24 @@ async fn json_array_of_bodies_arrive_as_written_minified() {
     sim.shutdown().await;
 }
 
+/// Inserts intake rows over a connection of its own, as another program would.
 async fn insert_rows(env: &Env, rows: &[(&str, i64, &str)]) {
+    if env.backend() == Backend::Postgres {
+        let mut c = sqlx::PgConnection::connect(&env.db()).await.unwrap();
+        for (group, t, body) in rows {
+            sqlx::query(
+                "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ($1, 'a', $2, $3)",
+            )
+            .bind(*group)
+            .bind(*t)
+            .bind(*body)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        c.close().await.unwrap();
+        return;
+    }
     let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(env.db_path());
     let mut c = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
     for (group, t, body) in rows {
@@ -223,9 +240,9 @@ async fn insert_rows(env: &Env, rows: &[(&str, i64, &str)]) {
     c.close().await.unwrap();
 }
 
-#[tokio::test]
-async fn intake_row_bodies_arrive_as_written_minified() {
-    let env = Env::new().await;
+db_test!(intake_row_bodies_arrive_as_written_minified);
+async fn intake_row_bodies_arrive_as_written_minified(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = sim_auto().await;
     let bodies = corpus();
     let rows: Vec<(&str, i64, &str)> = bodies
@@ -245,9 +262,9 @@ async fn intake_row_bodies_arrive_as_written_minified() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn whole_group_job_bodies_arrive_as_written_minified() {
-    let env = Env::new().await;
+db_test!(whole_group_job_bodies_arrive_as_written_minified);
+async fn whole_group_job_bodies_arrive_as_written_minified(backend: Backend) {
+    let env = Env::on(backend).await;
     // The job creates the group: no auto-creation.
     let sim = start_sim(sim_config()).await;
     let bodies = corpus();
@@ -290,10 +307,7 @@ fn unfaithful() -> Vec<(String, &'static str)> {
 }
 
 async fn queued_count(env: &Env) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
+    db_scalar(&env.store, "SELECT count(*) FROM messages").await
 }
 
 fn assert_rejected_at(out: &FileOutcome, line: u64, want: &str, case: &str) {
@@ -310,9 +324,9 @@ fn assert_rejected_at(out: &FileOutcome, line: u64, want: &str, case: &str) {
     );
 }
 
-#[tokio::test]
-async fn unfaithful_bodies_reject_the_ndjson_file_whole() {
-    let env = Env::new().await;
+db_test!(unfaithful_bodies_reject_the_ndjson_file_whole);
+async fn unfaithful_bodies_reject_the_ndjson_file_whole(backend: Backend) {
+    let env = Env::on(backend).await;
     for (i, (bad, want)) in unfaithful().into_iter().enumerate() {
         let text = format!(
             "{}\n{{\"GroupId\":\"g\",\"From_Account\":\"a\",\"SendTime\":{},\"MsgBody\":{bad}}}\n{}\n",
@@ -331,9 +345,9 @@ async fn unfaithful_bodies_reject_the_ndjson_file_whole() {
     }
 }
 
-#[tokio::test]
-async fn unfaithful_bodies_reject_the_json_file_whole() {
-    let env = Env::new().await;
+db_test!(unfaithful_bodies_reject_the_json_file_whole);
+async fn unfaithful_bodies_reject_the_json_file_whole(backend: Backend) {
+    let env = Env::on(backend).await;
     for (i, (bad, want)) in unfaithful().into_iter().enumerate() {
         // The bad message starts on line 4.
         let text = format!(
@@ -346,9 +360,9 @@ async fn unfaithful_bodies_reject_the_json_file_whole() {
     }
 }
 
-#[tokio::test]
-async fn unfaithful_bodies_reject_their_intake_rows() {
-    let env = Env::new().await;
+db_test!(unfaithful_bodies_reject_their_intake_rows);
+async fn unfaithful_bodies_reject_their_intake_rows(backend: Backend) {
+    let env = Env::on(backend).await;
     let cases = unfaithful();
     let mut rows: Vec<(&str, i64, &str)> = vec![("g", T0, GOOD)];
     rows.extend(
@@ -365,10 +379,7 @@ async fn unfaithful_bodies_reject_their_intake_rows() {
         "{out:?}"
     );
     let got: Vec<(String, Option<String>)> =
-        sqlx::query_as("SELECT status, error FROM intake ORDER BY id")
-            .fetch_all(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+        db_rows(&env.store, "SELECT status, error FROM intake ORDER BY id").await;
     assert_eq!(got[0], ("queued".to_string(), None));
     for ((status, error), (_, want)) in got[1..].iter().zip(&cases) {
         assert_eq!(status, "rejected");

@@ -38,16 +38,19 @@ fn job() -> String {
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
-    let env = Env::new().await;
+db_test!(
+    sigkill_at_random_moments_loses_and_duplicates_nothing,
+    multi_thread
+);
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(chaos_sim_config()).await;
     // In the spool, so a daemon killed before the ingest committed takes it again next start.
     env.drop_in_spool("chaos.ndjson", &job());
     let config = child_config(
         &env,
         &sim.base_url(),
-        &env.db_path(),
+        &env.db(),
         "max_lanes = 16\nmax_attempts = 1000",
     );
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
@@ -77,12 +80,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut child = spawn(&["--until-idle"]);
     let status = wait_exit(&mut child, Duration::from_secs(300)).await;
     let log_text = std::fs::read_to_string(env.dir.path().join("daemon.log")).unwrap();
-    let failed: Vec<(i64, Option<i64>, Option<String>)> = sqlx::query_as(
+    let failed: Vec<(i64, Option<i64>, Option<String>)> = db_rows(
+        &env.store,
         "SELECT id, result_code, result_text FROM messages WHERE state = 'failed' LIMIT 10",
     )
-    .fetch_all(env.store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     let blocked = env.store.blocked_lanes(10).await.unwrap();
     assert_eq!(
         status.code(),
@@ -110,15 +112,14 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     }
     for g in 0..GROUPS {
         let group = format!("chaos-{g:02}");
-        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64, String)> = db_rows_with(
+            &env.store,
             "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
              JOIN message_bodies b ON b.message_id = m.id
-             JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? ORDER BY m.send_time, m.id",
+             JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1 ORDER BY m.send_time, m.id",
+            args![&group],
         )
-        .bind(&group)
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+        .await;
         let want: Vec<(String, i64, u32, String)> = rows
             .into_iter()
             .map(|(f, t, r, b)| (f, t, u32::try_from(r).unwrap(), b))

@@ -1,4 +1,5 @@
-//! The import engine against the simulator on a loopback port and a real SQLite file.
+//! The import engine against the simulator on a loopback port and a real queue database, on
+//! SQLite and on PostgreSQL (`TIMPORT_TEST_DATABASE_URL`).
 
 mod common;
 
@@ -15,16 +16,15 @@ use timport::store::{NewMessage, RetryScope, Store};
 /// What the queue holds for one group, in the order it must arrive: (From_Account, SendTime,
 /// Random, body text).
 async fn expected(store: &Store, group: &str) -> Vec<(String, i64, u32, String)> {
-    let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+    let rows: Vec<(String, i64, i64, String)> = db_rows_with(
+        store,
         "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
          JOIN message_bodies b ON b.message_id = m.id
-         JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ? AND l.topic_id = ''
+         JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1 AND l.topic_id = ''
          ORDER BY m.send_time, m.id",
+        args![group],
     )
-    .bind(group)
-    .fetch_all(store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     rows.into_iter()
         .map(|(f, t, r, b)| {
             (
@@ -65,10 +65,7 @@ fn as_tuples(h: &[StoredMessage]) -> Vec<(String, i64, u32, String)> {
 }
 
 async fn scalar(store: &Store, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
+    db_scalar(store, sql).await
 }
 
 fn ndjson(groups: &[&str], per_group: i64, same_second_every: i64) -> String {
@@ -93,9 +90,9 @@ fn ndjson(groups: &[&str], per_group: i64, same_second_every: i64) -> String {
     s
 }
 
-#[tokio::test]
-async fn imports_in_order_in_batches_of_at_most_seven() {
-    let env = Env::new().await;
+db_test!(imports_in_order_in_batches_of_at_most_seven);
+async fn imports_in_order_in_batches_of_at_most_seven(backend: Backend) {
+    let env = Env::on(backend).await;
     let groups = ["g1", "g2", "g3"];
     queue(&env, "a.ndjson", &ndjson(&groups, 50, 3)).await;
     let mut cfg = sim_config();
@@ -130,13 +127,12 @@ async fn imports_in_order_in_batches_of_at_most_seven() {
         "no more requests than needed"
     );
     // MsgSeq recorded for every message matches the server's.
-    let seqs: Vec<(i64,)> = sqlx::query_as(
+    let seqs: Vec<(i64,)> = db_rows(
+        &env.store,
         "SELECT m.msg_seq FROM messages m JOIN lanes l ON l.id = m.lane_id
          WHERE l.group_id = 'g1' ORDER BY m.send_time, m.id",
     )
-    .fetch_all(env.store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     let server: Vec<(i64,)> = history(&sim, "g1")
         .iter()
         .map(|m| (m.msg_seq as i64,))
@@ -145,9 +141,9 @@ async fn imports_in_order_in_batches_of_at_most_seven() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_missing_group_is_blocked_while_others_finish_and_retry_resumes_it() {
-    let env = Env::new().await;
+db_test!(a_missing_group_is_blocked_while_others_finish_and_retry_resumes_it);
+async fn a_missing_group_is_blocked_while_others_finish_and_retry_resumes_it(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["here", "missing"], 20, 0)).await;
     let mut cfg = sim_config();
     cfg.groups = vec![("here".into(), None)];
@@ -215,9 +211,9 @@ async fn queue_raw(store: &Store, group: &str, bodies: &[Value]) {
     w.commit(Some(&format!("raw-{group}"))).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_too_long_message_fails_alone_and_the_lane_goes_on() {
-    let env = Env::new().await;
+db_test!(a_too_long_message_fails_alone_and_the_lane_goes_on);
+async fn a_too_long_message_fails_alone_and_the_lane_goes_on(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut bodies: Vec<Value> = (0..10).map(|i| text_body(&format!("m{i}"))).collect();
     bodies[3] = text_body(&"x".repeat(12_500));
     queue_raw(&env.store, "g", &bodies).await;
@@ -231,11 +227,11 @@ async fn a_too_long_message_fails_alone_and_the_lane_goes_on() {
         panic!("{exit:?}")
     };
     assert_eq!((t.imported, t.failed), (9, 1));
-    let (code, text): (i64, String) =
-        sqlx::query_as("SELECT result_code, result_text FROM messages WHERE state = 'failed'")
-            .fetch_one(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let (code, text): (i64, String) = db_row(
+        &env.store,
+        "SELECT result_code, result_text FROM messages WHERE state = 'failed'",
+    )
+    .await;
     assert_eq!(code, 80002);
     assert!(text.contains("12,000"), "{text}");
     assert_eq!(history(&sim, "g").len(), 9);
@@ -244,9 +240,9 @@ async fn a_too_long_message_fails_alone_and_the_lane_goes_on() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_whole_request_10004_is_bisected_down_to_the_bad_message() {
-    let env = Env::new().await;
+db_test!(a_whole_request_10004_is_bisected_down_to_the_bad_message);
+async fn a_whole_request_10004_is_bisected_down_to_the_bad_message(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut bodies: Vec<Value> = (0..14).map(|i| text_body(&format!("m{i}"))).collect();
     // An element type the server refuses for the whole request.
     bodies[5] = serde_json::json!([{"MsgType": "TIMImageElem", "MsgContent": {"UUID": "x"}}]);
@@ -279,9 +275,9 @@ async fn a_whole_request_10004_is_bisected_down_to_the_bad_message() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn rate_limit_answers_slow_the_daemon_without_failed_attempts() {
-    let env = Env::new().await;
+db_test!(rate_limit_answers_slow_the_daemon_without_failed_attempts);
+async fn rate_limit_answers_slow_the_daemon_without_failed_attempts(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["a", "b", "c", "d"], 40, 0)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -314,9 +310,9 @@ async fn rate_limit_answers_slow_the_daemon_without_failed_attempts() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_auth_failure_stops_every_lane_with_one_clear_error() {
-    let env = Env::new().await;
+db_test!(an_auth_failure_stops_every_lane_with_one_clear_error);
+async fn an_auth_failure_stops_every_lane_with_one_clear_error(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["a", "b"], 10, 0)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -360,9 +356,11 @@ async fn an_auth_failure_stops_every_lane_with_one_clear_error() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedup_window() {
-    let env = Env::new().await;
+db_test!(applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedup_window);
+async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedup_window(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["a", "b"], 30, 4)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -425,9 +423,9 @@ async fn applied_but_unanswered_batches_are_reconciled_not_resent_after_the_dedu
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn retryable_answers_never_fail_a_message_however_many_attempts() {
-    let env = Env::new().await;
+db_test!(retryable_answers_never_fail_a_message_however_many_attempts);
+async fn retryable_answers_never_fail_a_message_however_many_attempts(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["a"], 3, 0)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -464,10 +462,10 @@ async fn retryable_answers_never_fail_a_message_however_many_attempts() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
+db_test!(equal_send_times_refused_by_a_strict_server_fail_or_are_nudged);
+async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged(backend: Backend) {
     for policy in [TiePolicy::Fail, TiePolicy::Nudge] {
-        let env = Env::new().await;
+        let env = Env::on(backend).await;
         let mut s = String::new();
         for (i, t) in [0, 1, 1, 1, 2, 5].iter().enumerate() {
             s.push_str(&line("g", "alice", T0 + t, &format!("m{i}")));
@@ -492,11 +490,11 @@ async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
             TiePolicy::Fail => {
                 assert_eq!((t.imported, t.failed), (4, 2));
                 assert_eq!(texts, ["m0", "m1", "m4", "m5"]);
-                let reasons: Vec<String> =
-                    sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
-                        .fetch_all(env.store.sqlite_pool().unwrap())
-                        .await
-                        .unwrap();
+                let reasons: Vec<String> = db_column(
+                    &env.store,
+                    "SELECT result_text FROM messages WHERE state = 'failed'",
+                )
+                .await;
                 assert!(
                     reasons
                         .iter()
@@ -513,13 +511,12 @@ async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
                     [0, 1, 2, 3, 4, 5],
                     "moved by the fewest whole seconds"
                 );
-                let recorded: Vec<(i64, Option<i64>)> =
-                    sqlx::query_as("SELECT send_time - ?, sent_time - ? FROM messages ORDER BY id")
-                        .bind(T0)
-                        .bind(T0)
-                        .fetch_all(env.store.sqlite_pool().unwrap())
-                        .await
-                        .unwrap();
+                let recorded: Vec<(i64, Option<i64>)> = db_rows_with(
+                    &env.store,
+                    "SELECT send_time - $1, sent_time - $2 FROM messages ORDER BY id",
+                    args![T0, T0],
+                )
+                .await;
                 assert_eq!(
                     recorded,
                     [
@@ -538,9 +535,9 @@ async fn equal_send_times_refused_by_a_strict_server_fail_or_are_nudged() {
     }
 }
 
-#[tokio::test]
-async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded() {
-    let env = Env::new().await;
+db_test!(shutdown_stops_claiming_and_leaves_nothing_unrecorded);
+async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["a", "b", "c"], 200, 0)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -574,9 +571,9 @@ async fn shutdown_stops_claiming_and_leaves_nothing_unrecorded() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing() {
-    let env = Env::new().await;
+db_test!(expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing);
+async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["old"], 30, 0)).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
@@ -627,9 +624,9 @@ async fn expired_history_after_a_lost_answer_blocks_the_lane_and_resends_nothing
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn retry_while_the_daemon_runs_unblocks_the_lane() {
-    let env = Env::new().await;
+db_test!(retry_while_the_daemon_runs_unblocks_the_lane);
+async fn retry_while_the_daemon_runs_unblocks_the_lane(backend: Backend) {
+    let env = Env::on(backend).await;
     queue(&env, "a.ndjson", &ndjson(&["later"], 10, 0)).await;
     let sim = start_sim(sim_config()).await;
     let daemon = common::Daemon::start(&env.store, client_for(&sim, 200));
@@ -660,10 +657,10 @@ async fn retry_while_the_daemon_runs_unblocks_the_lane() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch() {
+db_test!(a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch);
+async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch(backend: Backend) {
     use timport::store::{Claim, LaneUpdate, MessageUpdate, Record};
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     // Three lanes; "b" has a tie at its 3rd message, so its next claim cuts there.
     let mut text = String::new();
     for i in 0..20 {
@@ -743,14 +740,13 @@ async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch(
         );
         assert_eq!(lane.last_msg_seq, 7);
         let seqs: Vec<i64> = (1..=first[&lane.group_id].len() as i64).collect();
-        let stored: Vec<(i64,)> = sqlx::query_as(
+        let stored: Vec<(i64,)> = db_rows_with(
+            &env.store,
             "SELECT msg_seq FROM messages m JOIN lanes l ON l.id = m.lane_id
-             WHERE l.group_id = ? AND m.state = 'imported' ORDER BY m.send_time, m.id",
+             WHERE l.group_id = $1 AND m.state = 'imported' ORDER BY m.send_time, m.id",
+            args![&lane.group_id],
         )
-        .bind(&lane.group_id)
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+        .await;
         assert_eq!(
             stored.into_iter().map(|(s,)| s).collect::<Vec<_>>(),
             seqs,
@@ -762,10 +758,10 @@ async fn a_group_commit_records_every_lane_and_claims_each_lanes_own_next_batch(
 
 /// Two lanes' answers: (transactions, records) the committer used, with the given window. Lane
 /// "a" answers first while "b" still has its request out; "b" answers 50 ms later.
-async fn commit_two_answers(window: Duration) -> (usize, usize) {
+async fn commit_two_answers(backend: Backend, window: Duration) -> (usize, usize) {
     use timport::engine::commit::Committer;
     use timport::store::{LaneUpdate, MessageUpdate, Record};
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     let mut text = String::new();
     for g in ["a", "b"] {
         for i in 0..3 {
@@ -816,17 +812,22 @@ async fn commit_two_answers(window: Duration) -> (usize, usize) {
     stats
 }
 
-#[tokio::test]
-async fn an_answer_waits_for_a_lane_still_out_within_the_commit_window_only() {
+db_test!(an_answer_waits_for_a_lane_still_out_within_the_commit_window_only);
+async fn an_answer_waits_for_a_lane_still_out_within_the_commit_window_only(backend: Backend) {
     // With a window, "a" waits for "b" (which is still out): one transaction for both.
-    assert_eq!(commit_two_answers(Duration::from_secs(10)).await, (1, 2));
+    assert_eq!(
+        commit_two_answers(backend, Duration::from_secs(10)).await,
+        (1, 2)
+    );
     // Without one, each answer is committed as it comes.
-    assert_eq!(commit_two_answers(Duration::ZERO).await, (2, 2));
+    assert_eq!(commit_two_answers(backend, Duration::ZERO).await, (2, 2));
 }
 
-#[tokio::test]
-async fn a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not_an_import() {
-    let env = Env::new().await;
+db_test!(a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not_an_import);
+async fn a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not_an_import(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     let sim = start_sim(cfg).await;
@@ -859,11 +860,11 @@ async fn a_result_0_pointing_at_another_message_is_a_duplicate_on_the_random_not
         panic!("{exit:?}")
     };
     assert_eq!((t.imported, t.failed), (1, 1), "{t:?}");
-    let reason: String =
-        sqlx::query_scalar("SELECT result_text FROM messages WHERE state = 'failed'")
-            .fetch_one(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let reason: String = db_scalar(
+        &env.store,
+        "SELECT result_text FROM messages WHERE state = 'failed'",
+    )
+    .await;
     assert!(
         reason.contains("server-side duplicate on the Random") && reason.contains("\"zoe\""),
         "{reason}"

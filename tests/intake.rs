@@ -1,4 +1,5 @@
-//! Intake against a real SQLite file: job files, the spool folder, the intake table, Random
+//! Intake against a real queue database (SQLite, and PostgreSQL with
+//! `TIMPORT_TEST_DATABASE_URL`): job files, the spool folder, the intake table, Random
 //! assignment, and the `ingest` command's exit codes.
 
 mod common;
@@ -16,19 +17,16 @@ use timport::store::{RandomKey, assigned_random};
 use tokio_util::sync::CancellationToken;
 
 async fn count(env: &Env, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
+    db_scalar(&env.store, sql).await
 }
 
 fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-#[tokio::test]
-async fn ndjson_is_queued_with_randoms_fixed_once() {
-    let env = Env::new().await;
+db_test!(ndjson_is_queued_with_randoms_fixed_once);
+async fn ndjson_is_queued_with_randoms_fixed_once(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut text = String::new();
     for i in 0..20 {
         text.push_str(&line(
@@ -83,13 +81,12 @@ async fn ndjson_is_queued_with_randoms_fixed_once() {
     let t = env.store.totals(None).await.unwrap();
     assert_eq!((t.pending, t.total), (21, 21));
     // Assigned values are the group's counter sequence, in queue order.
-    let rows: Vec<(i64, String)> = sqlx::query_as(
+    let rows: Vec<(i64, String)> = db_rows(
+        &env.store,
         "SELECT m.random, l.group_id FROM messages m JOIN lanes l ON l.id = m.lane_id
          WHERE random_assigned = 1 ORDER BY m.id",
     )
-    .fetch_all(env.store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     let key = env.store.random_key().unwrap();
     assert_ne!(key, &RandomKey::Legacy, "a new database draws its own key");
     let mut counters: HashMap<String, u32> = HashMap::new();
@@ -100,9 +97,9 @@ async fn ndjson_is_queued_with_randoms_fixed_once() {
     }
 }
 
-#[tokio::test]
-async fn assigned_randoms_never_repeat_in_a_busy_group_across_files() {
-    let env = Env::new().await;
+db_test!(assigned_randoms_never_repeat_in_a_busy_group_across_files);
+async fn assigned_randoms_never_repeat_in_a_busy_group_across_files(backend: Backend) {
+    let env = Env::on(backend).await;
     // 30,000 messages of one group inside three minutes of SendTime, in three files, plus
     // another group interleaved.
     let mut seen_values = Vec::new();
@@ -119,13 +116,8 @@ async fn assigned_randoms_never_repeat_in_a_busy_group_across_files() {
         }
         let out = queue(&env, &format!("f{f}.ndjson"), &text).await;
         assert!(matches!(out, FileOutcome::Accepted { .. }), "{out:?}");
-        let values: Vec<i64> = sqlx::query_scalar(
-            "SELECT random FROM messages WHERE lane_id = (SELECT id FROM lanes WHERE group_id = 'busy')
-             ORDER BY id",
-        )
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+        let values: Vec<i64> = db_column(&env.store, "SELECT random FROM messages WHERE lane_id = (SELECT id FROM lanes WHERE group_id = 'busy')
+             ORDER BY id").await;
         // Values assigned earlier never change when more arrive.
         assert_eq!(&values[..seen_values.len()], &seen_values[..]);
         seen_values = values;
@@ -147,9 +139,9 @@ fn assigned_random_is_a_bijection_of_the_counter() {
     }
 }
 
-#[tokio::test]
-async fn json_bodies_single_and_array_are_accepted() {
-    let env = Env::new().await;
+db_test!(json_bodies_single_and_array_are_accepted);
+async fn json_bodies_single_and_array_are_accepted(backend: Backend) {
+    let env = Env::on(backend).await;
     let single = json!({"GroupId": "g1", "RecentContactFlag": 1, "MsgList": [
         {"From_Account": "a", "SendTime": T0, "MsgBody": text_body("1")},
         {"From_Account": "a", "SendTime": T0 + 1, "Random": 7, "MsgBody": text_body("2")}]});
@@ -202,9 +194,11 @@ async fn json_bodies_single_and_array_are_accepted() {
     );
 }
 
-#[tokio::test]
-async fn a_file_with_bad_messages_is_rejected_whole_with_every_problem_and_its_line() {
-    let env = Env::new().await;
+db_test!(a_file_with_bad_messages_is_rejected_whole_with_every_problem_and_its_line);
+async fn a_file_with_bad_messages_is_rejected_whole_with_every_problem_and_its_line(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let good = line("g1", "alice", T0, "ok");
     let text = [
         good.clone(),
@@ -273,9 +267,9 @@ async fn a_file_with_bad_messages_is_rejected_whole_with_every_problem_and_its_l
     assert!(problems[0].problem.contains("SendTime must be an integer"));
 }
 
-#[tokio::test]
-async fn empty_and_duplicate_files() {
-    let env = Env::new().await;
+db_test!(empty_and_duplicate_files);
+async fn empty_and_duplicate_files(backend: Backend) {
+    let env = Env::on(backend).await;
     let out = queue(&env, "empty.ndjson", "\n\n").await;
     assert!(
         matches!(&out, FileOutcome::Rejected { problems, .. } if problems[0].problem.contains("no message")),
@@ -303,9 +297,9 @@ async fn empty_and_duplicate_files() {
     );
 }
 
-#[tokio::test]
-async fn dry_run_validates_without_a_store() {
-    let env = Env::new().await;
+db_test!(dry_run_validates_without_a_store);
+async fn dry_run_validates_without_a_store(backend: Backend) {
+    let env = Env::on(backend).await;
     let p = env.write("a.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
     let out = ingest_file(None, &p, true, &CancellationToken::new())
         .await
@@ -320,9 +314,9 @@ async fn dry_run_validates_without_a_store() {
     assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 0);
 }
 
-#[tokio::test]
-async fn spool_moves_files_and_rejects_what_it_must_not_follow() {
-    let env = Env::new().await;
+db_test!(spool_moves_files_and_rejects_what_it_must_not_follow);
+async fn spool_moves_files_and_rejects_what_it_must_not_follow(backend: Backend) {
+    let env = Env::on(backend).await;
     let spool = env.spool();
     env.drop_in_spool("good.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
     env.drop_in_spool("bad.ndjson", "{\"GroupId\": 1}\n");
@@ -387,7 +381,9 @@ async fn spool_moves_files_and_rejects_what_it_must_not_follow() {
     }
     // Only the good file's message is queued; the symlinked one is not.
     assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1);
-    assert_eq!(mode(&env.db_path()), 0o600);
+    if backend == Backend::Sqlite {
+        assert_eq!(mode(&env.db_path()), 0o600);
+    }
 
     // The same content again, under another name: recognised, moved to done/, not queued.
     env.drop_in_spool("again.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
@@ -399,31 +395,11 @@ async fn spool_moves_files_and_rejects_what_it_must_not_follow() {
     assert_eq!(count(&env, "SELECT count(*) FROM messages").await, 1);
 }
 
-/// Runs SQL in another process: the sqlite3 shell, or Python's sqlite3 module where the shell is
-/// missing (both are on the Debian images this project targets; .ci/run installs the shell).
-fn sqlite3(db: &std::path::Path, sql: &str) {
-    let out = match Command::new("sqlite3").arg(db).arg(sql).output() {
-        Ok(out) => out,
-        Err(_) => Command::new("python3")
-            .args([
-                "-c",
-                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()",
-            ])
-            .arg(db)
-            .arg(sql)
-            .output()
-            .expect("neither the sqlite3 shell nor python3 is available"),
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-#[tokio::test]
-async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_reason() {
-    let env = Env::new().await;
+db_test!(intake_table_rows_from_another_process_are_queued_or_rejected_with_a_reason);
+async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_reason(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let cancel = CancellationToken::new();
     let task = tokio::spawn(timport::intake::run(
         env.store.clone(),
@@ -436,12 +412,18 @@ async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_re
         cancel.clone(),
     ));
     let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"from sql"}}]"#;
-    sqlite3(
-        &env.db_path(),
+    // A SendTime of the wrong type: SQLite stores it, PostgreSQL's typed column refuses it at
+    // insert, so there the row comes without one.
+    let wrong_time = match backend {
+        Backend::Sqlite => "'yesterday'",
+        Backend::Postgres => "NULL",
+    };
+    sql_elsewhere(
+        &env,
         &format!(
             "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '{body}');
              INSERT INTO intake(group_id, topic_id, from_account, send_time, random, msg_body) VALUES ('g', 't', 'a', {}, 99, '{body}');
-             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', 'yesterday', '{body}');
+             INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {wrong_time}, '{body}');
              INSERT INTO intake(group_id, send_time, msg_body) VALUES ('g', {T0}, '{body}');
              INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '[{{oops');",
             T0 + 1
@@ -459,11 +441,11 @@ async fn intake_table_rows_from_another_process_are_queued_or_rejected_with_a_re
     assert_eq!(pending, 0);
     cancel.cancel();
     task.await.unwrap();
-    let rows: Vec<(i64, String, Option<String>, Option<i64>)> =
-        sqlx::query_as("SELECT id, status, error, message_id FROM intake ORDER BY id")
-            .fetch_all(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let rows: Vec<(i64, String, Option<String>, Option<i64>)> = db_rows(
+        &env.store,
+        "SELECT id, status, error, message_id FROM intake ORDER BY id",
+    )
+    .await;
     assert_eq!(rows[0].1, "queued");
     assert!(rows[0].3.is_some());
     assert_eq!(rows[1].1, "queued");
@@ -507,10 +489,10 @@ fn timport(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     cmd.output().unwrap()
 }
 
-#[tokio::test]
-async fn ingest_command_exit_codes_and_summary() {
-    let env = Env::new().await;
-    let db = path_str(&env.db_path());
+db_test!(ingest_command_exit_codes_and_summary);
+async fn ingest_command_exit_codes_and_summary(backend: Backend) {
+    let env = Env::on(backend).await;
+    let db = env.db();
     let good = env.write("good.ndjson", &format!("{}\n", line("g", "a", T0, "1")));
     let bad = env.write("bad.ndjson", "{}\n");
     let db_env = [("TIMPORT__QUEUE__DATABASE", db.as_str())];
@@ -589,6 +571,7 @@ fn configuration_errors_exit_2_naming_the_key_and_never_print_the_secret() {
     assert!(!all.contains(secret), "{all}");
 }
 
+// SQLite-only: a read-only file (PostgreSQL's read-only case is a standby, in the store's tests).
 #[tokio::test]
 async fn a_read_only_database_fails_at_start_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -633,6 +616,7 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+// SQLite-only: SQLite's bulk insert turns foreign keys and checks off (PostgreSQL never does).
 #[tokio::test]
 async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
     let env = Env::new().await;
@@ -663,22 +647,19 @@ async fn foreign_keys_and_checks_are_enforced_again_after_a_bulk_job() {
         assert!(e.contains(refused_by), "{bad}: {e}");
     }
     drop(tx);
-    let states: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT state FROM messages")
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+    let states: Vec<(String,)> = db_rows(&env.store, "SELECT DISTINCT state FROM messages").await;
     assert_eq!(states, vec![("pending".to_string(),)]);
-    let orphans: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+    let orphans: Vec<(String,)> =
+        db_rows(&env.store, "SELECT \"table\" FROM pragma_foreign_key_check").await;
     assert!(orphans.is_empty(), "{orphans:?}");
 }
 
-#[tokio::test]
-async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_together() {
+db_test!(a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_together);
+async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_together(
+    backend: Backend,
+) {
     // More messages than one sorted write chunk, three groups taking turns line by line.
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     let groups = ["a", "b", "c"];
     let per_group = 7_000;
     let mut text = String::new();
@@ -695,15 +676,14 @@ async fn a_large_interleaved_job_keeps_each_lanes_file_order_and_packs_lanes_tog
         "{out:?}"
     );
     for g in groups {
-        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, String)> = db_rows_with(
+            &env.store,
             "SELECT m.id, m.source_line, b.body FROM messages m JOIN lanes l ON l.id = m.lane_id
              JOIN message_bodies b ON b.message_id = m.id
-             WHERE l.group_id = ? ORDER BY m.send_time, m.id",
+             WHERE l.group_id = $1 ORDER BY m.send_time, m.id",
+            args![g],
         )
-        .bind(g)
-        .fetch_all(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+        .await;
         assert_eq!(rows.len() as i64, per_group);
         for (i, (_, source_line, body)) in rows.iter().enumerate() {
             assert!(
@@ -732,14 +712,13 @@ fn line_with_random(group: &str, topic: Option<&str>, t: i64, random: u32, text:
 }
 
 async fn randoms_of(env: &Env, group: &str) -> Vec<i64> {
-    sqlx::query_scalar(
-        "SELECT m.random FROM messages m JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?
+    db_column_with(
+        &env.store,
+        "SELECT m.random FROM messages m JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1
          ORDER BY m.id",
+        args![group],
     )
-    .bind(group)
-    .fetch_all(env.store.sqlite_pool().unwrap())
     .await
-    .unwrap()
 }
 
 fn problems(out: &FileOutcome) -> Vec<(u64, String)> {
@@ -752,9 +731,9 @@ fn problems(out: &FileOutcome) -> Vec<(u64, String)> {
     }
 }
 
-#[tokio::test]
-async fn two_databases_assign_unrelated_randoms_to_the_same_group() {
-    let (a, b) = (Env::new().await, Env::new().await);
+db_test!(two_databases_assign_unrelated_randoms_to_the_same_group);
+async fn two_databases_assign_unrelated_randoms_to_the_same_group(backend: Backend) {
+    let (a, b) = (Env::on(backend).await, Env::on(backend).await);
     let mut text = String::new();
     for i in 0..5_000 {
         text.push_str(&line("shared", "alice", T0 + i / 10, &format!("{i}")));
@@ -776,12 +755,13 @@ async fn two_databases_assign_unrelated_randoms_to_the_same_group() {
     let key = a.store.random_key().unwrap().clone();
     assert_ne!(&key, b.store.random_key().unwrap());
     a.store.close().await;
-    let again = timport::store::Store::open(&a.db_path(), &Default::default())
+    let again = timport::store::Store::open(&a.database(), &Default::default())
         .await
         .unwrap();
     assert_eq!(again.random_key(), Some(&key));
 }
 
+// SQLite-only: an upgrade through SQLite's migrations (PostgreSQL's queue starts at the latest).
 #[tokio::test]
 async fn a_database_upgraded_with_assigned_randoms_keeps_its_sequence_and_skips_caller_values() {
     // A database as the previous release left it: migrations 0001-0003 only, five Randoms
@@ -840,7 +820,11 @@ async fn a_database_upgraded_with_assigned_randoms_keeps_its_sequence_and_skips_
         .await
         .unwrap();
     assert_eq!(store.random_key(), Some(&RandomKey::Legacy));
-    let env = Env { dir, store };
+    let env = Env {
+        dir,
+        store,
+        db: TestDb::sqlite_at(&db),
+    };
     let mut text = String::new();
     for i in 0..5 {
         text.push_str(&line("g", "a", T0 + i, "new"));
@@ -871,9 +855,11 @@ async fn a_database_upgraded_with_assigned_randoms_keeps_its_sequence_and_skips_
     assert!(p[0].1.contains("job 1 (old.ndjson) line 6"), "{p:?}");
 }
 
-#[tokio::test]
-async fn a_caller_random_repeating_one_of_the_group_is_rejected_naming_both_lines() {
-    let env = Env::new().await;
+db_test!(a_caller_random_repeating_one_of_the_group_is_rejected_naming_both_lines);
+async fn a_caller_random_repeating_one_of_the_group_is_rejected_naming_both_lines(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let first = format!(
         "{}\n{}\n",
         line_with_random("g", None, T0, 42, "first"),
@@ -960,9 +946,9 @@ async fn a_caller_random_repeating_one_of_the_group_is_rejected_naming_both_line
     );
 }
 
-#[tokio::test]
-async fn assignment_skips_the_values_callers_gave() {
-    let env = Env::new().await;
+db_test!(assignment_skips_the_values_callers_gave);
+async fn assignment_skips_the_values_callers_gave(backend: Backend) {
+    let env = Env::on(backend).await;
     let seq = env.store.random_key().unwrap().sequence("g");
     // The caller takes the values at counters 1 and 4, ahead of the assignment.
     let text = format!(
@@ -998,9 +984,9 @@ async fn assignment_skips_the_values_callers_gave() {
     assert_eq!(values, want);
 }
 
-#[tokio::test]
-async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
-    let env = Env::new().await;
+db_test!(intake_rows_repeating_a_random_are_rejected_the_others_go_on);
+async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on(backend: Backend) {
+    let env = Env::on(backend).await;
     assert!(matches!(
         queue(
             &env,
@@ -1011,8 +997,8 @@ async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
         FileOutcome::Accepted { .. }
     ));
     let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"row"}}]"#;
-    sqlite3(
-        &env.db_path(),
+    sql_elsewhere(
+        &env,
         &format!(
             "INSERT INTO intake(group_id, from_account, send_time, random, msg_body) VALUES ('g', 'a', {T0}, 5, '{body}');
              INSERT INTO intake(group_id, topic_id, from_account, send_time, random, msg_body) VALUES ('g', 't', 'a', {T0}, 5, '{body}');
@@ -1023,11 +1009,11 @@ async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
     );
     let out = table::poll_once(&env.store).await.unwrap();
     assert_eq!((out.queued, out.rejected), (3, 2), "{out:?}");
-    let rows: Vec<(i64, String, Option<String>)> =
-        sqlx::query_as("SELECT id, status, error FROM intake ORDER BY id")
-            .fetch_all(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let rows: Vec<(i64, String, Option<String>)> = db_rows(
+        &env.store,
+        "SELECT id, status, error FROM intake ORDER BY id",
+    )
+    .await;
     assert_eq!(rows[0].1, "queued");
     assert_eq!(rows[1].1, "rejected");
     assert!(
@@ -1055,12 +1041,12 @@ async fn intake_rows_repeating_a_random_are_rejected_the_others_go_on() {
     );
 }
 
-#[tokio::test]
-async fn an_intake_row_taken_by_another_process_is_not_queued_twice() {
-    let env = Env::new().await;
+db_test!(an_intake_row_taken_by_another_process_is_not_queued_twice);
+async fn an_intake_row_taken_by_another_process_is_not_queued_twice(backend: Backend) {
+    let env = Env::on(backend).await;
     let body = r#"[{"MsgType":"TIMTextElem","MsgContent":{"Text":"row"}}]"#;
-    sqlite3(
-        &env.db_path(),
+    sql_elsewhere(
+        &env,
         &format!(
             "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {T0}, '{body}');
              INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('g', 'a', {}, '{body}');
@@ -1072,8 +1058,8 @@ async fn an_intake_row_taken_by_another_process_is_not_queued_twice() {
     // Two takers read the same new rows; another process takes row 2 before either writes.
     let rows = env.store.new_intake_rows(100).await.unwrap();
     assert_eq!(rows.len(), 3);
-    sqlite3(
-        &env.db_path(),
+    sql_elsewhere(
+        &env,
         "UPDATE intake SET status = 'queued', error = 'taken elsewhere' WHERE id = 2",
     );
     let out = table::take_rows(&env.store, rows.clone()).await.unwrap();
@@ -1093,9 +1079,9 @@ async fn an_intake_row_taken_by_another_process_is_not_queued_twice() {
     assert_eq!(env.store.totals(None).await.unwrap().pending, 2);
 }
 
-#[tokio::test]
-async fn repeats_are_found_and_named_across_many_lookups_in_a_large_file() {
-    let env = Env::new().await;
+db_test!(repeats_are_found_and_named_across_many_lookups_in_a_large_file);
+async fn repeats_are_found_and_named_across_many_lookups_in_a_large_file(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut first = String::new();
     for i in 0..1_000u32 {
         first.push_str(&line_with_random("big", None, T0, 10_000 + i, "first"));

@@ -27,17 +27,37 @@ fn wal_len(db: &std::path::Path) -> u64 {
 }
 
 async fn queued(env: &Env) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
+    db_scalar_i64(&env.store, "SELECT count(*) FROM messages").await
+}
+
+/// Whether the daemon's ingest transaction is visibly writing: on SQLite the WAL grew by 64 KiB
+/// since `start_wal`; on PostgreSQL another session holds a transaction id (it wrote) while
+/// inserting messages.
+async fn ingest_writing(env: &Env, start_wal: u64) -> bool {
+    match env.backend() {
+        Backend::Sqlite => wal_len(&env.db_path()) >= start_wal + (64 << 10),
+        Backend::Postgres => {
+            db_scalar_i64(
+                &env.store,
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND backend_xid IS NOT NULL
+                   AND (query ILIKE '%messages%' OR query ILIKE '%copy%')",
+            )
+            .await
+                > 0
+        }
+    }
 }
 
 /// Waits (bounded) until the daemon's ingest transaction is visibly writing, then kills it.
 async fn kill_mid_ingest(env: &Env, child: &mut std::process::Child, rng: &mut impl rand::Rng) {
-    let start_wal = wal_len(&env.db_path());
+    let start_wal = match env.backend() {
+        Backend::Sqlite => wal_len(&env.db_path()),
+        Backend::Postgres => 0,
+    };
     let started = Instant::now();
-    while wal_len(&env.db_path()) < start_wal + (64 << 10) {
+    while !ingest_writing(env, start_wal).await {
         if child.try_wait().unwrap().is_some() || started.elapsed() > Duration::from_secs(60) {
             break;
         }
@@ -48,9 +68,14 @@ async fn kill_mid_ingest(env: &Env, child: &mut std::process::Child, rng: &mut i
     child.wait().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_ingest_leaves_the_file_whole_or_absent_and_it_is_taken_again() {
-    let env = Env::new().await;
+db_test!(
+    sigkill_mid_ingest_leaves_the_file_whole_or_absent_and_it_is_taken_again,
+    multi_thread
+);
+async fn sigkill_mid_ingest_leaves_the_file_whole_or_absent_and_it_is_taken_again(
+    backend: Backend,
+) {
+    let env = Env::on(backend).await;
     let config = env.write(
         "timport.toml",
         &format!(
@@ -71,7 +96,7 @@ listen = ""
 enabled = true
 auto_create_groups = true
 "#,
-            db = path_str(&env.db_path()),
+            db = toml_escape(&env.db()),
             spool = path_str(&env.spool()),
         ),
     );
@@ -118,10 +143,7 @@ auto_create_groups = true
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM stops the daemon cleanly");
     assert_eq!(queued(&env).await, LINES);
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+    let jobs = db_scalar_i64(&env.store, "SELECT count(*) FROM jobs").await;
     assert_eq!(jobs, 1);
 }
 

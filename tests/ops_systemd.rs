@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{Backend, TestDb};
+
+mod common;
+
 /// Generous bound for anything that should happen "soon" (debug build, loaded CI machine).
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -24,10 +28,12 @@ const BOUND: Duration = Duration::from_secs(60);
 struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Its queue database; after `child`, so the daemon is gone before a database is dropped.
+    _db: TestDb,
 }
 
 impl Daemon {
-    fn config(dir: &Path, http_listen: &str) -> PathBuf {
+    fn config(dir: &Path, http_listen: &str, db: &str) -> PathBuf {
         let cfg = format!(
             r#"
 [tencent]
@@ -55,7 +61,7 @@ enabled = true
 listen = "127.0.0.1:0"
 auto_create_groups = true
 "#,
-            db = dir.join("timport.db").display(),
+            db = common::toml_escape(db),
             spool = dir.join("spool").display(),
         );
         let path = dir.join("timport.toml");
@@ -65,8 +71,14 @@ auto_create_groups = true
 
     /// Starts `timport run --config ...` with `extra_env`; stderr goes to `stderr.log`.
     fn start(http_listen: &str, extra_env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_on(Backend::Sqlite, http_listen, extra_env)
+    }
+
+    /// [`Daemon::start`] with its queue on `backend` (SQLite: `timport.db` in its folder).
+    fn start_on(backend: Backend, http_listen: &str, extra_env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let config = Self::config(dir.path(), http_listen);
+        let db = TestDb::named_blocking(backend, dir.path(), "timport");
+        let config = Self::config(dir.path(), http_listen, &db.config_value());
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_timport"));
         cmd.arg("run")
@@ -91,6 +103,7 @@ auto_create_groups = true
         Daemon {
             dir,
             child: Some(child),
+            _db: db,
         }
     }
 
@@ -218,15 +231,16 @@ fn expect_notify(sock: &UnixDatagram, wanted: &str, seen: &mut Vec<String>, d: &
     }
 }
 
-#[test]
-fn notify_socket_gets_ready_watchdog_and_stopping() {
+db_test!(notify_socket_gets_ready_watchdog_and_stopping, sync);
+fn notify_socket_gets_ready_watchdog_and_stopping(backend: Backend) {
     let sock_dir = tempfile::tempdir().unwrap();
     let sock_path = sock_dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
 
-    let mut d = Daemon::start(
+    let mut d = Daemon::start_on(
+        backend,
         "",
         &[
             ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
@@ -287,9 +301,9 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
         })
 }
 
-#[test]
-fn health_ready_and_metrics_after_an_import() {
-    let mut d = Daemon::start("127.0.0.1:0", &[]);
+db_test!(health_ready_and_metrics_after_an_import, sync);
+fn health_ready_and_metrics_after_an_import(backend: Backend) {
+    let mut d = Daemon::start_on(backend, "127.0.0.1:0", &[]);
     let addr = d.http_address();
 
     let (code, body) = get(&addr, "/healthz");
@@ -415,6 +429,7 @@ listen = "127.0.0.1:0"
     cmd.output().unwrap()
 }
 
+// SQLite-only: the lock file beside the database file (a server's queue is locked on the server).
 #[test]
 fn a_second_daemon_on_the_same_database_file_exits_2_naming_the_holder() {
     let mut d = Daemon::start("", &[]);
@@ -472,6 +487,7 @@ fn a_second_daemon_on_the_same_database_file_exits_2_naming_the_holder() {
     );
 }
 
+// SQLite-only: the lock file and the database file's creation.
 #[test]
 fn the_lock_is_taken_before_the_database_is_created_or_migrated() {
     let dir = tempfile::tempdir().unwrap();
@@ -527,6 +543,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>, SystemTime)> {
     v
 }
 
+// SQLite-only: a read-only copy of the file in a read-only folder.
 #[test]
 fn status_reads_a_copy_in_a_read_only_folder_and_changes_nothing() {
     use std::os::unix::fs::PermissionsExt;
@@ -599,13 +616,18 @@ fn status_reads_a_copy_in_a_read_only_folder_and_changes_nothing() {
 
 /// A config for `timport status` naming `db` (readable by anyone).
 fn write_config(dir: &Path, db: &Path) -> PathBuf {
+    write_config_value(dir, &db.display().to_string())
+}
+
+/// A config for `timport status` with `queue.database = db` (readable by anyone).
+fn write_config_value(dir: &Path, db: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let p = dir.join("status.toml");
     std::fs::write(
         &p,
         format!(
             "[tencent]\nsdkappid = 1400000000\nidentifier = \"administrator\"\n[queue]\ndatabase = \"{}\"\n[log]\nformat = \"text\"\nlevel = \"warn\"\n[http]\nlisten = \"\"\n",
-            db.display()
+            common::toml_escape(db)
         ),
     )
     .unwrap();
@@ -625,4 +647,38 @@ fn status_on_a_missing_database_exits_2_and_creates_nothing() {
         !work.path().join("missing").exists(),
         "status created a folder"
     );
+}
+
+#[tokio::test]
+async fn status_on_a_missing_postgres_database_exits_2_naming_the_host_and_creates_nothing() {
+    let Some(backend) = Backend::postgres_or_skip(
+        "ops_systemd::status_on_a_missing_postgres_database_exits_2_naming_the_host_and_creates_nothing",
+    ) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let missing = common::missing_database(backend, work.path());
+    let cfg = write_config_value(work.path(), &missing);
+    for args in [&["status"][..], &["verify"][..], &["retry", "--all"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_timport"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("TIMPORT_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let host = url::Url::parse(&missing).unwrap();
+        let host = format!(
+            "{}:{}",
+            host.host_str().unwrap(),
+            host.port().unwrap_or(5432)
+        );
+        assert!(stderr.contains(&host), "{args:?}: names {host}: {stderr}");
+        assert!(
+            !common::database_exists(&missing).await,
+            "{args:?} created it"
+        );
+    }
 }

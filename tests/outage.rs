@@ -1,5 +1,6 @@
 //! Issue 11 point 4, "an outage never costs a message": the real engine against the simulator
-//! while Tencent refuses connections and then answers 502, on a real SQLite file.
+//! while Tencent refuses connections and then answers 502, on a real queue database (SQLite, and
+//! PostgreSQL with `TIMPORT_TEST_DATABASE_URL`).
 
 mod common;
 
@@ -26,9 +27,12 @@ fn on_server(sim: &SimHandle, group: &str) -> Vec<(String, i64, String)> {
     history_texts(sim, group)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_then_502_costs_no_message_and_the_daemon_waits_as_a_whole() {
-    let env = Env::new().await;
+db_test!(
+    refused_then_502_costs_no_message_and_the_daemon_waits_as_a_whole,
+    multi_thread
+);
+async fn refused_then_502_costs_no_message_and_the_daemon_waits_as_a_whole(backend: Backend) {
+    let env = Env::on(backend).await;
     let text: String = GROUPS
         .iter()
         .flat_map(|g| queued(g))

@@ -1,5 +1,6 @@
-//! A queue database put back to an older copy: a backup taken with SQLite's online backup while a
-//! real `timport run` imports, the import going on past it (a second job file dropped in), a
+//! A queue database put back to an older copy: a backup taken online while a real `timport run`
+//! imports (SQLite's `.backup`; on PostgreSQL, with `TIMPORT_TEST_DATABASE_URL`, `pg_dump`, put
+//! back with `pg_restore` into the database made again), the import going on past it (a second job file dropped in), a
 //! SIGKILL, the copy restored, the second job file dropped in again, and the server's Random
 //! dedup window let pass. The daemon must recognise what the server already holds (catch-up)
 //! instead of sending it again: afterwards the simulator's history equals the expected messages
@@ -8,7 +9,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -42,19 +42,20 @@ fn imported_on(sim: &timport::simulator::SimHandle) -> usize {
     sim.state().groups.iter().map(|g| g.messages.len()).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restored_older_database_sends_nothing_twice() {
-    let env = Env::new().await;
+db_test!(a_restored_older_database_sends_nothing_twice, multi_thread);
+async fn a_restored_older_database_sends_nothing_twice(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     cfg.dedup_window = Duration::from_secs(2);
     cfg.faults.latency = Duration::from_millis(5);
     let sim = start_sim(cfg).await;
-    let db = env.dir.path().join("q.db");
+    // The daemon's own database, beside the one `env.store` holds open.
+    let db = TestDb::named(backend, env.dir.path(), "q").await;
     let config = child_config(
         &env,
         &sim.base_url(),
-        &db,
+        &db.config_value(),
         "requests_per_second = 40\nmax_lanes = 8",
     );
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
@@ -79,14 +80,8 @@ async fn a_restored_older_database_sends_nothing_twice() {
     env.drop_in_spool("a.ndjson", &ndjson(&a));
     let mut child = spawn(&[]);
     wait_for("before the copy", 120).await;
-    // SQLite's online backup of the live database, as an operator's backup job takes it.
-    let copy = env.dir.path().join("copy.db");
-    let out = Command::new("sqlite3")
-        .arg(&db)
-        .arg(format!(".backup '{}'", copy.display()))
-        .output()
-        .expect("sqlite3 runs");
-    assert!(out.status.success(), "{out:?}");
+    // An online backup of the live database, as an operator's backup job takes it.
+    let copy = db.backup_online(env.dir.path());
     let at_copy = imported_on(&sim);
     // The import goes on past the copy, and a second job file comes in.
     env.drop_in_spool("b.ndjson", &ndjson(&b));
@@ -98,12 +93,9 @@ async fn a_restored_older_database_sends_nothing_twice() {
         before_restore > at_copy + 100,
         "the server got well ahead of the copy ({at_copy} -> {before_restore})"
     );
-    // The copy put back (the -wal and -shm of the lost database go with it), and the second
-    // file dropped in again: the restored queue has never seen it.
-    for ext in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
-    }
-    std::fs::copy(&copy, &db).unwrap();
+    // The copy put back (on SQLite the -wal and -shm of the lost database go with it), and the
+    // second file dropped in again: the restored queue has never seen it.
+    db.restore(&copy).await;
     env.drop_in_spool("b.ndjson", &ndjson(&b));
     // Past the server's dedup window: only reconciliation can prevent duplicates now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -144,7 +136,7 @@ async fn a_restored_older_database_sends_nothing_twice() {
             "group {group}: exactly the expected messages, in order"
         );
     }
-    let store = Store::open_read_only(&db, &StoreOptions::default())
+    let store = Store::open_read_only(&db.database(), &StoreOptions::default())
         .await
         .unwrap();
     let t = store.totals(None).await.unwrap();

@@ -13,14 +13,22 @@ use daemon::*;
 
 const BOUND: Duration = Duration::from_secs(60);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_cleanly() {
-    let env = Env::new().await;
+db_test!(
+    sighup_is_logged_and_ignored_and_sigterm_still_stops_cleanly,
+    multi_thread
+);
+async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_cleanly(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     let sim = start_sim(cfg).await;
-    let db = env.dir.path().join("q.db");
-    let config = child_config(&env, &sim.base_url(), &db, "requests_per_second = 500");
+    let db = TestDb::named(backend, env.dir.path(), "q").await;
+    let config = child_config(
+        &env,
+        &sim.base_url(),
+        &db.config_value(),
+        "requests_per_second = 500",
+    );
     let log = env.dir.path().join("run.log");
     let envs = [
         ("TIMPORT__QUEUE__RESCAN_INTERVAL", "200ms"),
@@ -67,12 +75,20 @@ async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_cleanly() {
     assert!(text.contains("\"stopped\""), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn text_logs_escape_control_characters_and_have_no_colours_off_a_terminal() {
-    let env = Env::new().await;
+db_test!(
+    text_logs_escape_control_characters_and_have_no_colours_off_a_terminal,
+    multi_thread
+);
+async fn text_logs_escape_control_characters_and_have_no_colours_off_a_terminal(backend: Backend) {
+    let env = Env::on(backend).await;
     let sim = start_sim(sim_config()).await;
-    let db = env.dir.path().join("q.db");
-    let config = child_config(&env, &sim.base_url(), &db, "requests_per_second = 500");
+    let db = TestDb::named(backend, env.dir.path(), "q").await;
+    let config = child_config(
+        &env,
+        &sim.base_url(),
+        &db.config_value(),
+        "requests_per_second = 500",
+    );
     let log = env.dir.path().join("run.log");
     let envs = [
         ("TIMPORT__QUEUE__RESCAN_INTERVAL", "200ms"),
@@ -103,9 +119,9 @@ async fn text_logs_escape_control_characters_and_have_no_colours_off_a_terminal(
     assert!(rejected.contains("\\u{1b}[31mred"), "{rejected}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_groups_failures_by_code_and_kind() {
-    let env = Env::new().await;
+db_test!(status_groups_failures_by_code_and_kind, multi_thread);
+async fn status_groups_failures_by_code_and_kind(backend: Backend) {
+    let env = Env::on(backend).await;
     // The group was created after every message's SendTime: each fails with a 10004 whose text
     // names its own SendTime.
     const N: i64 = 60;
@@ -120,18 +136,17 @@ async fn status_groups_failures_by_code_and_kind() {
     run_until_idle(&env.store, client, engine_config())
         .await
         .unwrap();
-    let distinct: i64 = sqlx::query_scalar(
+    let distinct: i64 = db_scalar(
+        &env.store,
         "SELECT count(DISTINCT result_text) FROM messages WHERE state = 'failed'",
     )
-    .fetch_one(env.store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     assert_eq!(distinct, N, "every failure text is different");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_timport"))
         .args(["status"])
         .env_remove("TIMPORT_CONFIG")
-        .env("TIMPORT__QUEUE__DATABASE", env.db_path())
+        .env("TIMPORT__QUEUE__DATABASE", env.db())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -160,7 +175,7 @@ async fn status_groups_failures_by_code_and_kind() {
     let json = std::process::Command::new(env!("CARGO_BIN_EXE_timport"))
         .args(["status", "--json"])
         .env_remove("TIMPORT_CONFIG")
-        .env("TIMPORT__QUEUE__DATABASE", env.db_path())
+        .env("TIMPORT__QUEUE__DATABASE", env.db())
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
@@ -175,9 +190,12 @@ async fn status_groups_failures_by_code_and_kind() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_gives_no_eta_while_everything_left_is_blocked() {
-    let env = Env::new().await;
+db_test!(
+    status_gives_no_eta_while_everything_left_is_blocked,
+    multi_thread
+);
+async fn status_gives_no_eta_while_everything_left_is_blocked(backend: Backend) {
+    let env = Env::on(backend).await;
     // A group the server does not know: its lane blocks (10010) with every message still to go.
     let text: String = (0..20)
         .map(|i| line("missing", "u", T0 + i, &format!("m{i}")) + "\n")
@@ -194,7 +212,7 @@ async fn status_gives_no_eta_while_everything_left_is_blocked() {
             c.arg("--json");
         }
         c.env_remove("TIMPORT_CONFIG")
-            .env("TIMPORT__QUEUE__DATABASE", env.db_path())
+            .env("TIMPORT__QUEUE__DATABASE", env.db())
             .output()
             .unwrap()
     };

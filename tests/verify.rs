@@ -19,7 +19,7 @@ use timport::simulator::{RequestRecord, SimHandle};
 
 /// The config of `child_config` with a `[verify]` section.
 fn config_with_verify(env: &Env, sim: &SimHandle, import: &str, verify_rate: u32) -> PathBuf {
-    let p = child_config(env, &sim.base_url(), &env.db_path(), import);
+    let p = child_config(env, &sim.base_url(), &env.db(), import);
     let mut text = std::fs::read_to_string(&p).unwrap();
     text.push_str(&format!(
         "\n[verify]\nrequests_per_second = {verify_rate}\n"
@@ -146,11 +146,14 @@ fn is_read(r: &RequestRecord) -> bool {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_an_import_under_faults_every_message_is_verified() {
+db_test!(
+    after_an_import_under_faults_every_message_is_verified,
+    multi_thread
+);
+async fn after_an_import_under_faults_every_message_is_verified(backend: Backend) {
     const GROUPS: usize = 6;
     const PER_GROUP: i64 = 120;
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     let sim = start_sim(chaos_sim_config()).await;
     let mut job = String::new();
     for g in 0..GROUPS {
@@ -209,9 +212,12 @@ async fn after_an_import_under_faults_every_message_is_verified() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_altered_duplicated_and_holed_messages_are_reported_exactly() {
-    let env = Env::new().await;
+db_test!(
+    lost_altered_duplicated_and_holed_messages_are_reported_exactly,
+    multi_thread
+);
+async fn lost_altered_duplicated_and_holed_messages_are_reported_exactly(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     let sim = start_sim(cfg).await;
@@ -321,22 +327,25 @@ async fn lost_altered_duplicated_and_holed_messages_are_reported_exactly() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
     let mut missing_db = config_with_verify(&env, &sim, "", 50);
-    let text = std::fs::read_to_string(&missing_db).unwrap().replace(
-        &path_str(&env.db_path()),
-        &path_str(&env.dir.path().join("none.db")),
-    );
+    let none = missing_database(env.backend(), env.dir.path());
+    let text = std::fs::read_to_string(&missing_db)
+        .unwrap()
+        .replace(&toml_escape(&env.db()), &toml_escape(&none));
     missing_db.set_file_name("missing-db.toml");
     std::fs::write(&missing_db, text).unwrap();
     let out = verify_command(&missing_db, &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(!env.dir.path().join("none.db").exists(), "nothing created");
+    assert!(!database_exists(&none).await, "nothing created");
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
+db_test!(
+    a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate,
+    multi_thread
+);
+async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate(backend: Backend) {
     const RATE: u32 = 20;
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     cfg.faults.latency = Duration::from_millis(20);
@@ -355,10 +364,9 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
     let want = [1197, 1, 1, 1, 1, 0];
 
     let recorded = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM verify_results")
-            .fetch_one(env.store.sqlite_pool().unwrap())
+        try_db_rows_with::<(i64,)>(&env.store, "SELECT count(*) FROM verify_results", vec![])
             .await
-            .unwrap_or(0)
+            .map_or(0, |v| v[0].0)
     };
     let spawn_until = |at_least: i64| {
         let config = config.clone();
@@ -388,10 +396,7 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
     assert!(term.success());
     let status = wait_exit(&mut child, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1));
-    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM verify_claim")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+    let claims: i64 = db_scalar(&env.store, "SELECT count(*) FROM verify_claim").await;
     assert_eq!(claims, 0, "the claim is withdrawn on SIGTERM");
     // Resumed, then killed with SIGKILL midway (more pages recorded, not all).
     let after_term = recorded().await;
@@ -445,13 +450,14 @@ async fn a_verify_killed_midway_resumes_to_the_same_totals_within_its_rate() {
 /// first job of `old` messages imported into `{prefix}-old` (what verify reads), and a second of
 /// 8 groups of `new` messages dropped in the spool for a daemon to import meanwhile.
 async fn shared_quota_setup(
+    backend: Backend,
     import_rate: u32,
     verify_rate: u32,
     prefix: &str,
     old: i64,
     new: i64,
 ) -> (Env, SimHandle, PathBuf) {
-    let env = Env::new().await;
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     cfg.faults.latency = Duration::from_millis(10);
@@ -477,12 +483,15 @@ async fn shared_quota_setup(
     (env, sim, config)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
+db_test!(
+    a_daemon_and_a_verify_together_stay_within_the_import_rate,
+    multi_thread
+);
+async fn a_daemon_and_a_verify_together_stay_within_the_import_rate(backend: Backend) {
     const IMPORT: u32 = 30;
     const VERIFY: u32 = 15;
     // A first job imported (what verify reads), then a second one waiting in the spool.
-    let (env, sim, config) = shared_quota_setup(IMPORT, VERIFY, "vs", 600, 300).await;
+    let (env, sim, config) = shared_quota_setup(backend, IMPORT, VERIFY, "vs", 600, 300).await;
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
     let mut daemon = spawn_run(&config, &log, &[]);
     // The daemon is importing at its full rate.
@@ -546,9 +555,12 @@ async fn a_daemon_and_a_verify_together_stay_within_the_import_rate() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them() {
-    let env = Env::new().await;
+db_test!(
+    bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them,
+    multi_thread
+);
+async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.auto_create_groups = true;
     let sim = start_sim(cfg).await;
@@ -563,15 +575,16 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
     let bodies = |group: &'static str| {
         let store = env.store.clone();
         async move {
-            sqlx::query_as::<_, (i64, i64)>(
-                "SELECT SUM(NOT EXISTS (SELECT 1 FROM message_bodies b WHERE b.message_id = m.id)),
-                        SUM(m.body_sha256 IS NOT NULL) FROM messages m
-                 JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = ?",
+            db_row_with::<(i64, i64)>(
+                &store,
+                "SELECT CAST(SUM(CASE WHEN NOT EXISTS
+                                 (SELECT 1 FROM message_bodies b WHERE b.message_id = m.id)
+                            THEN 1 ELSE 0 END) AS BIGINT),
+                        CAST(SUM(CASE WHEN m.body_sha256 IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT)
+                 FROM messages m JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1",
+                args![group],
             )
-            .bind(group)
-            .fetch_one(store.sqlite_pool().unwrap())
             .await
-            .unwrap()
         }
     };
     assert_eq!(bodies("kb-1").await, (0, 0), "kept until verified");
@@ -614,10 +627,11 @@ async fn bodies_are_dropped_once_verified_or_old_and_verify_still_compares_them(
 
 /// (page_count, freelist_count) of the queue file.
 async fn pages(env: &Env) -> (i64, i64) {
-    sqlx::query_as("SELECT * FROM pragma_page_count, pragma_freelist_count")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
+    db_row(
+        &env.store,
+        "SELECT * FROM pragma_page_count, pragma_freelist_count",
+    )
+    .await
 }
 
 /// `n` messages of `group` with bodies of about 1.5 KiB, one second apart from `t0`.
@@ -634,6 +648,7 @@ fn big_lines(group: &str, n: i64, t0: i64) -> String {
         .collect()
 }
 
+// SQLite-only: about the file's pages and freelist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
     const N: i64 = 700;
@@ -658,11 +673,11 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     run_idle(&env, &config).await;
     let (after_drop, free) = pages(&env).await;
-    let dropped: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL")
-            .fetch_one(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let dropped: i64 = db_scalar(
+        &env.store,
+        "SELECT COUNT(*) FROM messages WHERE body_sha256 IS NOT NULL",
+    )
+    .await;
     assert_eq!(dropped, N);
     assert!(
         free * 2 > took,
@@ -685,13 +700,12 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
         "{free_left} of {free} free pages left unused"
     );
     // Nothing lost: the new bodies are there exactly, the old ones still verify by digest.
-    let bodies: i64 = sqlx::query_scalar(
+    let bodies: i64 = db_scalar(
+        &env.store,
         "SELECT COUNT(*) FROM message_bodies b JOIN messages m ON m.id = b.message_id
          WHERE m.state = 'pending'",
     )
-    .fetch_one(env.store.sqlite_pool().unwrap())
-    .await
-    .unwrap();
+    .await;
     assert_eq!(bodies, N);
     let (code, report, stderr) = verify_json(&config, &[]).await;
     assert_eq!(
@@ -702,11 +716,14 @@ async fn dropped_bodies_give_their_pages_to_the_messages_queued_after_them() {
     sim.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
+db_test!(
+    a_daemon_started_while_verify_reads_is_lowered_before_it_sends,
+    multi_thread
+);
+async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends(backend: Backend) {
     const IMPORT: u32 = 30;
     const VERIFY: u32 = 20;
-    let (env, sim, config) = shared_quota_setup(IMPORT, VERIFY, "vd", 2000, 200).await;
+    let (env, sim, config) = shared_quota_setup(backend, IMPORT, VERIFY, "vd", 2000, 200).await;
     // Verify first (100 pages at 20/s: about 5 s), the daemon started once it reads.
     let mut c = verify_command(&config, &["--json", "--group", "vd-old"]);
     let verify = tokio::task::spawn_blocking(move || c.output().unwrap());
@@ -739,6 +756,7 @@ async fn a_daemon_started_while_verify_reads_is_lowered_before_it_sends() {
     sim.shutdown().await;
 }
 
+// SQLite-only: an upgrade through SQLite's migrations (PostgreSQL's queue starts at the latest).
 #[tokio::test]
 async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -788,17 +806,17 @@ async fn a_queue_from_before_keeps_its_bodies_in_the_bodies_table() {
     let store = timport::store::Store::open(&db, &Default::default())
         .await
         .unwrap();
-    let bodies: Vec<(i64, String)> =
-        sqlx::query_as("SELECT message_id, body FROM message_bodies ORDER BY message_id")
-            .fetch_all(store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let bodies: Vec<(i64, String)> = db_rows(
+        &store,
+        "SELECT message_id, body FROM message_bodies ORDER BY message_id",
+    )
+    .await;
     assert_eq!(bodies, vec![(1, kept.to_string()), (2, kept.to_string())]);
-    let columns: Vec<(String,)> =
-        sqlx::query_as("SELECT name FROM pragma_table_info('messages') WHERE name LIKE 'body%'")
-            .fetch_all(store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let columns: Vec<(String,)> = db_rows(
+        &store,
+        "SELECT name FROM pragma_table_info('messages') WHERE name LIKE 'body%'",
+    )
+    .await;
     assert_eq!(columns, vec![("body_sha256".to_string(),)]);
     let ours = store.verify_ours(1, 1, 2).await.unwrap();
     assert_eq!(

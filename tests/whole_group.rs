@@ -43,9 +43,12 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_then_history_then_members_and_unread_across_sigkills() {
-    let env = Env::new().await;
+db_test!(
+    create_then_history_then_members_and_unread_across_sigkills,
+    multi_thread
+);
+async fn create_then_history_then_members_and_unread_across_sigkills(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.faults.latency = Duration::from_millis(20);
     let sim = start_sim(cfg).await;
@@ -58,7 +61,7 @@ async fn create_then_history_then_members_and_unread_across_sigkills() {
              [queue]\ndatabase = \"{}\"\nspool_dir = \"{}\"\n[import]\nbackoff_base = \"20ms\"\nbackoff_max = \"200ms\"\n\
              [log]\nlevel = \"warn\"\n[http]\nlisten = \"\"\n",
             sim.base_url(),
-            path_str(&env.db_path()),
+            toml_escape(&env.db()),
             path_str(&env.spool())
         ),
     );
@@ -151,9 +154,9 @@ async fn create_then_history_then_members_and_unread_across_sigkills() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_group_that_already_exists_blocks_until_retried() {
-    let env = Env::new().await;
+db_test!(a_group_that_already_exists_blocks_until_retried);
+async fn a_group_that_already_exists_blocks_until_retried(backend: Backend) {
+    let env = Env::on(backend).await;
     let mut cfg = sim_config();
     cfg.groups = vec![("theirs".into(), Some(T0 - 1000))];
     let sim = start_sim(cfg).await;
@@ -201,9 +204,9 @@ async fn a_group_that_already_exists_blocks_until_retried() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_member_refused_for_its_join_time_is_failed_with_the_reason() {
-    let env = Env::new().await;
+db_test!(a_member_refused_for_its_join_time_is_failed_with_the_reason);
+async fn a_member_refused_for_its_join_time_is_failed_with_the_reason(backend: Backend) {
+    let env = Env::on(backend).await;
     // The group exists with a CreateTime the job does not know; carol's JoinTime is before it.
     let mut cfg = sim_config();
     cfg.groups = vec![("late".into(), Some(T0 + 1_000))];
@@ -222,19 +225,19 @@ async fn a_member_refused_for_its_join_time_is_failed_with_the_reason() {
     );
     let m = env.store.member_totals(None).await.unwrap();
     assert_eq!((m.imported, m.failed), (1, 1));
-    let (result, reason): (Option<i64>, String) =
-        sqlx::query_as("SELECT result, result_text FROM members WHERE member_account = 'carol'")
-            .fetch_one(env.store.sqlite_pool().unwrap())
-            .await
-            .unwrap();
+    let (result, reason): (Option<i64>, String) = db_row(
+        &env.store,
+        "SELECT result, result_text FROM members WHERE member_account = 'carol'",
+    )
+    .await;
     assert_eq!(result, Some(0));
     assert!(reason.contains("JoinTime"), "{reason}");
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn bad_group_definitions_reject_the_file_whole() {
-    let env = Env::new().await;
+db_test!(bad_group_definitions_reject_the_file_whole);
+async fn bad_group_definitions_reject_the_file_whole(backend: Backend) {
+    let env = Env::on(backend).await;
     let cases = [
         (
             json!({"Type": "AVChatRoom", "Name": "x", "CreateTime": T0 - 10}),
@@ -278,9 +281,6 @@ async fn bad_group_definitions_reject_the_file_whole() {
         panic!("{out:?}")
     };
     assert!(problems[0].problem.contains("JoinTime"), "{problems:?}");
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
-        .fetch_one(env.store.sqlite_pool().unwrap())
-        .await
-        .unwrap();
+    let n: i64 = db_scalar(&env.store, "SELECT COUNT(*) FROM messages").await;
     assert_eq!(n, 0);
 }

@@ -1,6 +1,10 @@
-//! Shared test helpers: a real SQLite file in a temp folder, the simulator on a loopback port,
-//! a real client, and job files written to disk.
+//! Shared test helpers: a real queue database (a SQLite file in a temp folder, or a fresh
+//! PostgreSQL database, see [`db`]), the simulator on a loopback port, a real client, and job
+//! files written to disk.
 #![allow(dead_code)]
+
+pub mod db;
+pub use db::*;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,19 +30,44 @@ pub const T0: i64 = 1_700_000_000;
 pub struct Env {
     pub dir: TempDir,
     pub store: Store,
+    /// The queue database; declared after `store`, so the store's pools close before a
+    /// PostgreSQL database is dropped.
+    pub db: TestDb,
 }
 
 impl Env {
+    /// A fresh queue on SQLite (a file in the temp folder).
     pub async fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("queue.db"), &StoreOptions::default())
-            .await
-            .unwrap();
-        Env { dir, store }
+        Env::on(Backend::Sqlite).await
     }
 
+    /// A fresh queue on `backend`.
+    pub async fn on(backend: Backend) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::new(backend, dir.path()).await;
+        let store = Store::open(&db.database(), &StoreOptions::default())
+            .await
+            .unwrap();
+        Env { dir, store, db }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    /// The SQLite file (only for SQLite-only tests: it panics on PostgreSQL).
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("queue.db")
+        self.db.sqlite_path().to_path_buf()
+    }
+
+    /// The queue database as `queue.database` takes it: the SQLite path or the PostgreSQL URL.
+    pub fn db(&self) -> String {
+        self.db.config_value()
+    }
+
+    /// The queue database as the store opens it.
+    pub fn database(&self) -> timport::settings::Database {
+        self.db.database()
     }
 
     pub fn spool(&self) -> PathBuf {
@@ -61,6 +90,47 @@ impl Env {
         std::fs::rename(&tmp, &to).unwrap();
         to
     }
+}
+
+/// Runs SQL statements in another process, the way other programs reach the queue: the
+/// sqlite3 shell (or Python's sqlite3 module where the shell is missing) on SQLite, psql on
+/// PostgreSQL. Panics when they fail.
+pub fn sql_elsewhere(env: &Env, sql: &str) {
+    let out = match env.backend() {
+        Backend::Sqlite => {
+            let db = env.db_path();
+            match std::process::Command::new("sqlite3").arg(&db).arg(sql).output() {
+                Ok(out) => out,
+                Err(_) => std::process::Command::new("python3")
+                    .args([
+                        "-c",
+                        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()",
+                    ])
+                    .arg(&db)
+                    .arg(sql)
+                    .output()
+                    .expect("neither the sqlite3 shell nor python3 is available"),
+            }
+        }
+        Backend::Postgres => std::process::Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &env.db(),
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql is not available"),
+    };
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// One NDJSON line.
@@ -161,6 +231,11 @@ pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// A string as it may stand between a TOML basic string's quotes.
+pub fn toml_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 /// Engine settings for a daemon that runs until stopped.
 pub fn engine_config_daemon() -> EngineConfig {
     EngineConfig {
@@ -197,8 +272,14 @@ impl Daemon {
 
 /// A `timport run` configuration for child-process tests, written into `env`: the simulator at
 /// `base_url`, the database `db`, `env.spool()`, quick backoffs, JSON logs at info, no HTTP
-/// listener. `import` adds lines to `[import]`.
-pub fn child_config(env: &Env, base_url: &str, db: &Path, import: &str) -> PathBuf {
+/// listener. `import` adds lines to `[import]`. `db` is `queue.database`: a path or a URL
+/// ([`Env::db`]).
+pub fn child_config(
+    env: &Env,
+    base_url: &str,
+    db: &(impl AsRef<std::ffi::OsStr> + ?Sized),
+    import: &str,
+) -> PathBuf {
     env.write(
         "timport.toml",
         &format!(
@@ -223,7 +304,7 @@ level = "info"
 [http]
 listen = ""
 "#,
-            db = path_str(db),
+            db = toml_escape(&db.as_ref().to_string_lossy()),
             spool = path_str(&env.spool()),
         ),
     )
