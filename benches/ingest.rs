@@ -4,8 +4,9 @@
 //! floor.
 //!
 //! Run: `cargo bench --bench ingest` (set `TIMPORT_BENCH_MESSAGES` to change the size; set
-//! `TIMPORT_BENCH_DATABASE_URL` to a PostgreSQL server URL to run the same ingest on a fresh
-//! database of it as well).
+//! `TIMPORT_BENCH_DATABASE_URL` to a PostgreSQL server URL on this machine to run the same ingest
+//! on a fresh database of it as well, beside `psql \copy` of the same rows as its floor, with the
+//! server's CPU).
 //! Results are written up in docs/BENCHMARKS.md.
 
 use std::io::Write;
@@ -92,11 +93,20 @@ fn main() {
         timport_rss as f64 / 1024.0
     );
     println!("| sqlite3 .import (floor) | {floor_secs:.2} s | {floor_rate:.0} | - | - |");
-    if let Some((secs, rss, cpu)) = postgres_run(&bin, &ndjson) {
+    if let Some(pg) = postgres_run(&bin, &ndjson, &csv) {
         println!(
-            "| timport ingest, PostgreSQL | {secs:.2} s | {:.0} | {cpu:.2} | {:.1} MiB |",
-            n as f64 / secs,
-            rss as f64 / 1024.0
+            "| timport ingest, PostgreSQL | {:.2} s | {:.0} | {:.2} (server {:.2}) | {:.1} MiB |",
+            pg.secs,
+            n as f64 / pg.secs,
+            pg.cpu,
+            pg.server_cpu,
+            pg.rss as f64 / 1024.0
+        );
+        println!(
+            "| psql \\copy, PostgreSQL (floor) | {:.2} s | {:.0} | - (server {:.2}) | - |",
+            pg.floor_secs,
+            n as f64 / pg.floor_secs,
+            pg.floor_server_cpu
         );
     }
     println!(
@@ -105,27 +115,46 @@ fn main() {
     );
 }
 
-/// With `TIMPORT_BENCH_DATABASE_URL` (a PostgreSQL server URL, database part ignored), the same
-/// ingest into a fresh database of that server (created, then dropped): seconds, peak RSS (KiB)
-/// and CPU seconds of timport.
+/// What the PostgreSQL run measured.
+struct PgRun {
+    secs: f64,
+    rss: i64,
+    cpu: f64,
+    server_cpu: f64,
+    floor_secs: f64,
+    floor_server_cpu: f64,
+}
+
+/// With `TIMPORT_BENCH_DATABASE_URL` (a PostgreSQL server URL on this machine, database part
+/// ignored), the same ingest into a fresh database of that server (created, then dropped), and
+/// as its floor `psql \copy` of the same rows as CSV into a comparable table (as the SQLite
+/// floor: the same columns with the body, the same indexes). Seconds, timport's peak RSS (KiB) and CPU, and
+/// the server's CPU for each.
 #[expect(clippy::zombie_processes, reason = "reaped by wait_with_usage (wait4)")]
-fn postgres_run(bin: &Path, ndjson: &Path) -> Option<(f64, i64, f64)> {
+fn postgres_run(bin: &Path, ndjson: &Path, csv: &Path) -> Option<PgRun> {
     let server = std::env::var("TIMPORT_BENCH_DATABASE_URL").ok()?;
     let db = format!("timport_bench_ingest_{}", std::process::id());
     let (base, _) = server.split_once('?').unwrap_or((&server, ""));
     let root = base.rsplit_once('/').map_or(base, |(head, _)| head);
     let url = format!("{root}/{db}");
-    let psql = |sql: &str| {
+    let psql = |on: &str, sql: &str| {
         let ok = Command::new("psql")
-            .args([&server, "-q", "-c", sql])
+            .args([on, "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .stdout(Stdio::null())
             .status()
             .expect("psql")
             .success();
         assert!(ok, "psql {sql}");
     };
-    psql(&format!("DROP DATABASE IF EXISTS {db}"));
-    psql(&format!("CREATE DATABASE {db}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let postmaster = rt.block_on(common::pg::postmaster_pid(&server));
+    let server_cpu = || postmaster.map(common::pg::server_cpu).unwrap_or(f64::NAN);
+    psql(&server, &format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&server, &format!("CREATE DATABASE {db}"));
+    let cpu0 = server_cpu();
     let started = Instant::now();
     let child = Command::new(bin)
         .args(["ingest", &ndjson.to_string_lossy()])
@@ -138,8 +167,50 @@ fn postgres_run(bin: &Path, ndjson: &Path) -> Option<(f64, i64, f64)> {
     let (ok, rss, cpu) = wait_with_usage(child.id());
     let secs = started.elapsed().as_secs_f64();
     assert!(ok, "timport ingest on PostgreSQL failed");
-    psql(&format!("DROP DATABASE IF EXISTS {db}"));
-    Some((secs, rss, cpu))
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let server_used = server_cpu() - cpu0;
+    psql(&server, &format!("DROP DATABASE IF EXISTS {db}"));
+
+    // The floor: COPY of the same rows (CSV) into comparable tables, in one transaction.
+    psql(&server, &format!("CREATE DATABASE {db}"));
+    psql(
+        &url,
+        "CREATE TABLE messages (id BIGINT PRIMARY KEY, lane_id BIGINT NOT NULL,
+           job_id BIGINT NOT NULL, source_line BIGINT NOT NULL, source_index BIGINT NOT NULL,
+           from_account TEXT NOT NULL, send_time BIGINT NOT NULL, random BIGINT NOT NULL,
+           random_assigned BIGINT NOT NULL, recent_contact BIGINT NOT NULL, body TEXT NOT NULL);
+         CREATE INDEX messages_lane_queue ON messages (lane_id, send_time, id);
+         CREATE INDEX messages_job ON messages (job_id);",
+    );
+    let cpu0 = server_cpu();
+    let started = Instant::now();
+    let copy = format!(
+        "\\copy messages FROM '{}' WITH (FORMAT csv, HEADER)\n",
+        csv.display()
+    );
+    let ok = Command::new("psql")
+        .args([&url, "-q", "-v", "ON_ERROR_STOP=1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(copy.as_bytes())?;
+            c.wait()
+        })
+        .expect("psql copy")
+        .success();
+    let floor_secs = started.elapsed().as_secs_f64();
+    assert!(ok, "psql \\copy failed");
+    let floor_server_cpu = server_cpu() - cpu0;
+    psql(&server, &format!("DROP DATABASE IF EXISTS {db}"));
+    Some(PgRun {
+        secs,
+        rss,
+        cpu,
+        server_cpu: server_used,
+        floor_secs,
+        floor_server_cpu,
+    })
 }
 
 fn write_inputs(ndjson: &Path, csv: &Path, n: usize) {
