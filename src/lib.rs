@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`settings`]: layered configuration (defaults, file, environment) and its validation.
 //! - [`telemetry`]: tracing subscriber (JSON or text) and the filter from the configuration.
-//! - [`store`]: every SQL statement: the SQLite queue, lanes, jobs, the intake table.
+//! - [`store`]: every SQL statement behind one interface, on SQLite or PostgreSQL: the queue,
+//!   lanes, jobs, the intake table.
 //! - [`intake`]: job files in the spool folder and rows of the intake table, validated and queued.
 //! - [`tencent`]: the REST client for Tencent Cloud Chat, UserSig, outcome classification.
 //! - [`pacing`]: the app-wide request pacer: evenly spaced starts, learns a lower real quota.

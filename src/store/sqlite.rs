@@ -1,4 +1,4 @@
-//! The store: every SQL statement of timport, against one SQLite file.
+//! The SQLite backend of the store: every SQL statement of timport, against one SQLite file.
 //!
 //! The file is opened in WAL mode with `busy_timeout`, foreign keys on, and the embedded
 //! migrations applied at start, followed by a write probe so that a read-only or full disk fails at
