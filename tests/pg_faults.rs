@@ -203,3 +203,65 @@ async fn a_server_that_is_not_there_is_named_at_start_with_exit_2() {
         assert!(!all.contains("hunter2"), "{args:?}: {all}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_takes_intake_rows_when_notified_without_waiting_for_its_poll() {
+    let Some(server) = server() else { return };
+    let url = fresh_db(&server, "notify").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    // A poll once an hour: a row taken within the bound below was taken on its notification.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_timport"))
+        .args(["run", "--config", "config/local.toml"])
+        .env("TIMPORT__QUEUE__DATABASE", &url)
+        .env("TIMPORT__QUEUE__SPOOL_DIR", dir.path().join("spool"))
+        .env("TIMPORT__QUEUE__INTAKE_POLL_INTERVAL", "1h")
+        .env("TIMPORT__HTTP__LISTEN", "127.0.0.1:0")
+        .env("TIMPORT__SIMULATOR__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    // The daemon has created the schema and its first poll has run once the table exists and a
+    // moment has passed; rows inserted from now on wait for a notification or an hour.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query("SELECT 1 FROM intake LIMIT 1")
+        .fetch_optional(&pool)
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never created its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sqlx::query(
+        "INSERT INTO intake (group_id, from_account, send_time, msg_body)
+         VALUES ('notify-g', 'alice', 1700000000,
+                 '[{\"MsgType\":\"TIMTextElem\",\"MsgContent\":{\"Text\":\"hi\"}}]')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s: String = sqlx::query_scalar("SELECT status FROM intake")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if s != "new" || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    pool.close().await;
+    assert_eq!(
+        status, "queued",
+        "the row was not taken on its notification"
+    );
+}
