@@ -21,6 +21,7 @@ mod error;
 mod health;
 pub mod postgres;
 mod random;
+mod rows;
 pub mod sqlite;
 mod types;
 

@@ -46,6 +46,7 @@ use sqlx::{Arguments, AssertSqlSafe, Row, Sqlite, Transaction};
 
 use super::assign::{Buffered, JobBuf, Next};
 use super::health::HealthCell;
+use super::rows::{lane_row, lane_status, member_row, queued_message, verify_ours_row};
 use super::*;
 use crate::settings::Synchronous;
 
@@ -1367,23 +1368,6 @@ const LANE_COLUMNS: &str = "l.group_id, l.topic_id, l.state, l.pending, l.in_fli
                        AND m.unread_state = 'pending') THEN 'unread' \
           ELSE 'done' END AS step";
 
-fn lane_status(r: &sqlx::sqlite::SqliteRow) -> LaneStatus {
-    LaneStatus {
-        group_id: r.get("group_id"),
-        topic_id: r.get("topic_id"),
-        state: r.get("state"),
-        pending: r.get("pending"),
-        in_flight: r.get("in_flight"),
-        imported: r.get("imported"),
-        failed: r.get("failed"),
-        blocked_code: r.get("blocked_code"),
-        blocked_reason: r.get("blocked_reason"),
-        last_send_time: r.get("last_send_time"),
-        last_msg_seq: r.get("last_msg_seq"),
-        step: r.get("step"),
-    }
-}
-
 impl SqliteStore {
     /// Totals over all lanes, or over the lanes of one group.
     pub async fn totals(&self, group: Option<&str>) -> Result<Totals, StoreError> {
@@ -1546,33 +1530,6 @@ const MESSAGE_COLUMNS: &str =
 /// The body of message `m` (from `message_bodies`; `''` once dropped), next to [`MESSAGE_COLUMNS`].
 const BODY_OF_M: &str =
     "COALESCE((SELECT b.body FROM message_bodies AS b WHERE b.message_id = m.id), '') AS body";
-
-fn queued_message(r: &sqlx::sqlite::SqliteRow) -> QueuedMessage {
-    let random: i64 = r.get("random");
-    QueuedMessage {
-        id: r.get("id"),
-        from_account: r.get("from_account"),
-        send_time: r.get("send_time"),
-        sent_time: r.get("sent_time"),
-        random: u32::try_from(random).unwrap_or_default(),
-        recent_contact: r.get::<i64, _>("recent_contact") != 0,
-        body: r.get("body"),
-        attempts: r.get("attempts"),
-    }
-}
-
-fn lane_row(r: &sqlx::sqlite::SqliteRow) -> Lane {
-    Lane {
-        id: r.get("id"),
-        group_id: r.get("group_id"),
-        topic_id: r.get("topic_id"),
-        last_send_time: r.get("last_send_time"),
-        last_msg_seq: r.get("last_msg_seq"),
-        tie_nudge: r.get::<i64, _>("tie_nudge") != 0,
-        checked_id: r.get("checked_id"),
-        catch_up_waived: r.get::<i64, _>("catch_up_waived") != 0,
-    }
-}
 
 impl SqliteStore {
     /// Active lanes with work whose backoff has passed, oldest wait first.
@@ -2306,16 +2263,6 @@ impl SqliteStore {
     }
 }
 
-fn member_row(r: &sqlx::sqlite::SqliteRow) -> MemberRow {
-    MemberRow {
-        id: r.get("id"),
-        account: r.get("member_account"),
-        role: r.get("role"),
-        join_time: r.get("join_time"),
-        unread_msg_num: r.get("unread_msg_num"),
-    }
-}
-
 impl SqliteStore {
     /// Groups whose import_group is due.
     pub async fn groups_to_create(
@@ -2929,19 +2876,6 @@ impl SqliteStore {
             .bind(ceiling),
         )
         .await
-    }
-}
-
-fn verify_ours_row(r: &sqlx::sqlite::SqliteRow) -> VerifyOurs {
-    let random: i64 = r.get("random");
-    VerifyOurs {
-        id: r.get("id"),
-        msg_seq: r.get("msg_seq"),
-        from_account: r.get("from_account"),
-        time: r.get("t"),
-        random: u32::try_from(random).unwrap_or_default(),
-        body: r.get("body"),
-        body_sha256: r.get("body_sha256"),
     }
 }
 

@@ -10,52 +10,16 @@
 //! outside the database: a transaction cut off by a lost connection rolled back on the server,
 //! and the engine reconciles what it left in flight.
 
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::PgArguments;
 use sqlx::{PgConnection, Postgres, Row};
 
 use super::PgStore;
+use crate::store::rows::{lane_row, member_row, queued_message};
 use crate::store::*;
 
 /// The message columns of `m` a claim or a read returns, and its body (`''` once dropped).
 const MESSAGE_COLUMNS: &str = "m.id, m.from_account, m.send_time, m.sent_time, m.random, \
      m.recent_contact, m.attempts, COALESCE(b.body, '') AS body";
-
-fn queued_message(r: &PgRow) -> QueuedMessage {
-    let random: i64 = r.get("random");
-    QueuedMessage {
-        id: r.get("id"),
-        from_account: r.get("from_account"),
-        send_time: r.get("send_time"),
-        sent_time: r.get("sent_time"),
-        random: u32::try_from(random).unwrap_or_default(),
-        recent_contact: r.get::<i64, _>("recent_contact") != 0,
-        body: r.get("body"),
-        attempts: r.get("attempts"),
-    }
-}
-
-fn lane_row(r: &PgRow) -> Lane {
-    Lane {
-        id: r.get("id"),
-        group_id: r.get("group_id"),
-        topic_id: r.get("topic_id"),
-        last_send_time: r.get("last_send_time"),
-        last_msg_seq: r.get("last_msg_seq"),
-        tie_nudge: r.get::<i64, _>("tie_nudge") != 0,
-        checked_id: r.get("checked_id"),
-        catch_up_waived: r.get::<i64, _>("catch_up_waived") != 0,
-    }
-}
-
-fn member_row(r: &PgRow) -> MemberRow {
-    MemberRow {
-        id: r.get("id"),
-        account: r.get("member_account"),
-        role: r.get("role"),
-        join_time: r.get("join_time"),
-        unread_msg_num: r.get("unread_msg_num"),
-    }
-}
 
 /// Splits `items` into runs that one array statement each may apply exactly as applying them
 /// one by one would: a run holds items of one kind, each id at most once (a repeated id, or a

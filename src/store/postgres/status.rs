@@ -9,9 +9,9 @@
 //! takes up where the last commit left it.
 
 use sqlx::Row;
-use sqlx::postgres::PgRow;
 
 use super::PgStore;
+use crate::store::rows::{lane_status, verify_ours_row};
 use crate::store::*;
 
 /// Where the "until verified" pass stands: the last `verify_results.id` looked at (the same
@@ -40,36 +40,6 @@ macro_rules! lane_columns {
                            AND m.unread_state = 'pending') THEN 'unread'
               ELSE 'done' END AS step"
     };
-}
-
-fn lane_status(r: &PgRow) -> LaneStatus {
-    LaneStatus {
-        group_id: r.get("group_id"),
-        topic_id: r.get("topic_id"),
-        state: r.get("state"),
-        pending: r.get("pending"),
-        in_flight: r.get("in_flight"),
-        imported: r.get("imported"),
-        failed: r.get("failed"),
-        blocked_code: r.get("blocked_code"),
-        blocked_reason: r.get("blocked_reason"),
-        last_send_time: r.get("last_send_time"),
-        last_msg_seq: r.get("last_msg_seq"),
-        step: r.get("step"),
-    }
-}
-
-fn verify_ours_row(r: &PgRow) -> VerifyOurs {
-    let random: i64 = r.get("random");
-    VerifyOurs {
-        id: r.get("id"),
-        msg_seq: r.get("msg_seq"),
-        from_account: r.get("from_account"),
-        time: r.get("t"),
-        random: u32::try_from(random).unwrap_or_default(),
-        body: r.get("body"),
-        body_sha256: r.get("body_sha256"),
-    }
 }
 
 impl PgStore {
