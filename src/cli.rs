@@ -321,6 +321,12 @@ async fn show_status(
     };
     let mut r = status::report(&store, group).await?;
     r.accounts_off = settings.import.accounts == crate::settings::AccountsMode::Off;
+    (r.node, r.nodes) = status::node_report(
+        &store,
+        &settings.ha.node(),
+        settings.ha.enabled.then_some(settings.ha.lease_ttl),
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -642,11 +648,31 @@ async fn run(
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let Some(_daemon_guard) = store.try_lock(QueueLock::Daemon).await? else {
+    let ha = settings.ha.enabled;
+    if ha && until_idle {
         eprintln!(
-            "timport: another `timport run` is using database {} (its lock is held in the database); stop it first (one daemon per database)",
-            settings.queue.database
+            "timport: --until-idle is for one daemon; with ha.enabled the nodes run until stopped"
         );
+        store.close().await;
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let lock = if ha {
+        QueueLock::HaNode
+    } else {
+        QueueLock::Daemon
+    };
+    let Some(_daemon_guard) = store.try_lock(lock).await? else {
+        if ha {
+            eprintln!(
+                "timport: a `timport run` without ha.enabled is using database {}; stop it first (nodes of a high-availability group share the queue only with each other)",
+                settings.queue.database
+            );
+        } else {
+            eprintln!(
+                "timport: another `timport run` is using database {} (its lock is held in the database); stop it first (one daemon per database, or set ha.enabled on every node)",
+                settings.queue.database
+            );
+        }
         store.close().await;
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
@@ -714,6 +740,19 @@ async fn run(
         key: "tencent.base_url",
         message: e.to_string(),
     })?;
+    // High availability: this node sends only while it holds the queue's lease.
+    let node = ha.then(|| {
+        let n = crate::ha::Node::new(
+            store.clone(),
+            settings.ha.node(),
+            crate::ha::Timing::new(&settings.ha, settings.tencent.request_timeout),
+        );
+        client.set_gate(n.gate());
+        n
+    });
+    if !ha {
+        crate::ha::set_role_gauge(&crate::ha::Role::Single);
+    }
 
     // Health and metrics.
     let readiness = Arc::new(Readiness::default());
@@ -723,6 +762,9 @@ async fn run(
             .await
             .with_context(|| format!("binding http.listen {addr}"))?;
         tracing::info!(address = %bound, "health and metrics listening");
+        if let Some(n) = &node {
+            readiness.follow_role(n.roles());
+        }
         http_task = Some(tokio::spawn(ops::serve(
             listener,
             store.clone(),
@@ -773,7 +815,9 @@ async fn run(
     }
     // A failure here (a disk that filled since the write probe) is the intake loop's to retry,
     // not a reason to exit; a corrupt file stops the engine at its first look.
-    if let Err(e) = table::poll_once(&store).await {
+    if node.is_none()
+        && let Err(e) = table::poll_once(&store).await
+    {
         tracing::warn!(error = %e, "intake table poll failed; the intake loop retries it");
     }
 
@@ -784,22 +828,34 @@ async fn run(
         settings.queue.keep_bodies,
         shutdown.clone(),
     ));
-    let intake_task = tokio::spawn(intake::run_with(
+    // The intake table: only the active node takes its rows (a standby still takes the job
+    // files of its own spool).
+    let table = match &node {
+        None => tokio::sync::watch::channel(true).1,
+        Some(n) => active_flag(n.roles()),
+    };
+    let intake_task = tokio::spawn(intake::run_with_table(
         store.clone(),
         intake_cfg,
         spool,
+        table,
         shutdown.clone(),
     ));
 
     let engine_cfg = EngineConfig::from_settings(&settings.import, until_idle);
-    let result = engine::run(
-        store.clone(),
-        client,
-        engine_cfg,
-        shutdown.clone(),
-        systemd::watchdog_tick,
-    )
-    .await;
+    let result = match &node {
+        None => {
+            engine::run(
+                store.clone(),
+                client,
+                engine_cfg,
+                shutdown.clone(),
+                systemd::watchdog_tick,
+            )
+            .await
+        }
+        Some(n) => run_node(n, &store, client, engine_cfg, &shutdown).await,
+    };
     let code = match result {
         Ok(EngineExit::Stopped) => ExitCode::SUCCESS,
         Ok(EngineExit::Idle(t)) => {
@@ -868,6 +924,72 @@ async fn run(
     store.close().await;
     tracing::info!("stopped");
     Ok(code)
+}
+
+/// A node of a high-availability group: a standby until it is granted the lease, then the
+/// engine while it holds it, and a standby again when it loses it; until `shutdown` or a fatal
+/// error of the engine. The watchdog is fed all along.
+async fn run_node(
+    node: &crate::ha::Node,
+    store: &Store,
+    client: TencentClient,
+    cfg: EngineConfig,
+    shutdown: &CancellationToken,
+) -> Result<EngineExit, EngineError> {
+    tracing::info!(node = %node.name(), "high availability: standby, waiting for the lease");
+    loop {
+        let term = {
+            let acquire = node.acquire(shutdown);
+            tokio::pin!(acquire);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    t = &mut acquire => break t,
+                    _ = tick.tick() => systemd::watchdog_tick(),
+                }
+            }
+        };
+        let Some(term) = term else {
+            return Ok(EngineExit::Stopped);
+        };
+        let engine_stop = shutdown.child_token();
+        let engine_done = CancellationToken::new();
+        let hold = node.hold(term, engine_stop.clone(), engine_done.clone());
+        let engine = async {
+            let r = engine::run(
+                store.clone(),
+                client.clone(),
+                cfg.clone(),
+                engine_stop.clone(),
+                systemd::watchdog_tick,
+            )
+            .await;
+            engine_done.cancel();
+            r
+        };
+        let (result, _end) = tokio::join!(engine, hold);
+        match result {
+            Ok(EngineExit::Stopped) if !shutdown.is_cancelled() => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Follows a node's role as "is it the active node".
+fn active_flag(
+    mut roles: tokio::sync::watch::Receiver<crate::ha::Role>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let is_active = |r: &crate::ha::Role| matches!(r, crate::ha::Role::Active { .. });
+    let (tx, rx) = tokio::sync::watch::channel(is_active(&roles.borrow()));
+    tokio::spawn(async move {
+        while roles.changed().await.is_ok() {
+            let a = is_active(&roles.borrow_and_update());
+            if tx.send(a).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// The job files at `path`: the file itself, or the job files directly inside a folder (sorted).

@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod ha;
 pub mod intake;
 pub mod ops;
 pub mod pacing;

@@ -52,6 +52,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub simulator: SimulatorSettings,
     pub verify: VerifySettings,
+    pub ha: HaSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +337,46 @@ pub struct VerifySettings {
     pub requests_per_second: u32,
 }
 
+/// `[ha]`: several `timport run` nodes on one PostgreSQL queue, one of them sending (see
+/// docs/OPERATIONS.md, "High availability").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSettings {
+    pub enabled: bool,
+    /// This node's name in the lease, status and logs; empty: the machine's hostname.
+    pub node_name: String,
+    /// How long a lease lasts in the database after each renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often the active node renews, and how often a standby looks for an expired lease.
+    #[serde(with = "humantime_serde")]
+    pub renew_every: Duration,
+    /// Taken off the active node's own reckoning of its lease: it stops sending this much
+    /// before the lease can expire in the database.
+    #[serde(with = "humantime_serde")]
+    pub margin: Duration,
+}
+
+impl HaSettings {
+    /// The node name: `ha.node_name`, else the hostname, else `timport`.
+    pub fn node(&self) -> String {
+        let n = self.node_name.trim();
+        if !n.is_empty() {
+            return n.to_owned();
+        }
+        hostname().unwrap_or_else(|| "timport".to_owned())
+    }
+}
+
+/// The machine's hostname (the kernel's, as `hostname` prints it), if it has a usable one.
+fn hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .find(|s| !s.is_empty())
+}
+
 /// Which file to layer over the defaults: the `--config` flag, else `$TIMPORT_CONFIG`, else
 /// `config/timport.toml` if it exists. An explicitly named file must exist.
 pub fn config_path(flag: Option<&Path>, env: &HashMap<String, String>) -> Option<(PathBuf, bool)> {
@@ -466,6 +507,7 @@ impl Settings {
                 "must be longer than the server's own 3s timeout",
             ));
         }
+        self.validate_ha()?;
         if t.usersig_validity < Duration::from_secs(3600) {
             return Err(SettingsError::key(
                 "tencent.usersig_validity",
@@ -569,6 +611,48 @@ impl Settings {
                     "{} cannot be made: {} is not a folder",
                     spool.display(),
                     blocker.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[ha]`: only on a PostgreSQL queue, and with a lease long enough that a request can start
+    /// right after a renewal was due and still finish before the node's own deadline.
+    fn validate_ha(&self) -> Result<(), SettingsError> {
+        let h = &self.ha;
+        if !h.enabled {
+            return Ok(());
+        }
+        if !matches!(self.queue.database, Database::Postgres(_)) {
+            return Err(SettingsError::key(
+                "ha.enabled",
+                "needs queue.database to be a PostgreSQL URL (nodes share the queue and its lease there); SQLite is one machine's file",
+            ));
+        }
+        if h.node().len() > 200 || h.node().chars().any(|c| c.is_control()) {
+            return Err(SettingsError::key(
+                "ha.node_name",
+                "must be at most 200 characters, without control characters",
+            ));
+        }
+        if h.renew_every.is_zero() || h.margin.is_zero() {
+            return Err(SettingsError::key(
+                "ha.renew_every",
+                "ha.renew_every and ha.margin must be above 0",
+            ));
+        }
+        let needed = self.tencent.request_timeout + h.margin + h.renew_every;
+        if h.lease_ttl <= needed {
+            return Err(SettingsError::key(
+                "ha.lease_ttl",
+                format!(
+                    "{} must exceed tencent.request_timeout ({}) + ha.margin ({}) + ha.renew_every ({}) = {}: the active node starts no request it could not finish before its lease ends; raise ha.lease_ttl or lower tencent.request_timeout",
+                    humantime::format_duration(h.lease_ttl),
+                    humantime::format_duration(self.tencent.request_timeout),
+                    humantime::format_duration(h.margin),
+                    humantime::format_duration(h.renew_every),
+                    humantime::format_duration(needed),
                 ),
             ));
         }

@@ -159,7 +159,11 @@ impl Shared {
     /// stops first.
     pub async fn admitted(&self) -> bool {
         tokio::select! {
-            _ = self.outage.admit() => !self.stop.is_cancelled(),
+            _ = async {
+                self.outage.admit().await;
+                // High availability: only while this node may send (at once without a gate).
+                self.client.sendable().await;
+            } => !self.stop.is_cancelled(),
             _ = self.stop.cancelled() => false,
         }
     }

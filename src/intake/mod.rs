@@ -53,7 +53,21 @@ pub async fn run(store: Store, cfg: IntakeConfig, cancel: CancellationToken) {
 pub async fn run_with(
     store: Store,
     cfg: IntakeConfig,
+    spool: spool::Spool,
+    cancel: CancellationToken,
+) {
+    let (_always, table) = tokio::sync::watch::channel(true);
+    run_with_table(store, cfg, spool, table, cancel).await
+}
+
+/// Like [`run_with`], but the intake table is polled only while `table` says so: on a node of a
+/// high-availability group, only the active node takes intake rows (a standby still takes the
+/// job files dropped into its own spool).
+pub async fn run_with_table(
+    store: Store,
+    cfg: IntakeConfig,
     mut spool: spool::Spool,
+    mut table: tokio::sync::watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
     if let Err(e) = spool::prepare(&cfg.spool_dir) {
@@ -78,6 +92,7 @@ pub async fn run_with(
     // PostgreSQL notifies at every insert into the intake table: rows are taken at once, and the
     // poll stays as the safety net for a notification lost with a connection.
     let mut listener = store.intake_listener().await;
+    let mut watching = true;
     loop {
         let due_at = due.unwrap_or_else(|| tokio::time::Instant::now() + cfg.rescan_interval);
         tokio::select! {
@@ -87,8 +102,18 @@ pub async fn run_with(
             _ = tokio::time::sleep_until(due_at), if due.is_some() => {
                 due = scan(&store, &mut spool, &mut failing, &cancel).await;
             }
-            _ = poll.tick() => poll_table(&store).await,
-            _ = notified(&mut listener) => poll_table(&store).await,
+            _ = poll.tick(), if *table.borrow() => poll_table(&store).await,
+            _ = notified(&mut listener), if *table.borrow() => poll_table(&store).await,
+            changed = table.changed(), if watching => {
+                if changed.is_err() {
+                    // The owner is gone: its last word stands.
+                    watching = false;
+                    continue;
+                }
+                if *table.borrow_and_update() {
+                    poll_table(&store).await;
+                }
+            }
             changed = health.changed() => {
                 if changed.is_err() {
                     break;
@@ -98,7 +123,9 @@ pub async fn run_with(
                     // Writes work again: take what waited at once, not at the next tick.
                     Health::Ok => {
                         due = scan(&store, &mut spool, &mut failing, &cancel).await;
-                        poll_table(&store).await;
+                        if *table.borrow() {
+                            poll_table(&store).await;
+                        }
                     }
                     Health::WritesRefused { .. } => {}
                     // The engine stops the daemon; nothing more is taken into this file.

@@ -70,6 +70,14 @@ fn describe() {
     metrics::describe_counter!("timport_job_files_total", "Job files by outcome");
     metrics::describe_counter!("timport_intake_rows_total", "Intake table rows by outcome");
     metrics::describe_counter!("timport_usersig_renewals_total", "UserSig renewals");
+    metrics::describe_gauge!(
+        "timport_ha_role",
+        "High availability: 1 for this node's role now (single, standby, active), 0 for the others"
+    );
+    metrics::describe_counter!(
+        "timport_ha_takeovers_total",
+        "High availability: times this node was granted the lease and became the active node"
+    );
 }
 
 /// What readiness depends on besides the database.
@@ -77,6 +85,23 @@ fn describe() {
 pub struct Readiness {
     /// Set when the engine stopped on an auth error (the reason).
     pub stopped: Mutex<Option<String>>,
+    /// High availability: this node's role now (`None`: not in a group).
+    role: Mutex<Option<tokio::sync::watch::Receiver<crate::ha::Role>>>,
+}
+
+impl Readiness {
+    /// Names the node's role in `/readyz` from now on.
+    pub fn follow_role(&self, roles: tokio::sync::watch::Receiver<crate::ha::Role>) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Some(roles);
+    }
+
+    fn role(&self) -> Option<&'static str> {
+        self.role
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| r.borrow().as_str())
+    }
 }
 
 #[derive(Clone)]
@@ -145,7 +170,11 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         Health::Ok => {}
     }
     match s.store.write_probe().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        // A standby is ready too: it takes job files and serves status; the role says which.
+        Ok(()) => match s.readiness.role() {
+            Some(role) => (StatusCode::OK, format!("ready: {role}\n")),
+            None => (StatusCode::OK, "ready\n".to_string()),
+        },
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")),
     }
 }

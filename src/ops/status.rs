@@ -51,6 +51,115 @@ pub struct StatusReport {
     pub jobs: Vec<JobStatus>,
     /// What `timport verify` recorded, per lane (empty when never verified).
     pub verification: Vec<VerifyCounts>,
+    /// This node and, with high availability, the active one (set by the caller, which knows
+    /// the node's name; see [`node_report`]).
+    pub node: NodeStatus,
+    /// High availability: every node of the group, as each last reported itself.
+    pub nodes: Vec<NodeSeen>,
+}
+
+/// The node `timport status` runs for.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    /// `single` (no high availability), `active`, `standby`, or `down` (a node of the group that
+    /// has not reported itself for longer than a lease).
+    pub role: String,
+    /// This node's lease token, while it is the active node.
+    pub token: Option<i64>,
+    /// The active node of the group (`None`: none holds a live lease, or no high availability).
+    pub active: Option<ActiveNode>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveNode {
+    pub name: String,
+    pub token: i64,
+    /// RFC 3339, the database's clock.
+    pub lease_expires_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSeen {
+    pub name: String,
+    pub role: String,
+    /// RFC 3339, the database's clock.
+    pub seen_at: String,
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    )
+    .to_string()
+}
+
+/// The node part of the report. `ha`: this node's name and `ha.lease_ttl`, when high
+/// availability is on; otherwise the node is `single`, named `name`.
+pub async fn node_report(
+    store: &Store,
+    name: &str,
+    ha: Option<Duration>,
+) -> Result<(NodeStatus, Vec<NodeSeen>), StoreError> {
+    let Some(ttl) = ha else {
+        return Ok((
+            NodeStatus {
+                name: name.to_owned(),
+                role: "single".into(),
+                token: None,
+                active: None,
+            },
+            Vec::new(),
+        ));
+    };
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let Some(view) = store.ha_view().await? else {
+        return Ok((
+            NodeStatus {
+                name: name.to_owned(),
+                role: "down".into(),
+                token: None,
+                active: None,
+            },
+            Vec::new(),
+        ));
+    };
+    let now = view.lease.now_ms;
+    let live = view.lease.token > 0 && view.lease.expires_at_ms > now;
+    let active = live.then(|| ActiveNode {
+        name: view.lease.node.clone(),
+        token: view.lease.token,
+        lease_expires_at: rfc3339_ms(view.lease.expires_at_ms),
+    });
+    let role_of = |n: &crate::store::HaNodeRow| -> String {
+        if live && n.node == view.lease.node && n.instance == view.lease.instance {
+            "active".into()
+        } else if now - n.seen_at_ms <= ttl_ms {
+            "standby".into()
+        } else {
+            "down".into()
+        }
+    };
+    let nodes: Vec<NodeSeen> = view
+        .nodes
+        .iter()
+        .map(|n| NodeSeen {
+            name: n.node.clone(),
+            role: role_of(n),
+            seen_at: rfc3339_ms(n.seen_at_ms),
+        })
+        .collect();
+    let me = view.nodes.iter().find(|n| n.node == name);
+    let role = me.map(role_of).unwrap_or_else(|| "down".into());
+    Ok((
+        NodeStatus {
+            name: name.to_owned(),
+            token: (role == "active").then_some(view.lease.token),
+            role,
+            active,
+        },
+        nodes,
+    ))
 }
 
 /// Builds the report; `group` narrows totals, lanes and failures to one group.
@@ -108,6 +217,8 @@ pub async fn report(store: &Store, group: Option<&str>) -> Result<StatusReport, 
             store.jobs(20).await?
         },
         verification: store.verify_counts(group, None).await?,
+        node: NodeStatus::default(),
+        nodes: Vec::new(),
     })
 }
 
@@ -178,6 +289,34 @@ pub fn render(r: &StatusReport) -> String {
                 u64::try_from(unix_now() - w.since).unwrap_or(0)
             )),
             esc(&w.reason)
+        );
+    }
+    if r.node.role != "single" && !r.node.role.is_empty() {
+        let active = match &r.node.active {
+            Some(a) => format!(
+                "active node {} (token {}, lease until {})",
+                esc(&a.name),
+                a.token,
+                a.lease_expires_at
+            ),
+            None => "no active node (no live lease)".into(),
+        };
+        let others: Vec<String> = r
+            .nodes
+            .iter()
+            .filter(|n| n.name != r.node.name)
+            .map(|n| format!("{} {}", esc(&n.name), n.role))
+            .collect();
+        let _ = writeln!(
+            s,
+            "node       {}: {}; {active}{}",
+            esc(&r.node.name),
+            r.node.role,
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; others: {}", others.join(", "))
+            }
         );
     }
     let _ = writeln!(s, "lanes      {} ({} blocked)", t.lanes, t.lanes_blocked);

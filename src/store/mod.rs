@@ -692,6 +692,10 @@ pub enum QueueLock {
     Daemon,
     /// One `timport verify`.
     Verify,
+    /// A `timport run` node of a high-availability group: held shared by every node (they
+    /// coordinate through the lease), so it excludes a `timport run` without `ha.enabled`, and
+    /// that one excludes the nodes. PostgreSQL only.
+    HaNode,
 }
 
 /// A held [`QueueLock`]; dropping it releases the lock.
@@ -707,9 +711,12 @@ impl Store {
     /// this returns an empty guard there.
     pub async fn try_lock(&self, lock: QueueLock) -> Result<Option<LockGuard>, StoreError> {
         match &self.backend {
+            Backend::Sqlite(_) if lock == QueueLock::HaNode => Err(StoreError::Unsupported {
+                what: "high availability (ha.enabled)",
+            }),
             Backend::Sqlite(_) => Ok(Some(LockGuard { _pg: None })),
             Backend::Postgres(p) => Ok(p
-                .try_lock(pg_lock_key(lock))
+                .try_lock(pg_lock_key(lock), lock == QueueLock::HaNode)
                 .await?
                 .map(|l| LockGuard { _pg: Some(l) })),
         }
@@ -724,9 +731,81 @@ impl Store {
     }
 }
 
+/// High availability (PostgreSQL only; see `crate::ha`): the lease, the fence, the nodes.
+impl Store {
+    fn ha_backend(&self) -> Result<&postgres::PgStore, StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => Ok(p),
+            Backend::Sqlite(_) => Err(StoreError::Unsupported {
+                what: "high availability (ha.enabled)",
+            }),
+        }
+    }
+
+    /// Takes the lease if it has expired; `None` while another node holds it.
+    pub async fn ha_acquire(
+        &self,
+        me: &HaNodeId,
+        ttl: std::time::Duration,
+    ) -> Result<Option<HaGrant>, StoreError> {
+        self.ha_backend()?.ha_acquire(me, ms(ttl)).await
+    }
+
+    /// Extends this node's lease; `None` when another node took over.
+    pub async fn ha_renew(
+        &self,
+        me: &HaNodeId,
+        token: i64,
+        ttl: std::time::Duration,
+    ) -> Result<Option<HaGrant>, StoreError> {
+        self.ha_backend()?.ha_renew(me, token, ms(ttl)).await
+    }
+
+    /// Gives this node's lease up now (a clean stop); false when it was not held any more.
+    pub async fn ha_release(&self, me: &HaNodeId, token: i64) -> Result<bool, StoreError> {
+        self.ha_backend()?.ha_release(me, token).await
+    }
+
+    /// Records this node's role in the queue's list of nodes.
+    pub async fn ha_heartbeat(
+        &self,
+        me: &HaNodeId,
+        role: &str,
+        token: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.ha_backend()?.ha_heartbeat(me, role, token).await
+    }
+
+    /// The lease and the nodes; `None` on SQLite (no high availability there) or on a queue
+    /// without the HA tables.
+    pub async fn ha_view(&self) -> Result<Option<HaView>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => p.ha_view().await,
+            Backend::Sqlite(_) => Ok(None),
+        }
+    }
+
+    /// Every grant of the lease, oldest first.
+    pub async fn ha_grants(&self) -> Result<Vec<HaLeaseGrant>, StoreError> {
+        self.ha_backend()?.ha_grants().await
+    }
+
+    /// Sets (on becoming active) or clears the lease token that every write transaction of this
+    /// process proves first; a stale one is refused as [`StoreError::Fenced`]. No-op on SQLite.
+    pub fn set_fence(&self, token: Option<i64>) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.set_fence(token);
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn pg_lock_key(lock: QueueLock) -> i64 {
     match lock {
-        QueueLock::Daemon => postgres::DAEMON_LOCK,
+        QueueLock::Daemon | QueueLock::HaNode => postgres::DAEMON_LOCK,
         QueueLock::Verify => postgres::VERIFY_LOCK,
     }
 }

@@ -575,3 +575,60 @@ impl JobAccounts {
         }
     }
 }
+
+/// High availability: who asks for the lease (a node name, and this process's instance id, so
+/// that a restarted node with the same name is a new holder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaNodeId {
+    pub node: String,
+    pub instance: String,
+}
+
+/// A lease this node was granted or renewed: its token and when it expires on the database's
+/// clock (Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HaGrant {
+    pub token: i64,
+    pub expires_at_ms: i64,
+}
+
+/// The lease as the database holds it (token 0: never granted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HaLeaseRow {
+    pub token: i64,
+    pub node: String,
+    pub instance: String,
+    pub acquired_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// The database's clock when this was read.
+    pub now_ms: i64,
+}
+
+/// One node, as it last said of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HaNodeRow {
+    pub node: String,
+    pub instance: String,
+    pub role: String,
+    pub token: Option<i64>,
+    pub started_at_ms: i64,
+    pub seen_at_ms: i64,
+}
+
+/// One grant of the lease, from `ha_leases` (the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HaLeaseGrant {
+    pub token: i64,
+    pub node: String,
+    pub instance: String,
+    pub acquired_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub released_at_ms: Option<i64>,
+}
+
+/// The high-availability state of a queue: the lease and the nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HaView {
+    pub lease: HaLeaseRow,
+    pub nodes: Vec<HaNodeRow>,
+}

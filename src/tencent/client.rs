@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::error::{ApiError, ApiErrorKind, ClientBuildError, ErrorClass};
 use super::types::*;
+use crate::ha::Gate;
 use super::usersig::gen_usersig;
 use super::{ClientConfig, GROUP_SERVICE, LOGIN_SERVICE};
 use crate::pacing::Pacer;
@@ -54,6 +55,8 @@ struct Inner {
     validity_secs: u64,
     pacer: Option<Arc<Pacer>>,
     sig: Mutex<Option<CachedSig>>,
+    /// High availability: the gate every request passes (unset: always open).
+    gate: std::sync::OnceLock<Gate>,
 }
 
 /// Cloneable handle to the Tencent REST API (clones share the connection pool, the UserSig
@@ -132,8 +135,22 @@ impl TencentClient {
                 validity_secs: cfg.usersig_validity.as_secs(),
                 pacer,
                 sig: Mutex::new(None),
+                gate: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Installs the high-availability gate: from now on a request starts only while it allows
+    /// it (a second call is ignored: one node, one gate).
+    pub fn set_gate(&self, gate: Gate) {
+        let _ = self.inner.gate.set(gate);
+    }
+
+    /// Waits until a request may start (at once without a gate).
+    pub async fn sendable(&self) {
+        if let Some(g) = self.inner.gate.get() {
+            g.opened().await;
+        }
     }
 
     /// The base URL requests go to (no secrets in it).
@@ -334,6 +351,15 @@ impl TencentClient {
             Some(p) => Some(p.acquire().await),
             None => None,
         };
+        // High availability: a request starts only if it would end before this node's lease
+        // could (see `crate::ha`). Checked after the pacer's wait, right before sending.
+        if let Some(gate) = self.inner.gate.get()
+            && !gate.allows()
+        {
+            metrics::counter!("timport_requests_total", "endpoint" => command, "outcome" => "not_active")
+                .increment(1);
+            return Err(ApiError::new(command, ApiErrorKind::NotActive));
+        }
         let started = Instant::now();
         let result = match self.url(command, sig) {
             Ok(url) => self.exchange(url, envelope, body, sig).await,

@@ -112,6 +112,9 @@ pub enum ApiErrorKind {
     BadResponse(String),
     /// The request body could not be serialized (a bug or bad input); nothing was sent.
     Encode(String),
+    /// High availability: this node may not send now (it is not the active node, or its lease
+    /// could end before the request would); nothing was sent.
+    NotActive,
 }
 
 impl fmt::Display for ApiErrorKind {
@@ -128,6 +131,9 @@ impl fmt::Display for ApiErrorKind {
                 write!(f, "unreadable response (may have been applied): {e}")
             }
             ApiErrorKind::Encode(e) => write!(f, "request body could not be encoded: {e}"),
+            ApiErrorKind::NotActive => f.write_str(
+                "not sent: this node is not the active node, or its lease ends too soon",
+            ),
         }
     }
 }
@@ -162,6 +168,9 @@ impl ApiError {
             | ApiErrorKind::HttpStatus(_)
             | ApiErrorKind::BadResponse(_) => ErrorClass::Unknown,
             ApiErrorKind::Encode(_) => ErrorClass::Permanent,
+            // Nothing was sent and nothing is wrong with the request: like a quota refusal, the
+            // batch goes back untouched and no attempt is counted; the lane waits for the gate.
+            ApiErrorKind::NotActive => ErrorClass::RateLimited,
         }
     }
 
@@ -200,7 +209,7 @@ impl ApiError {
     pub fn is_transport(&self) -> bool {
         !matches!(
             self.kind,
-            ApiErrorKind::Service { .. } | ApiErrorKind::Encode(_)
+            ApiErrorKind::Service { .. } | ApiErrorKind::Encode(_) | ApiErrorKind::NotActive
         )
     }
 }

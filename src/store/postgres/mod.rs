@@ -18,6 +18,7 @@
 //! in flight and is reconciled, as after a crash. Stopping closes the pool.
 
 mod engine;
+mod ha;
 mod intake;
 mod status;
 
@@ -58,6 +59,8 @@ pub struct PgStore {
     random_key: Option<RandomKey>,
     health: Arc<HealthCell>,
     url: PostgresUrl,
+    /// The lease token writes carry (0: none; see [`PgStore::begin`]). Shared by the clones.
+    fence: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// How an open treats the database.
@@ -146,6 +149,7 @@ impl PgStore {
             random_key: None,
             health: HealthCell::new(),
             url: url.clone(),
+            fence: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         };
         if mode != Mode::Create {
             let queue: bool = sqlx::query_scalar(
@@ -259,12 +263,41 @@ impl PgStore {
             .await
     }
 
-    /// Starts a write transaction holding the queue's writer lock.
+    /// Starts a write transaction holding the queue's writer lock. On an active node of a
+    /// high-availability group (a fence is set), the transaction first proves that the node's
+    /// lease token is still the queue's (`timport_fence`, which holds the lease row FOR SHARE until
+    /// the transaction ends): a stale token is [`StoreError::Fenced`] and nothing is written.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        self.pool
+        let mut tx = self
+            .pool
             .begin_with(BEGIN_WRITE)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        // A statement of its own, not part of the BEGIN: a failed BEGIN batch would leave the
+        // pooled connection inside an aborted transaction; a failed statement rolls back with
+        // `tx` when it is dropped.
+        if let Some(token) = self.fence_token() {
+            sqlx::query("SELECT timport_fence($1)")
+                .bind(token)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(tx)
+    }
+
+    /// The lease token every write carries, when this node is active (see [`PgStore::begin`]).
+    fn fence_token(&self) -> Option<i64> {
+        match self.fence.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Sets (`Some`, on becoming active) or clears (`None`) the token every write carries.
+    pub fn set_fence(&self, token: Option<i64>) {
+        self.fence
+            .store(token.unwrap_or(0), std::sync::atomic::Ordering::Release);
     }
 
     /// Commits `tx`; a committed write clears a write refusal.
@@ -430,6 +463,14 @@ fn classify(target: &str, e: sqlx::Error) -> StoreError {
         .map(|c| c.into_owned())
         .unwrap_or_default();
     match code.as_str() {
+        // timport_fence (migrations/postgres/0002_ha.sql): a stale lease token.
+        "TF001" => StoreError::Fenced {
+            target,
+            detail: e
+                .as_database_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default(),
+        },
         // read_only_sql_transaction: a standby (a failover left this URL on one).
         "25006" => StoreError::Standby {
             target,
@@ -489,7 +530,7 @@ pub const VERIFY_LOCK: i64 = WRITER_LOCK + 3;
 impl PgStore {
     /// Takes advisory lock `key` on a connection of its own; `None` when another session holds
     /// it.
-    pub async fn try_lock(&self, key: i64) -> Result<Option<PgLock>, StoreError> {
+    pub async fn try_lock(&self, key: i64, shared: bool) -> Result<Option<PgLock>, StoreError> {
         use sqlx::Connection;
         let options = PgConnectOptions::from_str(self.url.expose())
             .map_err(|e| self.err(scrub(e)))?
@@ -497,7 +538,11 @@ impl PgStore {
         let mut conn = sqlx::PgConnection::connect_with(&options)
             .await
             .map_err(|e| self.err(e))?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let sql = match shared {
+            true => "SELECT pg_try_advisory_lock_shared($1)",
+            false => "SELECT pg_try_advisory_lock($1)",
+        };
+        let got: bool = sqlx::query_scalar(sql)
             .bind(key)
             .fetch_one(&mut conn)
             .await
