@@ -742,3 +742,115 @@ async fn outage_refuses_connections_then_answers_502_then_recovers_with_state_ke
     assert!(ok, "listening again after the outage was lifted");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn path_prefixes_are_served_like_the_plain_route_and_recorded() {
+    let sim = sim().await;
+    let base = sim.base_url();
+    let node_a = client_with(&sim, |c| c.base_url = Some(format!("{base}/node-a")));
+    let node_b = client_with(&sim, |c| c.base_url = Some(format!("{base}/node-b/")));
+    let plain = client(&sim);
+    let t = now() - 100;
+    let r = node_a
+        .import_group_msg(&import("g1", vec![msg("a", t, 11), msg("a", t + 1, 12)]))
+        .await
+        .expect("node-a imports");
+    assert_eq!(results(&r), vec![(0, Some(1)), (0, Some(2))]);
+    let r = node_b
+        .import_group_msg(&import("g1", vec![msg("b", t + 2, 21)]))
+        .await
+        .expect("node-b imports");
+    assert_eq!(results(&r), vec![(0, Some(3))]);
+    // The same rules behind a prefix: dedup by Random across prefixes (one app, one history).
+    let r = node_b
+        .import_group_msg(&import("g1", vec![msg("a", t, 11)]))
+        .await
+        .expect("answered");
+    assert_eq!(results(&r), vec![(0, Some(1))], "deduplicated");
+    let e = node_a
+        .import_group_msg(&import("missing", vec![msg("a", t, 1)]))
+        .await
+        .expect_err("no such group");
+    assert_eq!(e.code(), Some(codes::GROUP_NOT_FOUND));
+    plain
+        .import_group_msg(&import("g2", vec![msg("c", t, 31)]))
+        .await
+        .expect("plain imports");
+
+    let state = sim.state();
+    let log: Vec<(&str, Option<i64>)> = state
+        .requests_to("import_group_msg")
+        .map(|r| (r.prefix.as_str(), r.error_code))
+        .collect();
+    assert_eq!(
+        log,
+        vec![
+            ("node-a", Some(0)),
+            ("node-b", Some(0)),
+            ("node-b", Some(0)),
+            ("node-a", Some(codes::GROUP_NOT_FOUND)),
+            ("", Some(0)),
+        ]
+    );
+    let stored: Vec<&str> = state
+        .group("g1")
+        .expect("g1")
+        .messages
+        .iter()
+        .map(|m| m.from_account.as_str())
+        .collect();
+    assert_eq!(stored, ["a", "a", "b"]);
+
+    // The prefixed route is as strict as the plain one: the query is checked, other methods
+    // are refused, and there is no prefixed admin route or half a /v4 path.
+    let http = reqwest::Client::new();
+    let v: serde_json::Value = http
+        .post(format!(
+            "{base}/node-a/v4/group_open_http_svc/get_group_info?sdkappid={APP}"
+        ))
+        .body(r#"{"GroupIdList":["g1"]}"#)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["ErrorCode"], 70002, "no usersig");
+    for (method, path, want) in [
+        (
+            "GET",
+            "/node-a/v4/group_open_http_svc/import_group_msg",
+            405,
+        ),
+        ("GET", "/v4/group_open_http_svc/import_group_msg", 405),
+        ("GET", "/node-a/admin/state", 404),
+        ("POST", "/node-a/admin/groups", 404),
+        ("POST", "/node-a/v4/group_open_http_svc", 404),
+        ("POST", "//v4/group_open_http_svc/import_group_msg", 404),
+        (
+            "POST",
+            "/node-a/v4/group_open_http_svc/import_group_msg/x",
+            404,
+        ),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let status = http
+            .request(method.clone(), format!("{base}{path}"))
+            .send()
+            .await
+            .expect("sent")
+            .status();
+        assert_eq!(status.as_u16(), want, "{method} {path}");
+    }
+    let after = sim.state();
+    assert_eq!(
+        after.requests.len(),
+        state.requests.len() + 1,
+        "only the 70002 is logged"
+    );
+    assert_eq!(
+        after.requests.last().map(|r| r.prefix.as_str()),
+        Some("node-a")
+    );
+    sim.shutdown().await;
+}

@@ -12,6 +12,12 @@
 //! "duplicate" | "hole", "MsgBody"? }` (see Tampering below). Each request record carries its
 //! arrival time (`at_ms`), so tests can count requests per second.
 //!
+//! Path prefixes: `POST /{prefix}/v4/{service}/{command}` (one or more non-empty segments before
+//! `/v4`, e.g. `/node-a/v4/...`) is served exactly like the unprefixed route, and the request
+//! record names the prefix (`prefix`, "" when none), so several daemons sharing one simulator,
+//! each with its own `tencent.base_url` path, can be told apart. Admin routes have no prefixed
+//! form (404); any other path is 404, another method on a `/v4` path 405.
+//!
 //! Rules (see `tencent-api.md`; choices where the doc is open are marked *):
 //! - Query: missing usersig 70002; sdkappid missing 60012, not this app 70014; identifier missing
 //!   60004; `random` not a u32 or `contenttype` ≠ json: 60002*. UserSig: malformed 70003, bad

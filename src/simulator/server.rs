@@ -22,7 +22,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
@@ -272,7 +272,44 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/admin/faults", post(admin_faults).get(admin_get_faults))
         .route("/admin/outage", post(admin_outage))
         .route("/admin/tamper", post(admin_tamper))
+        .fallback(v4_prefixed)
         .with_state(shared)
+}
+
+/// Split `/{prefix}/v4/{service}/{command}` into its parts: the prefix is one or more non-empty
+/// segments, given back joined by `/` without a leading or trailing one (`/a/b/v4/s/c` is
+/// `("a/b", "s", "c")`). Anything else, an empty segment included, is `None` (404). Segments are
+/// taken as they arrive (not percent-decoded); the unprefixed route is axum's own.
+pub(crate) fn split_prefixed(path: &str) -> Option<(&str, &str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (head, command) = rest.rsplit_once('/')?;
+    let (head, service) = head.rsplit_once('/')?;
+    let prefix = head.strip_suffix("/v4")?;
+    if command.is_empty() || service.is_empty() || prefix.split('/').any(str::is_empty) {
+        return None;
+    }
+    Some((prefix, service, command))
+}
+
+/// Every route not matched above: a `/v4` request behind a path prefix is served exactly like
+/// the unprefixed one (other methods 405, as there); anything else is 404. Admin routes have no
+/// prefixed form.
+async fn v4_prefixed(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<ConnKill>,
+    method: Method,
+    uri: Uri,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let Some((prefix, service, command)) = split_prefixed(uri.path()) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if method != Method::POST {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
+    let (prefix, service, command) = (prefix.to_owned(), service.to_owned(), command.to_owned());
+    serve_v4(shared, conn, prefix, service, command, query, body).await
 }
 
 fn roll(p: f64) -> bool {
@@ -330,6 +367,19 @@ async fn v4(
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
+    serve_v4(shared, conn, String::new(), service, command, query, body).await
+}
+
+/// One `/v4` request, behind `prefix` ("" when none).
+async fn serve_v4(
+    shared: Arc<Shared>,
+    conn: ConnKill,
+    prefix: String,
+    service: String,
+    command: String,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
     let at_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -350,6 +400,7 @@ async fn v4(
     let mut rec = RequestRecord {
         seq: 0,
         at_ms,
+        prefix,
         endpoint: command.clone(),
         query_random: query.get("random").and_then(|r| r.parse().ok()),
         http_status: Some(200),
@@ -543,5 +594,35 @@ async fn admin_tamper(State(shared): State<Arc<Shared>>, Json(t): Json<TamperReq
     match done {
         Ok(copy) => Json(serde_json::json!({"MsgSeq": copy})).into_response(),
         Err(e) => (StatusCode::NOT_FOUND, e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_prefixed;
+
+    #[test]
+    fn prefixed_paths_split_and_others_do_not() {
+        assert_eq!(
+            split_prefixed("/node-a/v4/group_open_http_svc/import_group_msg"),
+            Some(("node-a", "group_open_http_svc", "import_group_msg"))
+        );
+        assert_eq!(split_prefixed("/a/b/v4/s/c"), Some(("a/b", "s", "c")));
+        assert_eq!(split_prefixed("/v4/v4/s/c"), Some(("v4", "s", "c")));
+        for bad in [
+            "/v4/s/c",
+            "//v4/s/c",
+            "/a//v4/s/c",
+            "/a/v4/s",
+            "/a/v4/s/",
+            "/a/v4//c",
+            "/a/v4/s/c/d",
+            "/a/admin/state",
+            "/a/v5/s/c",
+            "a/v4/s/c",
+            "/",
+        ] {
+            assert_eq!(split_prefixed(bad), None, "{bad}");
+        }
     }
 }

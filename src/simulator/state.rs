@@ -102,6 +102,11 @@ pub struct RequestRecord {
     /// Arrival time, Unix milliseconds (before the injected latency).
     #[serde(default)]
     pub at_ms: i64,
+    /// The path prefix before `/v4`, without leading or trailing slashes (`node-a` for
+    /// `/node-a/v4/...`, `a/b` for `/a/b/v4/...`); "" when none. Tells apart daemons that share
+    /// one simulator, each with its own `tencent.base_url` path.
+    #[serde(default)]
+    pub prefix: String,
     /// The command, e.g. `import_group_msg`.
     pub endpoint: String,
     /// The `random` query parameter, when it was a valid u32.
