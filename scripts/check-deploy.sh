@@ -237,6 +237,8 @@ need(
     "postgres: no named volume for its data",
 )
 need("pg_isready" in " ".join(pg.get("healthcheck", {}).get("test", [])), "postgres: no pg_isready healthcheck")
+need(any(str(a).startswith("idle_in_transaction_session_timeout=") for a in pg.get("command", [])),
+     "postgres: no idle_in_transaction_session_timeout (a lost node's open transaction would block a takeover)")
 nodes = {k: v for k, v in svcs.items() if k != "postgres"}
 need(sorted(nodes) == ["node-a", "node-b"], f"the nodes are {sorted(nodes)}, not node-a and node-b")
 spools, ports = set(), set()
