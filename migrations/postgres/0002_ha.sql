@@ -35,17 +35,22 @@ CREATE TABLE ha_nodes (
     seen_at    TIMESTAMPTZ NOT NULL
 );
 
--- The fence: every engine transaction of an active node calls this first. It takes the lease
+-- The fence: every write transaction of an active node calls this first. It takes the lease
 -- row FOR SHARE, so a takeover's UPDATE waits for the transactions in progress and every later
--- one sees the new token; a stale token is refused with SQLSTATE TF001.
-CREATE FUNCTION timport_fence(expected BIGINT) RETURNS VOID
+-- one sees the new holder. A stale holder is refused with SQLSTATE TF001. Both the token and
+-- the holder's instance must match: after a failover that lost the last grant, the same token
+-- number could be granted again to another node.
+CREATE FUNCTION timport_fence(expected BIGINT, holder TEXT) RETURNS VOID
 LANGUAGE plpgsql AS $$
 DECLARE
-    current BIGINT;
+    current_token BIGINT;
+    current_instance TEXT;
 BEGIN
-    SELECT token INTO current FROM ha_lease WHERE id = 1 FOR SHARE;
-    IF current IS DISTINCT FROM expected THEN
-        RAISE EXCEPTION 'fenced: this node''s lease token % is stale (the lease is at %)', expected, current
+    SELECT token, instance INTO current_token, current_instance
+    FROM ha_lease WHERE id = 1 FOR SHARE;
+    IF current_token IS DISTINCT FROM expected OR current_instance IS DISTINCT FROM holder THEN
+        RAISE EXCEPTION 'fenced: this node''s lease (token %) is stale; the lease is at token %',
+            expected, current_token
             USING ERRCODE = 'TF001';
     END IF;
 END

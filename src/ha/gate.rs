@@ -43,8 +43,10 @@ impl Gate {
     /// Whether a request starting at `now` would end (time out at the latest) before the
     /// deadline.
     pub fn allows_at(&self, now: Instant) -> bool {
-        self.deadline()
-            .is_some_and(|d| now.checked_add(self.request_timeout).is_some_and(|end| end <= d))
+        self.deadline().is_some_and(|d| {
+            now.checked_add(self.request_timeout)
+                .is_some_and(|end| end <= d)
+        })
     }
 
     /// Whether a request may start now.

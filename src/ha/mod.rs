@@ -78,7 +78,9 @@ pub enum Role {
     /// Not in a high-availability group (`ha.enabled = false`): the one node.
     Single,
     Standby,
-    Active { token: i64 },
+    Active {
+        token: i64,
+    },
 }
 
 impl Role {
@@ -145,7 +147,8 @@ impl Node {
             let sent = Instant::now();
             match self.store.ha_acquire(&self.me, self.timing.lease_ttl).await {
                 Ok(Some(grant)) => {
-                    self.store.set_fence(Some(grant.token));
+                    self.store
+                        .set_fence(Some((grant.token, self.me.instance.clone())));
                     self.gate.open_until(self.timing.deadline(sent));
                     let from = match holder.as_deref() {
                         Some(h) if !h.is_empty() => format!("from {h} "),
@@ -236,7 +239,9 @@ impl Node {
                 }
                 Ok(None) => {
                     let holder = match self.store.ha_view().await {
-                        Ok(Some(v)) => format!("{} holds it with token {}", v.lease.node, v.lease.token),
+                        Ok(Some(v)) => {
+                            format!("{} holds it with token {}", v.lease.node, v.lease.token)
+                        }
                         _ => "another node holds it".into(),
                     };
                     lost = Some(format!("the lease was taken over: {holder}"));

@@ -110,7 +110,9 @@ pub enum StoreError {
     },
     /// PostgreSQL, high availability: this node's lease token is no longer the queue's (another
     /// node took over), so the database refused the write. Nothing of it was applied.
-    #[error("database {target}: fenced: another node holds the lease now ({detail}); this node sends nothing more")]
+    #[error(
+        "database {target}: fenced: another node holds the lease now ({detail}); this node sends nothing more"
+    )]
     Fenced { target: String, detail: String },
     /// A feature only one backend has (high availability: PostgreSQL).
     #[error("{what} needs the queue in PostgreSQL (queue.database = \"postgres://...\")")]

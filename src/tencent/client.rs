@@ -13,9 +13,9 @@ use serde_json::Value;
 
 use super::error::{ApiError, ApiErrorKind, ClientBuildError, ErrorClass};
 use super::types::*;
-use crate::ha::Gate;
 use super::usersig::gen_usersig;
 use super::{ClientConfig, GROUP_SERVICE, LOGIN_SERVICE};
+use crate::ha::Gate;
 use crate::pacing::Pacer;
 
 const REDACTED: &str = "<redacted>";

@@ -59,8 +59,9 @@ pub struct PgStore {
     random_key: Option<RandomKey>,
     health: Arc<HealthCell>,
     url: PostgresUrl,
-    /// The lease token writes carry (0: none; see [`PgStore::begin`]). Shared by the clones.
-    fence: Arc<std::sync::atomic::AtomicI64>,
+    /// The lease writes carry (token, holder instance; see [`PgStore::begin`]). Shared by the
+    /// clones.
+    fence: Arc<std::sync::RwLock<Option<(i64, String)>>>,
 }
 
 /// How an open treats the database.
@@ -109,7 +110,12 @@ impl PgStore {
                 target: target.clone(),
                 source: scrub(source),
             })?
-            .application_name("timport");
+            .application_name("timport")
+            // No transaction of ours waits on anything but the database: one left idle means
+            // its process is gone (a machine lost mid-transaction). Bounded, so the locks it
+            // holds (the writer lock, the lease row a takeover waits for) are freed in a minute
+            // rather than when TCP keepalive notices, hours later.
+            .options([("idle_in_transaction_session_timeout", "60s")]);
         // One connection first, for a precise error: the pool would only say it timed out.
         {
             use sqlx::Connection;
@@ -149,7 +155,7 @@ impl PgStore {
             random_key: None,
             health: HealthCell::new(),
             url: url.clone(),
-            fence: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            fence: Arc::new(std::sync::RwLock::new(None)),
         };
         if mode != Mode::Create {
             let queue: bool = sqlx::query_scalar(
@@ -276,9 +282,10 @@ impl PgStore {
         // A statement of its own, not part of the BEGIN: a failed BEGIN batch would leave the
         // pooled connection inside an aborted transaction; a failed statement rolls back with
         // `tx` when it is dropped.
-        if let Some(token) = self.fence_token() {
-            sqlx::query("SELECT timport_fence($1)")
+        if let Some((token, instance)) = self.fence_token() {
+            sqlx::query("SELECT timport_fence($1, $2)")
                 .bind(token)
+                .bind(instance)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.err(e))?;
@@ -286,18 +293,16 @@ impl PgStore {
         Ok(tx)
     }
 
-    /// The lease token every write carries, when this node is active (see [`PgStore::begin`]).
-    fn fence_token(&self) -> Option<i64> {
-        match self.fence.load(std::sync::atomic::Ordering::Acquire) {
-            0 => None,
-            t => Some(t),
-        }
+    /// The lease token (and holder instance) every write carries, when this node is active (see
+    /// [`PgStore::begin`]).
+    fn fence_token(&self) -> Option<(i64, String)> {
+        self.fence.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sets (`Some`, on becoming active) or clears (`None`) the token every write carries.
-    pub fn set_fence(&self, token: Option<i64>) {
-        self.fence
-            .store(token.unwrap_or(0), std::sync::atomic::Ordering::Release);
+    /// Sets (`Some((token, instance))`, on becoming active) or clears (`None`) the lease every
+    /// write proves first.
+    pub fn set_fence(&self, lease: Option<(i64, String)>) {
+        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = lease;
     }
 
     /// Commits `tx`; a committed write clears a write refusal.
