@@ -133,9 +133,12 @@ impl PgStore {
             .max_connections(opts.pg_pool_size.max(2))
             .min_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            // A connection left idle across a server restart is found broken here, not by the
-            // statement that would use it.
-            .test_before_acquire(true)
+            // No ping before each transaction (a round trip of its own on every claim and
+            // record): a connection left idle across a server restart fails its first
+            // statement instead, which is classified as a lost connection like any other (the
+            // health path: writes refused, a probe, then resumed), and sqlx discards a broken
+            // connection when it is released (it pings it then, off the caller's path).
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| opening_error(&target, &host, e))?;
