@@ -881,3 +881,191 @@ async fn engine_imports_a_postgres_queue() {
     store.close().await;
     db.drop_db().await;
 }
+
+/// Queues `per_lane` messages into each of `groups` as one file job (number `n`).
+async fn queue_job(store: &Store, groups: &[String], n: i64, per_lane: i64) {
+    let mut w = store.job_writer("file", &format!("job{n}")).await.unwrap();
+    for i in 0..per_lane {
+        for g in groups {
+            w.push(timport::store::NewMessage {
+                group_id: g.clone(),
+                topic_id: String::new(),
+                from_account: "alice".into(),
+                send_time: T0 + n * 1_000 + i,
+                random: None,
+                recent_contact: false,
+                body: body(&format!("job {n} message {i}")),
+                source_line: i + 1,
+                source_index: 0,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    w.commit(None).await.unwrap();
+}
+
+/// What a worker of the concurrency test answers for a claimed message: mostly imported, some
+/// failed (again after every retry), some back to pending on their first attempt.
+fn outcome(m: &timport::store::QueuedMessage) -> MessageUpdate {
+    if m.id % 7 == 3 {
+        MessageUpdate::Failed {
+            id: m.id,
+            code: Some(80001),
+            reason: "refused".into(),
+        }
+    } else if m.id % 5 == 4 && m.attempts == 1 {
+        MessageUpdate::Pending {
+            id: m.id,
+            refund: false,
+        }
+    } else {
+        MessageUpdate::Imported {
+            id: m.id,
+            msg_seq: m.id,
+            msg_time: m.send_time,
+            note: None,
+        }
+    }
+}
+
+/// Claims and records take no writer lock on PostgreSQL: many lanes claimed and recorded at once
+/// (group commits over several lanes, in shuffled orders, with messages of several jobs in every
+/// lane), beside a job writer queueing more messages into those same lanes and retries putting
+/// failed messages back, never deadlock (any error fails the test), and at the end every lane's
+/// and job's counters equal a recount of its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lanes_claimed_and_recorded_at_once_beside_a_job_writer_keep_their_counters() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(server) = server_url() else {
+        return;
+    };
+    let db = PgDb::create(&server, "lanes").await;
+    let opts = StoreOptions {
+        pg_pool_size: 16,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&Database::from(db.url.clone()), &opts)
+        .await
+        .unwrap();
+    let groups: Vec<String> = (0..24).map(|g| format!("cg{g:02}")).collect();
+    let (jobs, per_lane) = (6, 15);
+    queue_job(&store, &groups, 0, per_lane).await;
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (store, groups, writing) = (store.clone(), groups.clone(), writing.clone());
+        tokio::spawn(async move {
+            for n in 1..jobs {
+                queue_job(&store, &groups, n, per_lane).await;
+                store.retry(RetryScope::All).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            writing.store(false, Ordering::SeqCst);
+        })
+    };
+    let mut workers = Vec::new();
+    for w in 0..6usize {
+        let (store, writing) = (store.clone(), writing.clone());
+        workers.push(tokio::spawn(async move {
+            let mut round = 0usize;
+            let mut idle = 0;
+            loop {
+                round += 1;
+                let lanes = store.runnable_lanes(i64::MAX, 100).await.unwrap();
+                if lanes.is_empty() {
+                    if !writing.load(Ordering::SeqCst) {
+                        idle += 1;
+                        if idle > 3 {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                idle = 0;
+                // A few lanes, overlapping other workers' picks, in an order of their own.
+                let mut picked: Vec<_> = (0..4)
+                    .map(|k| lanes[(w * 7 + round * 3 + k * 5) % lanes.len()].clone())
+                    .collect();
+                picked.sort_by_key(|l| l.id);
+                picked.dedup_by_key(|l| l.id);
+                if (w + round) % 2 == 0 {
+                    picked.reverse();
+                }
+                let mut records = Vec::new();
+                for lane in &picked {
+                    let batch = store.claim_batch(lane, 7, false).await.unwrap();
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    records.push(Record {
+                        lane_id: lane.id,
+                        updates: batch.iter().map(outcome).collect(),
+                        lane: LaneUpdate::default(),
+                        next: Some(Claim {
+                            lane: lane.clone(),
+                            max: 7,
+                            cut_at_tie: false,
+                        }),
+                    });
+                }
+                let next = store.record_many(&records).await.unwrap();
+                // The batches claimed by the group commit, recorded in one more (no next).
+                let last: Vec<Record> = records
+                    .iter()
+                    .zip(next)
+                    .filter(|(_, b)| !b.is_empty())
+                    .map(|(r, b)| Record {
+                        lane_id: r.lane_id,
+                        updates: b.iter().map(outcome).collect(),
+                        lane: LaneUpdate::default(),
+                        next: None,
+                    })
+                    .collect();
+                store.record_many(&last).await.unwrap();
+            }
+        }));
+    }
+    writer.await.unwrap();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let pool = store.pg_pool().unwrap();
+    let lanes: Vec<(i64, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT l.id, l.pending, l.in_flight, l.imported, l.failed,
+                COUNT(*) FILTER (WHERE m.state = 'pending'),
+                COUNT(*) FILTER (WHERE m.state = 'in_flight'),
+                COUNT(*) FILTER (WHERE m.state = 'imported'),
+                COUNT(*) FILTER (WHERE m.state = 'failed')
+         FROM lanes l LEFT JOIN messages m ON m.lane_id = l.id GROUP BY l.id ORDER BY l.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(lanes.len(), groups.len());
+    for l in &lanes {
+        assert_eq!((l.1, l.2, l.3, l.4), (l.5, l.6, l.7, l.8), "lane {}", l.0);
+    }
+    let job_rows: Vec<(i64, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT j.id, j.pending, j.in_flight, j.imported, j.failed,
+                COUNT(*) FILTER (WHERE m.state = 'pending'),
+                COUNT(*) FILTER (WHERE m.state = 'in_flight'),
+                COUNT(*) FILTER (WHERE m.state = 'imported'),
+                COUNT(*) FILTER (WHERE m.state = 'failed')
+         FROM jobs j LEFT JOIN messages m ON m.job_id = j.id GROUP BY j.id ORDER BY j.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(job_rows.len(), jobs as usize);
+    for j in &job_rows {
+        assert_eq!((j.1, j.2, j.3, j.4), (j.5, j.6, j.7, j.8), "job {}", j.0);
+    }
+    let t = store.totals(None).await.unwrap();
+    assert_eq!(t.pending + t.in_flight, 0, "{t:?}");
+    assert_eq!(t.imported + t.failed, jobs * per_lane * groups.len() as i64);
+    assert!(t.failed > 0 && t.imported > 0, "{t:?}");
+    store.close().await;
+    db.drop_db().await;
+}

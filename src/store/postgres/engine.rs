@@ -4,11 +4,29 @@
 //! The same transactions as the SQLite backend ([`crate::store::sqlite`]), with the same meaning
 //! statement for statement, written for PostgreSQL: lists go in as arrays (`= ANY($1)`,
 //! `UPDATE ... FROM unnest(...)`), so a group commit of many lanes is a fixed handful of
-//! statements. Every write transaction comes from [`PgStore::begin`] (the queue's writer lock);
-//! a claim also locks its lanes' rows (`FOR UPDATE`, in id order) before it reads their heads, so
-//! it stays right when the writer lock is someday not the only guard. Nothing here keeps state
-//! outside the database: a transaction cut off by a lost connection rolled back on the server,
-//! and the engine reconciles what it left in flight.
+//! statements. Nothing here keeps state outside the database: a transaction cut off by a lost
+//! connection rolled back on the server, and the engine reconciles what it left in flight.
+//!
+//! Locking. Claims and records ([`PgStore::claim_batch`], [`PgStore::record_many`]) run without
+//! the queue's writer lock ([`PgStore::begin_lanes`]), so lanes go on while a job is queued and
+//! do not wait for each other's round trips. Each locks its lane rows first (in id order), then
+//! the job rows its message updates will move (in id order, see [`lock_jobs`]), and only then
+//! updates messages; the counter trigger then touches only rows already held, so two of them
+//! can never deadlock. What else changes messages, lanes or jobs keeps the writer lock and
+//! takes row locks in the same order (lanes, then jobs):
+//!
+//! - a job's commit ([`super::intake`]) locks the lanes it counts messages in before it adds to
+//!   their counters, then its job row; its messages are invisible until then, and its commit
+//!   waits for a claim holding one of its lanes (or the claim waits, and then sees them);
+//! - `retry` and `retry --accounts` lock the lanes in scope first, then the jobs of their failed
+//!   messages, and requeue only the failed messages of the lanes they hold, so a message failed
+//!   by a record meanwhile is either seen whole (lane, message) or not at all;
+//! - a blocked group locks its lanes in id order before it blocks them.
+//!
+//! Messages are changed by id or by lane and state, always under their lane's lock; dropping
+//! bodies changes no state (the trigger moves nothing) and only touches imported messages,
+//! which no claim or record waits for. Verify's rows reference lanes (a key-share lock), which
+//! `FOR NO KEY UPDATE` does not block.
 
 use sqlx::postgres::PgArguments;
 use sqlx::{PgConnection, Postgres, Row};
@@ -46,16 +64,67 @@ fn runs<'a, T>(
     out
 }
 
-/// Locks the rows of these lanes for the rest of the transaction, in id order.
-async fn lock_lanes(store: &PgStore, tx: &mut PgConnection, ids: &[i64]) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(());
+/// The message an update is for.
+fn update_id(u: &MessageUpdate) -> i64 {
+    match u {
+        MessageUpdate::Imported { id, .. }
+        | MessageUpdate::Failed { id, .. }
+        | MessageUpdate::Pending { id, .. }
+        | MessageUpdate::Unknown { id, .. }
+        | MessageUpdate::Adopted { id, .. } => *id,
     }
-    sqlx::query("SELECT id FROM lanes WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+}
+
+/// Locks the rows of these lanes for the rest of the transaction, in id order (`FOR NO KEY
+/// UPDATE`: what an UPDATE of the counters takes anyway; it does not block rows that merely
+/// reference a lane, like verify's and a job's `job_lanes`). Returns the ids locked.
+async fn lock_lanes(
+    store: &PgStore,
+    tx: &mut PgConnection,
+    ids: &[i64],
+) -> Result<Vec<i64>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT id FROM lanes WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .bind(ids)
         .fetch_all(&mut *tx)
         .await
-        .map_err(|e| store.err(e))?;
+        .map_err(|e| store.err(e))
+}
+
+/// Locks, in id order, the job rows whose counters the transaction's message updates will
+/// move: the jobs of messages `ids` (a record's), and of the first `limit` pending messages of
+/// each of `claim_lanes` (what a claim can take: after a record, a lane's head is at most those
+/// and the record's own messages put back). The caller holds these lanes, so no other
+/// transaction can add or requeue messages in them meanwhile (a job's commit and `retry` lock
+/// the lanes first).
+async fn lock_jobs(
+    store: &PgStore,
+    tx: &mut PgConnection,
+    ids: &[i64],
+    claim_lanes: &[i64],
+    limit: usize,
+) -> Result<(), StoreError> {
+    if ids.is_empty() && claim_lanes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT id FROM jobs WHERE id IN (
+             SELECT job_id FROM messages WHERE id = ANY($1)
+             UNION
+             SELECT h.job_id FROM unnest($2::bigint[]) AS l(id)
+             CROSS JOIN LATERAL (SELECT job_id FROM messages
+                                 WHERE lane_id = l.id AND state = 'pending'
+                                 ORDER BY send_time, id LIMIT $3) AS h)
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(ids)
+    .bind(claim_lanes)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| store.err(e))?;
     Ok(())
 }
 
@@ -175,13 +244,15 @@ impl PgStore {
         max: usize,
         cut_at_tie: bool,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
-        let mut tx = self.begin().await?;
+        // No writer lock: the lane, then the jobs of its head (see the module's locking).
+        let mut tx = self.begin_lanes().await?;
         let claim = Claim {
             lane: lane.clone(),
             max,
             cut_at_tie,
         };
         lock_lanes(self, &mut tx, &[lane.id]).await?;
+        lock_jobs(self, &mut tx, &[], &[lane.id], max).await?;
         let mut batches = self.claim_in(&mut tx, &[&claim]).await?;
         self.commit_tx(tx).await?;
         Ok(batches.pop().unwrap_or_default())
@@ -338,7 +409,9 @@ impl PgStore {
         records: &[Record],
     ) -> Result<Vec<Vec<QueuedMessage>>, StoreError> {
         let now = unix_now();
-        let mut tx = self.begin().await?;
+        // No writer lock: all the lanes, then the jobs of the messages recorded and of the heads
+        // to claim, then the messages (see the module's locking).
+        let mut tx = self.begin_lanes().await?;
         let mut lane_ids: Vec<i64> = records
             .iter()
             .map(|r| r.lane_id)
@@ -352,6 +425,11 @@ impl PgStore {
         lane_ids.dedup();
         lock_lanes(self, &mut tx, &lane_ids).await?;
         let updates = || records.iter().flat_map(|r| r.updates.iter());
+        let message_ids: Vec<i64> = updates().map(update_id).collect();
+        let claims: Vec<&Claim> = records.iter().filter_map(|r| r.next.as_ref()).collect();
+        let claim_lanes: Vec<i64> = claims.iter().map(|c| c.lane.id).collect();
+        let claim_max = claims.iter().map(|c| c.max).max().unwrap_or(0);
+        lock_jobs(self, &mut tx, &message_ids, &claim_lanes, claim_max).await?;
         // The common outcomes in one statement each for every record at once.
         let mut imported = (
             Vec::new(),
@@ -423,14 +501,7 @@ impl PgStore {
             MessageUpdate::Unknown { .. } => 1,
             _ => 2,
         };
-        let id_of = |u: &MessageUpdate| match u {
-            MessageUpdate::Imported { id, .. }
-            | MessageUpdate::Failed { id, .. }
-            | MessageUpdate::Pending { id, .. }
-            | MessageUpdate::Unknown { id, .. }
-            | MessageUpdate::Adopted { id, .. } => *id,
-        };
-        for (_, run) in runs(rare, kind, id_of) {
+        for (_, run) in runs(rare, kind, update_id) {
             let mut ids = Vec::new();
             let mut codes = Vec::new();
             let mut seqs = Vec::new();
@@ -535,7 +606,6 @@ impl PgStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        let claims: Vec<&Claim> = records.iter().filter_map(|r| r.next.as_ref()).collect();
         let mut claimed = self.claim_in(&mut tx, &claims).await?.into_iter();
         self.commit_tx(tx).await?;
         Ok(records
@@ -554,21 +624,29 @@ impl PgStore {
     /// as it is" and failed members are queued again. Returns (messages requeued, lanes
     /// unblocked).
     pub async fn retry(&self, scope: RetryScope<'_>) -> Result<(u64, u64), StoreError> {
-        let (messages_where, lanes_where) = match scope {
-            RetryScope::All => ("TRUE", "TRUE"),
-            RetryScope::Group(_) => (
-                "lane_id IN (SELECT id FROM lanes WHERE group_id = $2)",
-                "group_id = $2",
-            ),
-            RetryScope::Job(_) => (
-                "job_id = $2",
-                "id IN (SELECT lane_id FROM job_lanes WHERE job_id = $2)",
-            ),
+        // The lanes in scope, as `$1` names the group or the job.
+        let lanes_where = match scope {
+            RetryScope::All => "TRUE",
+            RetryScope::Group(_) => "group_id = $1",
+            RetryScope::Job(_) => "id IN (SELECT lane_id FROM job_lanes WHERE job_id = $1)",
+        };
+        let job = match scope {
+            RetryScope::Job(j) => Some(j),
+            _ => None,
+        };
+        // The failed messages in scope (of `m`), the job being parameter `$n`.
+        let failed_where = |n: u8| match job {
+            Some(_) => format!("m.job_id = ${n}"),
+            None => "TRUE".to_string(),
         };
         let bind = |q: sqlx::query::Query<'static, Postgres, PgArguments>| match scope {
             RetryScope::All => q,
             RetryScope::Group(g) => q.bind(g.to_string()),
             RetryScope::Job(j) => q.bind(j),
+        };
+        let bind_job = |q: sqlx::query::Query<'static, Postgres, PgArguments>| match job {
+            Some(j) => q.bind(j),
+            None => q,
         };
         let now = unix_now();
         let mut tx = self.begin().await?;
@@ -593,27 +671,63 @@ impl PgStore {
             .await
             .map_err(|e| self.err(e))?;
         }
-        let m = bind(
+        // The writer lock keeps jobs and other retries out, not the engine's claims and
+        // records: lock the lanes to change (blocked, or holding failed messages) in id order,
+        // then the jobs of their failed messages, then change only what those lanes hold. A
+        // message a record fails meanwhile in another lane stays failed, as if it failed after
+        // this retry; one in a lane held here waited for this retry, or was seen with its lane.
+        let lanes: Vec<i64> = bind(sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM lanes WHERE {lanes_where}
+               AND (state = 'blocked' OR EXISTS (SELECT 1 FROM messages m
+                    WHERE m.lane_id = lanes.id AND m.state = 'failed' AND {}))
+             ORDER BY id FOR NO KEY UPDATE",
+            failed_where(1)
+        ))))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?
+        .iter()
+        .map(|r| r.get("id"))
+        .collect();
+        if lanes.is_empty() {
+            self.commit_tx(tx).await?;
+            return Ok((0, 0));
+        }
+        bind_job(
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
-                 result_text = NULL, updated_at = $1 WHERE state = 'failed' AND {messages_where}"
+                "SELECT id FROM jobs WHERE id IN (SELECT m.job_id FROM messages m
+                     WHERE m.lane_id = ANY($1) AND m.state = 'failed' AND {})
+                 ORDER BY id FOR NO KEY UPDATE",
+                failed_where(2)
             )))
-            .bind(now),
+            .bind(&lanes),
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        let m = bind_job(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE messages AS m SET state = 'pending', attempts = 0, result_code = NULL,
+                 result_text = NULL, updated_at = $1
+                 WHERE m.state = 'failed' AND m.lane_id = ANY($2) AND {}",
+                failed_where(3)
+            )))
+            .bind(now)
+            .bind(&lanes),
         )
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
-        let l = bind(
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
-                 retry_at = 0, updated_at = $1,
-                 -- Blocked by the engine itself (a history it could not read conclusively): the
-                 -- operator has looked, so the next catch-up takes the history as it is.
-                 catch_up_waived = CASE WHEN blocked_code IS NULL THEN 1 ELSE catch_up_waived END
-                 WHERE state = 'blocked' AND {lanes_where}"
-            )))
-            .bind(now),
+        let l = sqlx::query(
+            "UPDATE lanes SET state = 'active', blocked_code = NULL, blocked_reason = NULL,
+             retry_at = 0, updated_at = $1,
+             -- Blocked by the engine itself (a history it could not read conclusively): the
+             -- operator has looked, so the next catch-up takes the history as it is.
+             catch_up_waived = CASE WHEN blocked_code IS NULL THEN 1 ELSE catch_up_waived END
+             WHERE state = 'blocked' AND id = ANY($2)",
         )
+        .bind(now)
+        .bind(&lanes)
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
@@ -798,13 +912,37 @@ impl PgStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
+        // As in `retry`: the lanes of the messages to requeue (in id order), then their jobs,
+        // then only the messages of the lanes held (the engine's records take no writer lock).
+        let lanes: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM lanes WHERE id IN (SELECT lane_id FROM messages
+                 WHERE state = 'failed' AND result_code IS NULL AND result_text ILIKE $1::text || '%')
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(ACCOUNT_FAILED_REASON)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
+        sqlx::query(
+            "SELECT id FROM jobs WHERE id IN (SELECT job_id FROM messages
+                 WHERE lane_id = ANY($2) AND state = 'failed' AND result_code IS NULL
+                   AND result_text ILIKE $1::text || '%')
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(ACCOUNT_FAILED_REASON)
+        .bind(&lanes)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.err(e))?;
         let m = sqlx::query(
             "UPDATE messages SET state = 'pending', attempts = 0, result_code = NULL,
              result_text = NULL, updated_at = $1
-             WHERE state = 'failed' AND result_code IS NULL AND result_text ILIKE $2::text || '%'",
+             WHERE state = 'failed' AND result_code IS NULL AND result_text ILIKE $2::text || '%'
+               AND lane_id = ANY($3)",
         )
         .bind(now)
         .bind(ACCOUNT_FAILED_REASON)
+        .bind(&lanes)
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
@@ -892,6 +1030,13 @@ impl PgStore {
         .execute(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
+        // The group's lanes in id order first, as claims and records lock them (they take no
+        // writer lock); the UPDATE alone would lock them in the order it finds them.
+        sqlx::query("SELECT id FROM lanes WHERE group_id = $1 ORDER BY id FOR NO KEY UPDATE")
+            .bind(group)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
         sqlx::query(
             "UPDATE lanes SET state = 'blocked', blocked_code = $1, blocked_reason = $2,
              updated_at = $3 WHERE group_id = $4",

@@ -503,6 +503,13 @@ impl PgJobWriter {
         let b = self.b;
         let (lane_ids, added): (Vec<i64>, Vec<i64>) = b.lane_counts().into_iter().unzip();
         if !lane_ids.is_empty() {
+            // The lanes in id order before their counters (claims and records lock lanes in
+            // that order without the writer lock, see `engine.rs`); then the job row, last.
+            sqlx::query("SELECT id FROM lanes WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+                .bind(&lane_ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(err)?;
             sqlx::query(
                 "UPDATE lanes SET pending = pending + v.n, updated_at = $1
                  FROM unnest($2::bigint[], $3::bigint[]) AS v(id, n) WHERE lanes.id = v.id",

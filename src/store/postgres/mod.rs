@@ -3,10 +3,14 @@
 //!
 //! Discipline, as on SQLite: every write transaction is short, never spans an HTTP call, and
 //! starts by taking the queue's writer lock (`pg_advisory_xact_lock`, held until it commits or
-//! rolls back), so writes of every process on this queue (`timport run`, `ingest`, `retry`,
-//! `verify`) are serialized exactly as SQLite's `BEGIN IMMEDIATE` serializes them, and no two
-//! transactions can deadlock on lane and job rows. Reads take no lock (READ COMMITTED). Bulk
-//! intake goes in multi-row statements over `unnest` arrays; lists go in as arrays, not JSON.
+//! rolls back, [`PgStore::begin`]), so writes of every process on this queue (`timport run`,
+//! `ingest`, `retry`, `verify`) are serialized as SQLite's `BEGIN IMMEDIATE` serializes them.
+//! The one exception is the engine's claims and records ([`PgStore::begin_lanes`]): they take
+//! no writer lock but row locks in one fixed order, lanes (in id order) before jobs (in id
+//! order) before messages, and every transaction that changes a message's state or a counter
+//! (a job's commit, `retry`, a blocked group) locks in that same order, so none can deadlock.
+//! Reads take no lock (READ COMMITTED). Bulk intake goes in multi-row statements over `unnest`
+//! arrays; lists go in as arrays, not JSON.
 //!
 //! Faults: the server unreachable at start is [`StoreError::Unreachable`] naming the host (the
 //! URL is only ever shown redacted); a refused login or missing database is
@@ -44,6 +48,10 @@ const WRITER_LOCK: i64 = 0x7469_6d70_0001; // "timp" 1
 /// The BEGIN of every write transaction.
 const BEGIN_WRITE: &str =
     "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock(127996156444673)";
+
+/// The BEGIN of an engine transaction on some lanes: no writer lock (see
+/// [`PgStore::begin_lanes`]).
+const BEGIN_LANES: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// How long a statement waits for a free connection before the database counts as unreachable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,9 +150,12 @@ impl PgStore {
             .max_connections(opts.pg_pool_size.max(2))
             .min_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            // A connection left idle across a server restart is found broken here, not by the
-            // statement that would use it.
-            .test_before_acquire(true)
+            // No ping before each transaction (a round trip of its own on every claim and
+            // record): a connection left idle across a server restart fails its first
+            // statement instead, which is classified as a lost connection like any other (the
+            // health path: writes refused, a probe, then resumed), and sqlx discards a broken
+            // connection when it is released (it pings it then, off the caller's path).
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| opening_error(&target, &host, e))?;
@@ -303,6 +314,19 @@ impl PgStore {
     /// write proves first.
     pub fn set_fence(&self, lease: Option<(i64, String)>) {
         *self.fence.write().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
+
+    /// Starts an engine transaction on some lanes (a claim, a record), WITHOUT the queue's
+    /// writer lock, so the engine's lanes go on while a job is being queued (a job writer holds
+    /// the writer lock for its whole transaction) and several lanes commit at once. Such a
+    /// transaction must lock what it touches in the queue's one order: its lane rows first
+    /// (`FOR NO KEY UPDATE`, in id order), then the job rows whose counters its message
+    /// updates move (in id order), before updating any message; see `engine.rs`.
+    pub async fn begin_lanes(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool
+            .begin_with(BEGIN_LANES)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Commits `tx`; a committed write clears a write refusal.
