@@ -38,7 +38,10 @@ impl PgStore {
         if !matches!(kind, "file" | "intake") {
             return Err(self.fault(format!("unknown job kind {kind:?}")));
         }
-        let mut tx = self.begin().await?;
+        // Not fenced: queueing sends nothing, any node may do it, and a job's transaction can
+        // last long; holding the lease row FOR SHARE that long would hold up this node's own
+        // renewals (see `PgStore::begin_job`).
+        let mut tx = self.begin_job().await?;
         let existing: Option<i64> = if kind == "intake" {
             sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'intake' ORDER BY id LIMIT 1")
                 .fetch_optional(&mut *tx)

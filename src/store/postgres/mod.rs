@@ -285,23 +285,7 @@ impl PgStore {
     /// lease token is still the queue's (`timport_fence`, which holds the lease row FOR SHARE until
     /// the transaction ends): a stale token is [`StoreError::Fenced`] and nothing is written.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(|e| self.err(e))?;
-        // A statement of its own, not part of the BEGIN: a failed BEGIN batch would leave the
-        // pooled connection inside an aborted transaction; a failed statement rolls back with
-        // `tx` when it is dropped.
-        if let Some((token, instance)) = self.fence_token() {
-            sqlx::query("SELECT timport_fence($1, $2)")
-                .bind(token)
-                .bind(instance)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(e))?;
-        }
-        Ok(tx)
+        self.begin_fenced(BEGIN_WRITE).await
     }
 
     /// The lease token (and holder instance) every write carries, when this node is active (see
@@ -316,6 +300,16 @@ impl PgStore {
         *self.fence.write().unwrap_or_else(|p| p.into_inner()) = lease;
     }
 
+    /// Starts a job writer's transaction: the writer lock, but never the fence. Standbys queue
+    /// jobs too, and a job may take minutes; a fenced transaction holds the lease row FOR SHARE
+    /// to its end, and would stall this node's renewals (an UPDATE of that row) all that time.
+    pub async fn begin_job(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// Starts an engine transaction on some lanes (a claim, a record), WITHOUT the queue's
     /// writer lock, so the engine's lanes go on while a job is being queued (a job writer holds
     /// the writer lock for its whole transaction) and several lanes commit at once. Such a
@@ -323,10 +317,27 @@ impl PgStore {
     /// (`FOR NO KEY UPDATE`, in id order), then the job rows whose counters its message
     /// updates move (in id order), before updating any message; see `engine.rs`.
     pub async fn begin_lanes(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
-        self.pool
-            .begin_with(BEGIN_LANES)
-            .await
-            .map_err(|e| self.err(e))
+        self.begin_fenced(BEGIN_LANES).await
+    }
+
+    /// Starts a transaction with `begin`, then, on an active node, proves its lease first.
+    async fn begin_fenced(
+        &self,
+        begin: &'static str,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin_with(begin).await.map_err(|e| self.err(e))?;
+        // A statement of its own, not part of the BEGIN: a failed BEGIN batch would leave the
+        // pooled connection inside an aborted transaction; a failed statement rolls back with
+        // `tx` when it is dropped.
+        if let Some((token, instance)) = self.fence_token() {
+            sqlx::query("SELECT timport_fence($1, $2)")
+                .bind(token)
+                .bind(instance)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(tx)
     }
 
     /// Commits `tx`; a committed write clears a write refusal.
