@@ -228,6 +228,8 @@ type RawLane = (
     i64,
 );
 
+/// A counter row beside the counts of its messages by state: id, four counters, four counts.
+type CounterRow = (i64, i64, i64, i64, i64, i64, i64, i64, i64);
 type GroupRow = (String, Option<String>, i64, Option<String>, i64);
 type MemberRow = (i64, String, Option<i64>, String, Option<String>, String);
 
@@ -990,7 +992,7 @@ async fn lanes_claimed_and_recorded_at_once_beside_a_job_writer_keep_their_count
                     .collect();
                 picked.sort_by_key(|l| l.id);
                 picked.dedup_by_key(|l| l.id);
-                if (w + round) % 2 == 0 {
+                if (w + round).is_multiple_of(2) {
                     picked.reverse();
                 }
                 let mut records = Vec::new();
@@ -1032,7 +1034,7 @@ async fn lanes_claimed_and_recorded_at_once_beside_a_job_writer_keep_their_count
         w.await.unwrap();
     }
     let pool = store.pg_pool().unwrap();
-    let lanes: Vec<(i64, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    let lanes: Vec<CounterRow> = sqlx::query_as(
         "SELECT l.id, l.pending, l.in_flight, l.imported, l.failed,
                 COUNT(*) FILTER (WHERE m.state = 'pending'),
                 COUNT(*) FILTER (WHERE m.state = 'in_flight'),
@@ -1047,7 +1049,7 @@ async fn lanes_claimed_and_recorded_at_once_beside_a_job_writer_keep_their_count
     for l in &lanes {
         assert_eq!((l.1, l.2, l.3, l.4), (l.5, l.6, l.7, l.8), "lane {}", l.0);
     }
-    let job_rows: Vec<(i64, i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    let job_rows: Vec<CounterRow> = sqlx::query_as(
         "SELECT j.id, j.pending, j.in_flight, j.imported, j.failed,
                 COUNT(*) FILTER (WHERE m.state = 'pending'),
                 COUNT(*) FILTER (WHERE m.state = 'in_flight'),
