@@ -411,6 +411,15 @@ async fn three_nodes_through_sigkills_and_a_freeze_send_every_message_once_one_s
         .iter()
         .filter_map(|r| r.fault.as_deref())
         .collect();
+    // The run went through every fault the issue names, not only through node losses.
+    for f in [
+        "http_502",
+        "reset_before",
+        "drop_response_after_apply",
+        "error_10002",
+    ] {
+        assert!(faults.contains(f), "fault {f} never happened: {faults:?}");
+    }
     eprintln!(
         "ha: {} requests, {} leases, longest gap {gap} ms, faults {faults:?}",
         state.requests.len(),
@@ -511,8 +520,27 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
         in_flight_then > 0,
         "the answer that came after the theft was not recorded"
     );
+    // Rows inserted into the intake table while another holds the lease: both nodes here are
+    // standbys, and a standby takes no intake rows (only the active node polls the table).
+    for i in 0..5 {
+        db_exec_with(
+            &env.store,
+            "INSERT INTO intake(group_id, from_account, send_time, msg_body) VALUES ('table', 'alice', $1, $2)",
+            args![T0 + i, format!(r#"[{{"MsgType":"TIMTextElem","MsgContent":{{"Text":"t{i}"}}}}]"#)],
+        )
+        .await;
+    }
     // Nobody sends while the thief holds it.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let taken: i64 = db_scalar_i64(
+        &env.store,
+        "SELECT count(*) FROM intake WHERE status <> 'new'",
+    )
+    .await;
+    assert_eq!(
+        taken, 0,
+        "a standby took intake rows (poll interval 250 ms, 3 s waited)"
+    );
     let late: Vec<RequestRecord> = sim
         .state()
         .requests
@@ -544,7 +572,7 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
     let started = Instant::now();
     loop {
         let t = env.store.totals(None).await.unwrap();
-        if t.total == 40 && t.imported == 40 {
+        if t.total == 45 && t.imported == 45 {
             break;
         }
         assert!(
@@ -561,6 +589,13 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
         got.iter().map(|m| m.2.clone()).collect::<Vec<_>>(),
         want,
         "every message once, in order"
+    );
+    // The new active node took the intake rows.
+    let got = history_texts(&sim, "table");
+    assert_eq!(
+        got.iter().map(|m| m.2.clone()).collect::<Vec<_>>(),
+        (0..5).map(|i| format!("t{i}")).collect::<Vec<_>>(),
+        "the intake rows, once each, in order"
     );
     let state = sim.state();
     let reconciled = state.requests.iter().any(|r| {
