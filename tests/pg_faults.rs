@@ -107,6 +107,49 @@ async fn tls_is_used_when_the_url_asks_for_it_and_a_certificate_is_checked_with_
 }
 
 #[tokio::test]
+async fn idle_transactions_are_bounded_at_60s_unless_the_database_sets_its_own_bound() {
+    let Some(server) = server() else { return };
+    let opts = StoreOptions::default();
+    let setting = |s: &Store| {
+        let pool = s.pg_pool().unwrap().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT current_setting('idle_in_transaction_session_timeout')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Nothing set by the server, the database or the role: timport's own bound.
+    let url = fresh_db(&server, "idle").await;
+    let s = Store::open(&Database::from(url), &opts).await.unwrap();
+    assert_eq!(setting(&s).await, "1min");
+    s.close().await;
+
+    // An operator's tighter bound on the database is kept.
+    let url = fresh_db(&server, "idle").await;
+    let name = url::Url::parse(&url)
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&server).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {name} SET idle_in_transaction_session_timeout = '10s'"
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    let s = Store::open(&Database::from(url), &opts).await.unwrap();
+    assert_eq!(setting(&s).await, "10s");
+    s.close().await;
+}
+
+#[tokio::test]
 async fn a_hot_standby_is_refused_for_writing_but_status_reads_it() {
     let Some(server) = server() else { return };
     let standby = required("TIMPORT_TEST_STANDBY_URL");

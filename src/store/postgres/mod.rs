@@ -118,12 +118,7 @@ impl PgStore {
                 target: target.clone(),
                 source: scrub(source),
             })?
-            .application_name("timport")
-            // No transaction of ours waits on anything but the database: one left idle means
-            // its process is gone (a machine lost mid-transaction). Bounded, so the locks it
-            // holds (the writer lock, the lease row a takeover waits for) are freed in a minute
-            // rather than when TCP keepalive notices, hours later.
-            .options([("idle_in_transaction_session_timeout", "60s")]);
+            .application_name("timport");
         // One connection first, for a precise error: the pool would only say it timed out.
         {
             use sqlx::Connection;
@@ -156,6 +151,22 @@ impl PgStore {
             // health path: writes refused, a probe, then resumed), and sqlx discards a broken
             // connection when it is released (it pings it then, off the caller's path).
             .test_before_acquire(false)
+            // No transaction of ours waits on anything but the database: one left idle means
+            // its process is gone (a machine lost mid-transaction). Bounded, so the locks it
+            // holds (the writer lock, the lease row a takeover waits for) are freed in a minute
+            // rather than when TCP keepalive notices, hours later. Only where the server, the
+            // database or the role set no bound of their own: an operator's tighter one wins.
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    sqlx::query(
+                        "SELECT set_config('idle_in_transaction_session_timeout', '60s', false)
+                         WHERE current_setting('idle_in_transaction_session_timeout') IN ('0', '0ms')",
+                    )
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| opening_error(&target, &host, e))?;
