@@ -166,7 +166,7 @@ done
 
 # What the deployments rely on that no schema says. Writes, for each node of deploy/ha and for a
 # pod of deploy/kubernetes, the environment it runs with (the image's ENV, then its own) as
-# $WORK/NAME.env, and the same without the ha keys as $WORK/NAME.pre-ha.env (see load_config).
+# $WORK/NAME.env (see load_config).
 log "deploy/ha/compose.yaml and deploy/kubernetes: what they rely on"
 "$VENV/bin/python" - deploy/ha/compose.yaml deploy/container/compose.yaml \
     deploy/container/Containerfile deploy/kubernetes "$WORK" <<'PY' || fail "HA deployment files"
@@ -200,12 +200,10 @@ def lease_ok(where, ttl="10s", renew="2s", margin="1s", timeout="10s"):
         )
 
 
-def write_env(name, env, pre_ha=None):
-    pre_ha = pre_ha or {}
-    for suffix, e in (("", env), (".pre-ha", {**env, **pre_ha})):
-        lines = [f"{k}={v}" for k, v in e.items() if not (suffix and k.startswith("TIMPORT__HA__"))]
-        need(all("\n" not in l for l in lines), f"{name}: a value with a line break")
-        Path(work, f"{name}{suffix}.env").write_text("".join(l + "\n" for l in lines))
+def write_env(name, env):
+    lines = [f"{k}={v}" for k, v in env.items()]
+    need(all("\n" not in l for l in lines), f"{name}: a value with a line break")
+    Path(work, f"{name}.env").write_text("".join(l + "\n" for l in lines))
 
 
 # The image's ENV, under every container's own environment.
@@ -338,7 +336,6 @@ for port in docs.get(("Service", "timport-metrics"), {}).get("spec", {}).get("po
 
 # The pod's environment, the ConfigMap's file in place of /etc/timport, for load_config.
 Path(work, "k8s-timport.toml").write_text(toml_text)
-Path(work, "k8s-timport.pre-ha.toml").write_text(re.sub(r"(?ms)^\[ha\].*?(?=^\[|\Z)", "", toml_text))
 pod_env = {**image_env}
 for name, e in env.items():
     if "value" in e:
@@ -346,7 +343,7 @@ for name, e in env.items():
 pod_env["TIMPORT__HA__NODE_NAME"] = "timport-7d9c5b6f4-x2x7q"
 pod_env["TIMPORT__QUEUE__DATABASE"] = data.get(ref.get("key"), "")
 pod_env["TIMPORT_CONFIG"] = f"{work}/k8s-timport.toml"
-write_env("k8s-pod", pod_env, {"TIMPORT_CONFIG": f"{work}/k8s-timport.pre-ha.toml"})
+write_env("k8s-pod", pod_env)
 
 if problems:
     sys.exit("; ".join(problems))
