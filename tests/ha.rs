@@ -247,44 +247,8 @@ fn jobs() -> Vec<String> {
 async fn assert_history_exact(env: &Env, sim: &timport::simulator::SimHandle) {
     let state = sim.state();
     for g in 0..GROUPS {
-        let group = format!("ha-{g:02}");
-        let rows: Vec<(String, i64, i64, String)> = db_rows_with(
-            &env.store,
-            "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
-             JOIN message_bodies b ON b.message_id = m.id
-             JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1 ORDER BY m.send_time, m.id",
-            args![&group],
-        )
-        .await;
-        let want: Vec<(String, i64, u32, String)> = rows
-            .into_iter()
-            .map(|(f, t, r, b)| (f, t, u32::try_from(r).unwrap(), b))
-            .collect();
-        let got: Vec<(String, i64, u32, String)> = state
-            .group(&group)
-            .map(|g| {
-                g.messages
-                    .iter()
-                    .map(|m| {
-                        (
-                            m.from_account.clone(),
-                            m.send_time,
-                            m.random,
-                            m.msg_body.to_string(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert_eq!(
-            got.len(),
-            PER_GROUP as usize,
-            "group {group}: none missing, none twice"
-        );
-        assert_eq!(
-            got, want,
-            "group {group}: same messages, same order, same Random"
-        );
+        assert_group_history_is_the_queue(env, &state, &format!("ha-{g:02}"), PER_GROUP as usize)
+            .await;
     }
 }
 

@@ -361,3 +361,51 @@ pub fn history_texts(sim: &SimHandle, group: &str) -> Vec<(String, i64, String)>
         })
         .unwrap_or_default()
 }
+
+/// The simulator's history of `group` is the queue's messages of that group, exactly: the same
+/// senders, times, Randoms and bodies, in the same order, none missing and none twice; and
+/// there are `expected` of them.
+pub async fn assert_group_history_is_the_queue(
+    env: &Env,
+    state: &timport::simulator::SimSnapshot,
+    group: &str,
+    expected: usize,
+) {
+    let rows: Vec<(String, i64, i64, String)> = db_rows_with(
+        &env.store,
+        "SELECT m.from_account, m.send_time, m.random, b.body FROM messages m
+         JOIN message_bodies b ON b.message_id = m.id
+         JOIN lanes l ON l.id = m.lane_id WHERE l.group_id = $1 ORDER BY m.send_time, m.id",
+        vec![Arg::from(group)],
+    )
+    .await;
+    let want: Vec<(String, i64, u32, String)> = rows
+        .into_iter()
+        .map(|(f, t, r, b)| (f, t, u32::try_from(r).unwrap(), b))
+        .collect();
+    let got: Vec<(String, i64, u32, String)> = state
+        .group(group)
+        .map(|g| {
+            g.messages
+                .iter()
+                .map(|m| {
+                    (
+                        m.from_account.clone(),
+                        m.send_time,
+                        m.random,
+                        m.msg_body.to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        (got.len(), want.len()),
+        (expected, expected),
+        "group {group}: none missing, none twice (server, queue)"
+    );
+    assert_eq!(
+        got, want,
+        "group {group}: same messages, same order, same Random"
+    );
+}

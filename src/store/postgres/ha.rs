@@ -163,14 +163,11 @@ impl PgStore {
     /// The lease and the nodes (for `timport status`); `None` on a queue made before HA existed
     /// that was opened read-only (no migration ran).
     pub async fn ha_view(&self) -> Result<Option<HaView>, StoreError> {
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_tables
-             WHERE schemaname = current_schema() AND tablename = 'ha_lease')",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        if !exists {
+        if !self
+            .table_exists("ha_lease")
+            .await
+            .map_err(|e| self.err(e))?
+        {
             return Ok(None);
         }
         let l = sqlx::query(concat!(

@@ -180,13 +180,10 @@ impl PgStore {
             fence: Arc::new(std::sync::RwLock::new(None)),
         };
         if mode != Mode::Create {
-            let queue: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_tables
-                 WHERE schemaname = current_schema() AND tablename = 'messages')",
-            )
-            .fetch_one(&store.pool)
-            .await
-            .map_err(|e| store.classify(e))?;
+            let queue = store
+                .table_exists("messages")
+                .await
+                .map_err(|e| store.classify(e))?;
             if !queue {
                 store.pool.close().await;
                 return Err(StoreError::NotFound {
@@ -579,6 +576,18 @@ pub const DAEMON_LOCK: i64 = WRITER_LOCK + 2;
 pub const VERIFY_LOCK: i64 = WRITER_LOCK + 3;
 
 impl PgStore {
+    /// Whether the queue's schema has table `name` (a queue made by an older release, or not a
+    /// queue at all, may not).
+    async fn table_exists(&self, name: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables
+             WHERE schemaname = current_schema() AND tablename = $1)",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Takes advisory lock `key` on a connection of its own; `None` when another session holds
     /// it.
     pub async fn try_lock(&self, key: i64, shared: bool) -> Result<Option<PgLock>, StoreError> {
