@@ -147,8 +147,9 @@ margin = "{MARGIN_MS}ms"
     }
 }
 
-/// The node holding a live lease with a token above `after`, waiting up to `bound` for one.
-async fn active_node(env: &Env, after: i64, bound: Duration) -> (String, i64) {
+/// The node holding a live lease with a token above `after`, waiting up to `bound` for one (the
+/// nodes' logs shown if none comes).
+async fn active_node(env: &Env, nodes: &Nodes<'_>, after: i64, bound: Duration) -> (String, i64) {
     let started = Instant::now();
     loop {
         if let Some(v) = env.store.ha_view().await.unwrap()
@@ -158,7 +159,11 @@ async fn active_node(env: &Env, after: i64, bound: Duration) -> (String, i64) {
         {
             return (v.lease.node, v.lease.token);
         }
-        assert!(started.elapsed() < bound, "no active node within {bound:?}");
+        assert!(
+            started.elapsed() < bound,
+            "no active node within {bound:?}; the nodes' logs:\n{}",
+            nodes.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -296,7 +301,7 @@ async fn three_nodes_through_sigkills_and_a_freeze_send_every_message_once_one_s
     let mut tokens: Vec<i64> = vec![0];
     for _ in 0..3 {
         let last = *tokens.last().unwrap();
-        let (active, token) = active_node(&env, last, Duration::from_secs(60)).await;
+        let (active, token) = active_node(&env, &nodes, last, Duration::from_secs(60)).await;
         eprintln!("ha test: {active} is active with token {token}");
         tokens.push(token);
         let before = sim.state().requests.len();
@@ -312,7 +317,7 @@ async fn three_nodes_through_sigkills_and_a_freeze_send_every_message_once_one_s
     }
     // The active node frozen past its lease, then thawed: it must send nothing more.
     let last = *tokens.last().unwrap();
-    let (frozen, token) = active_node(&env, last, Duration::from_secs(60)).await;
+    let (frozen, token) = active_node(&env, &nodes, last, Duration::from_secs(60)).await;
     tokens.push(token);
     let before = sim.state().requests.len();
     wait_requests(
@@ -323,7 +328,7 @@ async fn three_nodes_through_sigkills_and_a_freeze_send_every_message_once_one_s
     )
     .await;
     nodes.signal(&frozen, "STOP");
-    let (next, next_token) = active_node(&env, token, Duration::from_secs(60)).await;
+    let (next, next_token) = active_node(&env, &nodes, token, Duration::from_secs(60)).await;
     assert_ne!(next, frozen, "a frozen node cannot renew");
     tokens.push(next_token);
     let after_takeover = sim.state().requests.len();
@@ -406,17 +411,19 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
     let port_a = free_port();
     let port_b = free_port();
     nodes.start_with_http("node-a", &format!("127.0.0.1:{port_a}"));
-    let (active, token) = active_node(&env, 0, Duration::from_secs(30)).await;
+    let (active, token) = active_node(&env, &nodes, 0, Duration::from_secs(30)).await;
     assert_eq!(active, "node-a");
     nodes.start_with_http("node-b", &format!("127.0.0.1:{port_b}"));
     let mut text = String::new();
-    for i in 0..40 {
+    for i in 0..80 {
         text.push_str(&line("inflight", "alice", T0 + i, &format!("m{i}")));
         text.push('\n');
     }
-    // Every answer takes 2.5 s (inside the 3.5 s timeout): a request stays in flight long enough.
+    // Every answer takes 1.5 s: inside the 3.5 s timeout, so a request stays in flight long
+    // enough for the lease to be taken from under it, and inside the 2 s shutdown grace, so its
+    // answer comes back (and its record is refused) before node-a lets go of it.
     sim.set_faults(timport::simulator::Faults {
-        latency: Duration::from_millis(2_500),
+        latency: Duration::from_millis(1_500),
         ..timport::simulator::Faults::default()
     })
     .unwrap();
@@ -450,14 +457,40 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
 
     // The lease taken away while node-a's request is in flight (as if node-a had been cut off
     // and another node had taken over): its answer may not be recorded, and it sends no more.
-    let stolen_at: i64 = db_scalar(
-        &env.store,
-        "WITH s AS (UPDATE ha_lease SET token = token + 1, node = 'thief', instance = 'thief',
-                        acquired_at = now(), expires_at = now() + interval '1 hour'
-                    WHERE id = 1 RETURNING now() AS at)
-         SELECT (extract(epoch FROM at) * 1000)::bigint FROM s",
-    )
-    .await;
+    // Taken 300 ms after a batch has been answered: node-a has recorded it and sent the next
+    // one by then (a few milliseconds), which is 1.2 s from its answer. The theft is made only
+    // while some messages are claimed, and the test waits for the next answer if none are.
+    let mut stolen_at: Option<i64> = None;
+    for _ in 0..10 {
+        let sent = sim.state().requests.len();
+        wait_requests(
+            &sim,
+            Duration::from_secs(30),
+            "node-a sends the next batch",
+            |r| {
+                r.iter()
+                    .skip(sent)
+                    .any(|r| r.prefix == "node-a" && r.endpoint == "import_group_msg")
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at: Option<i64> = db_scalar(
+            &env.store,
+            "WITH s AS (UPDATE ha_lease SET token = token + 1, node = 'thief', instance = 'thief',
+                            acquired_at = now(), expires_at = now() + interval '1 hour'
+                        WHERE id = 1
+                          AND EXISTS (SELECT 1 FROM messages WHERE state = 'in_flight')
+                        RETURNING now() AS at)
+             SELECT (SELECT (extract(epoch FROM at) * 1000)::bigint FROM s)",
+        )
+        .await;
+        if at.is_some() {
+            stolen_at = at;
+            break;
+        }
+    }
+    let stolen_at = stolen_at.expect("a batch in flight after one of ten answers");
     // In the audit trail, node-a's lease ended there.
     db_exec_with(
         &env.store,
@@ -536,7 +569,7 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
     let started = Instant::now();
     loop {
         let t = env.store.totals(None).await.unwrap();
-        if t.total == 45 && t.imported == 45 {
+        if t.total == 85 && t.imported == 85 {
             break;
         }
         assert!(
@@ -548,7 +581,7 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
     }
     nodes.stop_all().await;
     let got = history_texts(&sim, "inflight");
-    let want: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    let want: Vec<String> = (0..80).map(|i| format!("m{i}")).collect();
     assert_eq!(
         got.iter().map(|m| m.2.clone()).collect::<Vec<_>>(),
         want,
@@ -573,6 +606,140 @@ async fn a_lease_lost_while_a_request_is_in_flight_records_nothing_and_the_succe
     let grants = env.store.ha_grants().await.unwrap();
     assert_one_sender_at_a_time(&state.requests, &grants);
     sim.shutdown().await;
+}
+
+/// A node frozen (or cut off) inside a write transaction holds the lease row FOR SHARE. Without
+/// a bound, a takeover waits for it as long as the server lets it sit idle; with the node's idle
+/// bound (what `timport_fence` sets), the server has ended it by the time the lease expires, so
+/// the takeover goes through at once. The node's transaction is what `PgStore::begin` sends on
+/// an active node: `BEGIN`, then `timport_fence(token, instance, idle_ms)`, then nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_frozen_inside_a_write_transaction_does_not_hold_up_a_takeover() {
+    use sqlx::Connection;
+    let Some(backend) = Backend::postgres_or_skip("ha::frozen_in_transaction") else {
+        return;
+    };
+    let env = Env::on(backend).await;
+    let url = env.db.config_value();
+    let ttl = Duration::from_millis(1_500);
+    let a = timport::store::HaNodeId {
+        node: "node-a".into(),
+        instance: "instance-a".into(),
+    };
+    let b = timport::store::HaNodeId {
+        node: "node-b".into(),
+        instance: "instance-b".into(),
+    };
+    // Waits until `who` is granted the lease (it expires on the database's clock).
+    async fn take(env: &Env, who: &timport::store::HaNodeId, ttl: Duration) -> i64 {
+        let started = Instant::now();
+        loop {
+            match env.store.ha_acquire(who, ttl).await {
+                Ok(Some(g)) => return g.token,
+                Ok(None) => {}
+                Err(e) => panic!("{} asking for the lease: {e}", who.node),
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "never granted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // 1. No bound (as before the fence set one): the takeover is refused, a second at a time,
+    //    with an error that says why, for as long as the frozen transaction lasts.
+    let token_a = take(&env, &a, ttl).await;
+    let mut frozen = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
+    sqlx::query("SELECT timport_fence($1, $2, 600000)")
+        .bind(token_a)
+        .bind(&a.instance)
+        .execute(&mut frozen)
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        let e = env
+            .store
+            .ha_acquire(&b, ttl)
+            .await
+            .expect_err("the frozen transaction holds the lease row");
+        assert!(
+            matches!(e, timport::store::StoreError::LeaseBusy { .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("former holder"), "{e}");
+    }
+    drop(frozen);
+    let token_b = take(&env, &b, ttl).await;
+    assert_eq!(token_b, token_a + 1);
+
+    // 2. The stale holder is refused before it takes the lock (no wait behind the takeover).
+    let mut stale = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut stale).await.unwrap();
+    let e = sqlx::query("SELECT timport_fence($1, $2, 1000)")
+        .bind(token_a)
+        .bind(&a.instance)
+        .execute(&mut stale)
+        .await
+        .expect_err("a stale token is fenced");
+    assert_eq!(
+        e.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("TF001"),
+        "{e}"
+    );
+    drop(stale);
+
+    // 3. With the bound (1 s, inside the 1.5 s lease): the frozen holder's transaction is ended
+    //    by the server before its lease expires; the takeover is granted at its first try, and
+    //    the frozen node can commit nothing.
+    let _ = env.store.ha_release(&b, token_b).await.unwrap();
+    let token_a = take(&env, &a, ttl).await;
+    let mut frozen = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
+    sqlx::query("SELECT timport_fence($1, $2, 1000)")
+        .bind(token_a)
+        .bind(&a.instance)
+        .execute(&mut frozen)
+        .await
+        .unwrap();
+    let bound: String =
+        sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
+            .fetch_one(&mut frozen)
+            .await
+            .unwrap();
+    assert_eq!(bound, "1s", "the fence bounds the transaction's idle time");
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    let grant = env.store.ha_acquire(&b, ttl).await.unwrap();
+    assert_eq!(
+        grant.map(|g| g.token),
+        Some(token_a + 1),
+        "granted at the first try after the lease expired"
+    );
+    assert!(
+        sqlx::query("COMMIT").execute(&mut frozen).await.is_err(),
+        "the server ended the frozen transaction"
+    );
+
+    // 4. An operator's tighter bound stays.
+    let token_b = token_a + 1;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("SET idle_in_transaction_session_timeout = '300ms'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("SELECT timport_fence($1, $2, 1000)")
+        .bind(token_b)
+        .bind(&b.instance)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let bound: String =
+        sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(bound, "300ms");
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
 }
 
 fn free_port() -> u16 {

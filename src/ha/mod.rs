@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use gate::Gate;
 
 use crate::settings::HaSettings;
-use crate::store::{HaNodeId, Store, StoreError};
+use crate::store::{HaFence, HaNodeId, Store, StoreError};
 
 /// The lease's timing, from `[ha]` and `tencent.request_timeout`.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +49,19 @@ impl Timing {
             margin: ha.margin,
             request_timeout,
         }
+    }
+
+    /// How long a write transaction of the active node may sit idle before the server ends it:
+    /// `ha.renew_every`, at least a second (so a busy machine does not lose healthy
+    /// transactions), but never beyond the node's own deadline (`lease_ttl - margin`). So a node
+    /// frozen or cut off inside a transaction has lost it by the time its lease expires, and a
+    /// takeover does not wait for it.
+    fn idle_bound(&self) -> Duration {
+        let deadline = self.lease_ttl.saturating_sub(self.margin);
+        self.renew_every
+            .max(Duration::from_secs(1))
+            .min(deadline)
+            .max(Duration::from_millis(1))
     }
 
     /// The node's own deadline for a lease granted by a statement sent at `sent`.
@@ -147,8 +160,11 @@ impl Node {
             let sent = Instant::now();
             match self.store.ha_acquire(&self.me, self.timing.lease_ttl).await {
                 Ok(Some(grant)) => {
-                    self.store
-                        .set_fence(Some((grant.token, self.me.instance.clone())));
+                    self.store.set_fence(Some(HaFence {
+                        token: grant.token,
+                        instance: self.me.instance.clone(),
+                        idle_bound: self.timing.idle_bound(),
+                    }));
                     self.gate.open_until(self.timing.deadline(sent));
                     let from = match holder.as_deref() {
                         Some(h) if !h.is_empty() => format!("from {h} "),
@@ -309,5 +325,35 @@ pub fn set_role_gauge(role: &Role) {
         } else {
             0.0
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(lease_ms: u64, renew_ms: u64, margin_ms: u64) -> Timing {
+        Timing {
+            lease_ttl: Duration::from_millis(lease_ms),
+            renew_every: Duration::from_millis(renew_ms),
+            margin: Duration::from_millis(margin_ms),
+            request_timeout: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn the_idle_bound_is_renew_every_at_least_a_second_and_ends_before_the_lease() {
+        // The defaults: 10 s lease, renewed every 2 s.
+        assert_eq!(
+            timing(10_000, 2_000, 1_000).idle_bound(),
+            Duration::from_secs(2)
+        );
+        // Fast renewals still leave healthy transactions a second.
+        assert_eq!(timing(3_000, 200, 500).idle_bound(), Duration::from_secs(1));
+        // A lease shorter than that: the bound ends before the node's own deadline.
+        assert_eq!(
+            timing(900, 100, 200).idle_bound(),
+            Duration::from_millis(700)
+        );
     }
 }

@@ -114,6 +114,13 @@ pub enum StoreError {
         "database {target}: fenced: another node holds the lease now ({detail}); this node sends nothing more"
     )]
     Fenced { target: String, detail: String },
+    /// PostgreSQL, high availability: the lease has expired, but a transaction of its former
+    /// holder still holds the lease row (a node frozen or cut off inside one). The server ends
+    /// such a transaction once it has been idle for the holder's bound; retried at the next beat.
+    #[error(
+        "database {target}: the lease has expired, but a transaction of its former holder still holds it (a node frozen or cut off mid-transaction); the server ends that transaction within a few seconds and this node takes the lease then"
+    )]
+    LeaseBusy { target: String },
     /// A feature only one backend has (high availability: PostgreSQL).
     #[error("{what} needs the queue in PostgreSQL (queue.database = \"postgres://...\")")]
     Unsupported { what: &'static str },

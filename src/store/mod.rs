@@ -790,9 +790,10 @@ impl Store {
         self.ha_backend()?.ha_grants().await
     }
 
-    /// Sets (on becoming active: the token and this process's instance) or clears the lease that
-    /// every write transaction of this process proves first; a stale one is refused as [`StoreError::Fenced`]. No-op on SQLite.
-    pub fn set_fence(&self, lease: Option<(i64, String)>) {
+    /// Sets (on becoming active: the token, this process's instance and the idle bound) or
+    /// clears the lease that every write transaction of this process proves first; a stale one is
+    /// refused as [`StoreError::Fenced`]. No-op on SQLite.
+    pub fn set_fence(&self, lease: Option<HaFence>) {
         if let Backend::Postgres(p) = &self.backend {
             p.set_fence(lease);
         }

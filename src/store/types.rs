@@ -584,6 +584,17 @@ pub struct HaNodeId {
     pub instance: String,
 }
 
+/// What every write transaction of the active node proves first (see `timport_fence` in
+/// migrations/postgres/0003_fence_idle_bound.sql): the lease's token and holder instance, and how long such a
+/// transaction may sit idle before the server ends it (so a node frozen or cut off inside one
+/// cannot hold the lease row, and with it a takeover, beyond its lease).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaFence {
+    pub token: i64,
+    pub instance: String,
+    pub idle_bound: std::time::Duration,
+}
+
 /// A lease this node was granted or renewed: its token and when it expires on the database's
 /// clock (Unix milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

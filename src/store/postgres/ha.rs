@@ -1,5 +1,5 @@
 //! High availability on PostgreSQL: the queue's one lease (`ha_lease`), its audit trail
-//! (`ha_leases`), and the nodes' heartbeats (`ha_nodes`); see migrations/postgres/0002_ha.sql.
+//! (`ha_leases`), and the nodes' heartbeats (`ha_nodes`); see migrations/postgres/0002_ha.sql and 0003.
 //!
 //! Every statement here is one short autocommit statement (or a two-statement transaction), on
 //! the database's clock (`now()`), so no two nodes ever compare their own clocks. A grant bumps
@@ -35,6 +35,13 @@ impl PgStore {
         ttl_ms: i64,
     ) -> Result<Option<HaGrant>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        // The takeover waits for the former holder's write transactions (they hold the row FOR
+        // SHARE); one frozen inside its transaction would hold this statement until the server
+        // ends it, so wait a second at a time and say why.
+        sqlx::query("SET LOCAL lock_timeout = '1s'")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
         let row = sqlx::query(concat!(
             "UPDATE ha_lease SET token = token + 1, node = $1, instance = $2,
                     acquired_at = now(), expires_at = now() + $3 * interval '1 millisecond'
@@ -48,7 +55,14 @@ impl PgStore {
         .bind(ttl_ms)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| self.err(e))?;
+        .map_err(
+            |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+                Some("55P03") => StoreError::LeaseBusy {
+                    target: self.target.clone(),
+                },
+                _ => self.err(e),
+            },
+        )?;
         let Some(row) = row else {
             return Ok(None);
         };

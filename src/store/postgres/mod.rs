@@ -36,7 +36,7 @@ use sqlx::{Postgres, Transaction};
 pub use intake::PgJobWriter;
 
 use super::health::{Health, HealthCell};
-use super::{RandomKey, StoreError, StoreOptions, unix_now};
+use super::{HaFence, RandomKey, StoreError, StoreOptions, unix_now};
 use crate::settings::PostgresUrl;
 
 /// The embedded PostgreSQL migrations (`migrations/postgres/`), run at every start.
@@ -69,7 +69,7 @@ pub struct PgStore {
     url: PostgresUrl,
     /// The lease writes carry (token, holder instance; see [`PgStore::begin`]). Shared by the
     /// clones.
-    fence: Arc<std::sync::RwLock<Option<(i64, String)>>>,
+    fence: Arc<std::sync::RwLock<Option<HaFence>>>,
 }
 
 /// How an open treats the database.
@@ -296,15 +296,13 @@ impl PgStore {
         self.begin_fenced(BEGIN_WRITE).await
     }
 
-    /// The lease token (and holder instance) every write carries, when this node is active (see
-    /// [`PgStore::begin`]).
-    fn fence_token(&self) -> Option<(i64, String)> {
+    /// The lease every write carries, when this node is active (see [`PgStore::begin`]).
+    fn fence(&self) -> Option<HaFence> {
         self.fence.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sets (`Some((token, instance))`, on becoming active) or clears (`None`) the lease every
-    /// write proves first.
-    pub fn set_fence(&self, lease: Option<(i64, String)>) {
+    /// Sets (on becoming active) or clears (`None`) the lease every write proves first.
+    pub fn set_fence(&self, lease: Option<HaFence>) {
         *self.fence.write().unwrap_or_else(|p| p.into_inner()) = lease;
     }
 
@@ -337,10 +335,11 @@ impl PgStore {
         // A statement of its own, not part of the BEGIN: a failed BEGIN batch would leave the
         // pooled connection inside an aborted transaction; a failed statement rolls back with
         // `tx` when it is dropped.
-        if let Some((token, instance)) = self.fence_token() {
-            sqlx::query("SELECT timport_fence($1, $2)")
-                .bind(token)
-                .bind(instance)
+        if let Some(fence) = self.fence() {
+            sqlx::query("SELECT timport_fence($1, $2, $3)")
+                .bind(fence.token)
+                .bind(fence.instance)
+                .bind(i32::try_from(fence.idle_bound.as_millis()).unwrap_or(i32::MAX))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.err(e))?;
@@ -511,7 +510,7 @@ fn classify(target: &str, e: sqlx::Error) -> StoreError {
         .map(|c| c.into_owned())
         .unwrap_or_default();
     match code.as_str() {
-        // timport_fence (migrations/postgres/0002_ha.sql): a stale lease token.
+        // timport_fence (migrations/postgres/0002_ha.sql, 0003): a stale lease token.
         "TF001" => StoreError::Fenced {
             target,
             detail: e
