@@ -644,17 +644,31 @@ async fn a_node_frozen_inside_a_write_transaction_does_not_hold_up_a_takeover() 
         }
     }
 
+    // Opens a transaction on `conn` fenced by `who`'s lease `token` with an idle bound of
+    // `idle_ms`, as the store does; the bound in force inside it.
+    async fn fenced(
+        conn: &mut sqlx::PgConnection,
+        who: &timport::store::HaNodeId,
+        token: i64,
+        idle_ms: i32,
+    ) -> Result<String, sqlx::Error> {
+        sqlx::query("BEGIN").execute(&mut *conn).await?;
+        sqlx::query("SELECT timport_fence($1, $2, $3)")
+            .bind(token)
+            .bind(&who.instance)
+            .bind(idle_ms)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
+            .fetch_one(&mut *conn)
+            .await
+    }
+
     // 1. No bound (as before the fence set one): the takeover is refused, a second at a time,
     //    with an error that says why, for as long as the frozen transaction lasts.
     let token_a = take(&env, &a, ttl).await;
     let mut frozen = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
-    sqlx::query("SELECT timport_fence($1, $2, 600000)")
-        .bind(token_a)
-        .bind(&a.instance)
-        .execute(&mut frozen)
-        .await
-        .unwrap();
+    fenced(&mut frozen, &a, token_a, 600_000).await.unwrap();
     tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     for _ in 0..2 {
         let e = env
@@ -674,11 +688,7 @@ async fn a_node_frozen_inside_a_write_transaction_does_not_hold_up_a_takeover() 
 
     // 2. The stale holder is refused before it takes the lock (no wait behind the takeover).
     let mut stale = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut stale).await.unwrap();
-    let e = sqlx::query("SELECT timport_fence($1, $2, 1000)")
-        .bind(token_a)
-        .bind(&a.instance)
-        .execute(&mut stale)
+    let e = fenced(&mut stale, &a, token_a, 1_000)
         .await
         .expect_err("a stale token is fenced");
     assert_eq!(
@@ -694,18 +704,7 @@ async fn a_node_frozen_inside_a_write_transaction_does_not_hold_up_a_takeover() 
     let _ = env.store.ha_release(&b, token_b).await.unwrap();
     let token_a = take(&env, &a, ttl).await;
     let mut frozen = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
-    sqlx::query("SELECT timport_fence($1, $2, 1000)")
-        .bind(token_a)
-        .bind(&a.instance)
-        .execute(&mut frozen)
-        .await
-        .unwrap();
-    let bound: String =
-        sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
-            .fetch_one(&mut frozen)
-            .await
-            .unwrap();
+    let bound = fenced(&mut frozen, &a, token_a, 1_000).await.unwrap();
     assert_eq!(bound, "1s", "the fence bounds the transaction's idle time");
     tokio::time::sleep(ttl + Duration::from_millis(300)).await;
     let grant = env.store.ha_acquire(&b, ttl).await.unwrap();
@@ -726,18 +725,7 @@ async fn a_node_frozen_inside_a_write_transaction_does_not_hold_up_a_takeover() 
         .execute(&mut conn)
         .await
         .unwrap();
-    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-    sqlx::query("SELECT timport_fence($1, $2, 1000)")
-        .bind(token_b)
-        .bind(&b.instance)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let bound: String =
-        sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+    let bound = fenced(&mut conn, &b, token_b, 1_000).await.unwrap();
     assert_eq!(bound, "300ms");
     sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
 }

@@ -27,12 +27,7 @@ BEGIN
     IF idle_now = interval '0' OR idle_now > idle_ms * interval '1 millisecond' THEN
         PERFORM set_config('idle_in_transaction_session_timeout', idle_ms || 'ms', true);
     END IF;
-    SELECT token, instance INTO current_token, current_instance
-    FROM ha_lease WHERE id = 1 FOR SHARE;
-    IF current_token IS DISTINCT FROM expected OR current_instance IS DISTINCT FROM holder THEN
-        RAISE EXCEPTION 'fenced: this node''s lease (token %) is stale; the lease is at token %',
-            expected, current_token
-            USING ERRCODE = 'TF001';
-    END IF;
+    -- The locked check of 0002.
+    PERFORM timport_fence(expected, holder);
 END
 $$;
