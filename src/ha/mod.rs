@@ -61,6 +61,7 @@ impl Timing {
         self.renew_every
             .max(Duration::from_secs(1))
             .min(deadline)
+            // Never 0: to PostgreSQL that switches the bound off.
             .max(Duration::from_millis(1))
     }
 
